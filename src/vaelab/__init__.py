@@ -1,0 +1,37 @@
+"""vaelab: autoencoders, VAEs and friends on PyTorch.
+
+The top-level names are imported lazily so that `vaelab --help` starts without importing torch.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_model": "vaelab.models",
+    "from_pretrained": "vaelab.models",
+    "list_models": "vaelab.models",
+    "ModelConfig": "vaelab.config",
+    "TrainConfig": "vaelab.config",
+    "get_preset": "vaelab.config",
+    "load_dataset": "vaelab.data",
+    "fit": "vaelab.training",
+    "evaluate": "vaelab.evaluation",
+    "VaelabError": "vaelab.errors",
+    "ConfigError": "vaelab.errors",
+    "DataError": "vaelab.errors",
+    "CheckpointError": "vaelab.errors",
+    "TrainingError": "vaelab.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vaelab' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

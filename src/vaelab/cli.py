@@ -1,0 +1,913 @@
+"""The `vaelab` command line: train a run, evaluate it, and draw pictures of it.
+
+    vaelab train                                   # the tutorial's VAE (preset seed-vae) on digits
+    vaelab train --preset seed-conv-ae --dataset mnist --epochs 5
+    vaelab sample runs/seed-vae-digits --n 64
+
+Start-up stays light: this module imports only the standard library and `vaelab.config` (itself stdlib
+only); torch, numpy and matplotlib are imported inside the commands that use them, so `vaelab --help`
+answers at once. The `train` flags are generated from the fields of ModelConfig and TrainConfig, so a new
+field gets its flag (and its config-file key) without touching this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from vaelab.config import ARCHS, LIKELIHOODS, PRESETS, ModelConfig, TrainConfig
+from vaelab.errors import ConfigError, VaelabError
+
+DEFAULT_PRESET = "seed-vae"
+DEFAULT_DATASET = "digits"
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist")  # as vaelab.data.DATASETS (importing it needs torch)
+
+# Help for the generated flags, keyed by field name. A field missing here still gets a flag.
+FIELD_HELP = {
+    "model": "a registered model: vae or ae (`vaelab models` lists them); without --preset it starts "
+             "from the ModelConfig defaults",
+    "arch": "network: conv (stride-2 convs, dense latent), conv-pool (conv + max-pool, spatial latent), "
+            "mlp (dense layers), or auto (conv for images, mlp for vectors)",
+    "latent_dim": "size of the latent vector (arch conv and mlp)",
+    "channels": "conv channels, one per down-sampling layer, comma-separated (e.g. 32,64)",
+    "hidden": "dense layer sizes before the latent, comma-separated (e.g. 256 or 512,256; '' for none)",
+    "likelihood": "the decoder's output distribution: bernoulli (binary cross-entropy; data in [0, 1]) "
+                  "or gaussian (squared error)",
+    "gaussian_sigma": "fixed standard deviation of the gaussian likelihood",
+    "beta": "weight of the KL term (a beta-VAE when != 1; plain autoencoders ignore it)",
+    "epochs": "passes over the training set",
+    "batch_size": "samples per optimizer step",
+    "lr": "Adam's learning rate",
+    "seed": "random seed of the weights, data order and sampling noise (same seed, same run)",
+    "binarize": "dynamic binarization: every batch is a fresh Bernoulli draw of the pixel intensities",
+    "early_stopping": "stop after this many epochs without a lower test loss and keep the best "
+                      "weights (0 = off)",
+    "grad_clip": "clip the global gradient norm to this value (0 = off)",
+    "threads": "torch CPU threads (0 = all cores)",
+    "progress": "progress bars while training and downloading",
+    "precision": "floating-point precision of training",
+}
+FIELD_CHOICES = {"arch": ARCHS, "likelihood": LIKELIHOODS}
+NOT_FLAGS = {"input_shape"}  # set from the data, never by hand
+# config-file keys besides the ModelConfig/TrainConfig fields (the same names as the flags)
+RUN_KEYS = ("preset", "dataset", "data_dir", "out", "pictures")
+
+TERM_MEANINGS = {
+    "loss": "training objective per sample (recon + beta*KL for a VAE), nats",
+    "recon": "reconstruction negative log-likelihood per sample, nats",
+    "kl": "KL(q(z|x) || N(0, I)) per sample, nats",
+    "elbo": "evidence lower bound, -(recon + KL), nats",
+    "bce": "binary cross-entropy per pixel (Keras' binary_crossentropy)",
+    "mse": "squared error per pixel",
+}
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors")
+
+
+# ============================================================================================ the parser
+
+
+def _fields() -> list[tuple[dataclasses.Field, type]]:
+    """(field, its dataclass) for every ModelConfig and TrainConfig field that gets a flag."""
+    return [(f, cls) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)
+            if f.name not in NOT_FLAGS]
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _kind(f: dataclasses.Field) -> str:
+    """'bool', 'ints' (a tuple of ints), 'int', 'float' or 'str', from the default (or the annotation)."""
+    default = _field_default(f)
+    for kind, types in (("bool", bool), ("ints", tuple), ("int", int), ("float", float), ("str", str)):
+        if isinstance(default, types):
+            return kind
+    annotation = str(f.type)
+    for kind, word in (("bool", "bool"), ("ints", "tuple"), ("int", "int"), ("float", "float")):
+        if word in annotation:
+            return kind
+    return "str"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """argparse type of tuple fields: '32,64' -> (32, 64); '' -> ()."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}") from None
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, tuple):
+        return ",".join(str(i) for i in v) or "''"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v)
+
+
+def _field_help(f: dataclasses.Field, cls: type) -> str:
+    default = _field_default(f)
+    parts = [f"default {_fmt_value(default)}"]
+    for p in PRESETS.values():  # where a preset differs from the default, say so
+        v = getattr(p.model if cls is ModelConfig else p.train, f.name)
+        if v != default:
+            parts.append(f"{p.name}: {_fmt_value(v)}")
+    text = FIELD_HELP.get(f.name, f.name.replace("_", " "))
+    return f"{text} [{'; '.join(parts)}]".replace("%", "%%")
+
+
+def _add_field_flags(parser: argparse.ArgumentParser) -> None:
+    groups = {ModelConfig: parser.add_argument_group("model settings (ModelConfig; saved with the weights)"),
+              TrainConfig: parser.add_argument_group("training settings (TrainConfig)")}
+    for f, cls in _fields():
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": _field_help(f, cls)}
+        kind = _kind(f)
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind == "ints":
+            kw.update(type=_int_list, metavar="N,N")
+        elif kind == "int":
+            kw.update(type=int, metavar="N")
+        elif kind == "float":
+            kw.update(type=float, metavar="X")
+        elif f.name in FIELD_CHOICES:
+            kw.update(choices=FIELD_CHOICES[f.name])
+        else:
+            kw.update(metavar="NAME")
+        groups[cls].add_argument(flag, **kw)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        width = min(shutil.get_terminal_size((100, 24)).columns, 110)
+        super().__init__(prog, max_help_position=30, width=width)
+
+    def _split_lines(self, text, width):  # keep names like seed-conv-ae whole
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _sub(subs, name: str, summary: str, description: str, epilog: str | None = None):
+    return subs.add_parser(name, help=summary, description=textwrap.dedent(description).strip(),
+                           epilog=textwrap.dedent(epilog).strip() if epilog else None,
+                           formatter_class=_Formatter)
+
+
+def _add_run_arg(p, dataset: bool = True) -> None:
+    p.add_argument("run", metavar="RUN", help="a run directory written by `vaelab train` (its --out)")
+    if dataset:
+        p.add_argument("--dataset", metavar="NAME_OR_PATH", default=None,
+                       help="use this dataset instead of the one the run was trained on")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="folder holding the dataset files, if they moved since training")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vaelab import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vaelab", formatter_class=_Formatter,
+        description="Train autoencoders and VAEs, evaluate them, and draw their latent spaces.",
+        epilog=textwrap.dedent("""
+            typical session:
+              vaelab train                             # the tutorial's VAE (preset seed-vae) on digits
+              vaelab train --preset seed-vae --dataset mnist --epochs 30 --out runs/vae-mnist
+              vaelab sample runs/vae-mnist --n 100
+              vaelab manifold runs/vae-mnist
+
+            `vaelab COMMAND --help` says what each command does and writes.""").strip())
+    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ------------------------------------------------------------------------------------------ train
+    p = _sub(subs, "train", "train a model and write a run directory", """
+        Train a model and write a run directory (--out, default runs/<preset-or-model>-<dataset>):
+          config.json             model, training and data settings (what the other commands read)
+          metrics.jsonl           one JSON line of train and test loss terms per epoch
+          checkpoint.safetensors  weights and optimizer state after the last finished epoch (--resume)
+          model.safetensors       the final weights (Python: vaelab.from_pretrained(RUN))
+          evaluation.json         the test split's loss terms after training (also printed)
+          reconstructions.png, samples.png, manifold.png, interpolation.png, latents.png
+                                  pictures (unless --no-pictures; samples and manifold need a VAE,
+                                  image pictures need image data)
+
+        Settings, later ones winning: the ModelConfig/TrainConfig defaults < --preset < --config FILE
+        < explicit flags. Without --preset and --model the preset is seed-vae; the dataset is digits
+        (scikit-learn's 8x8 digits, offline).""", """
+        examples:
+          vaelab train --preset seed-conv-ae --dataset mnist --data-dir ~/data --epochs 10
+          vaelab train --model vae --arch mlp --latent-dim 8 --hidden 512,256 --beta 4
+          vaelab train --config my.toml --epochs 3        # keys mirror the flags: latent-dim = 3
+          vaelab train --out runs/x --resume --epochs 20  # continue runs/x up to epoch 20""")
+    run = p.add_argument_group("run")
+    run.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                     help="start from a named preset (`vaelab models` describes them) [default seed-vae "
+                          "unless --model is given]")
+    run.add_argument("--dataset", metavar="NAME_OR_PATH", default=argparse.SUPPRESS,
+                     help="digits, mnist, fashion-mnist, or a path to a .npy/.npz/.csv file or an image "
+                          "folder [default digits]")
+    run.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                     help="folder holding the mnist/fashion-mnist files (or one sub-folder per dataset) "
+                          "[default $VAELAB_DATA, then the download cache]")
+    run.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
+                     help="run directory to write [default runs/<preset-or-model>-<dataset>]")
+    run.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                     help="a .toml or .yaml file of settings whose keys mirror these flags "
+                          "(latent-dim = 3); flags given here override it")
+    run.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                     help="continue the run in --out from its checkpoint, with its saved settings "
+                          "(training settings such as --epochs may change; model settings may not)")
+    run.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                     help="start afresh in an --out that already holds a run, replacing its files")
+    run.add_argument("--no-pictures", dest="pictures", action="store_false", default=argparse.SUPPRESS,
+                     help="skip the PNG pictures after training")
+    _add_field_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    # ------------------------------------------------------------------------------------- evaluate
+    p = _sub(subs, "evaluate", "loss terms of a run on its test (or train) split", """
+        Compute the loss terms of RUN's model on a split of its dataset, print them as a table, and write
+        them to RUN/evaluation.json (RUN/evaluation-train.json for --split train).""")
+    _add_run_arg(p)
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which split [default test]")
+    p.add_argument("--batch-size", type=int, default=512, metavar="N", help="evaluation batch size [default 512]")
+    p.add_argument("--out", metavar="FILE", default=None, help="JSON file to write instead")
+    p.set_defaults(func=cmd_evaluate)
+
+    # ---------------------------------------------------------------------------------- reconstruct
+    p = _sub(subs, "reconstruct", "originals over their reconstructions (PNG)", """
+        Draw the first N test images (top row) over their reconstructions (bottom row): each is decoded
+        from its posterior mean. Writes RUN/reconstructions.png (or --out).""")
+    _add_run_arg(p)
+    p.add_argument("--n", type=int, default=10, metavar="N", help="how many images [default 10]")
+    p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
+    p.set_defaults(func=cmd_reconstruct)
+
+    # --------------------------------------------------------------------------------------- sample
+    p = _sub(subs, "sample", "new images decoded from the prior (PNG, VAEs)", """
+        Decode N draws z ~ N(0, I) from the prior into new images, in a square-ish grid. Needs a model
+        with a prior (a VAE). Writes RUN/samples.png (or --out).""")
+    _add_run_arg(p, dataset=False)
+    p.add_argument("--n", type=int, default=64, metavar="N", help="how many samples [default 64]")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the draws [default 0]")
+    p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
+    p.set_defaults(func=cmd_sample)
+
+    # ------------------------------------------------------------------------------------- manifold
+    p = _sub(subs, "manifold", "decoded grid over two latent dimensions (PNG)", """
+        Decode an N x N grid of latent vectors and draw it as one picture whose axes give the latent values
+        (the Keras tutorial's plot_latent_space). For a VAE the two dimensions run over [-LIMIT, LIMIT] and
+        the others stay at 0; for an autoencoder they span the 1st..99th percentile of the test latents and
+        the others sit at their mean. Needs a vector latent. Writes RUN/manifold.png (or --out).""")
+    _add_run_arg(p)
+    p.add_argument("--n", type=int, default=15, metavar="N", help="images per side [default 15]")
+    p.add_argument("--limit", type=float, default=4.0, metavar="X",
+                   help="a VAE's grid spans [-X, X] in both dimensions [default 4]")
+    p.add_argument("--dims", type=_int_list, default=(0, 1), metavar="I,J",
+                   help="the two latent dimensions to vary (x axis, y axis) [default 0,1]")
+    p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
+    p.set_defaults(func=cmd_manifold)
+
+    # ---------------------------------------------------------------------------------- interpolate
+    p = _sub(subs, "interpolate", "latent walks between pairs of test images (PNG)", """
+        Pick PAIRS pairs of test images (seeded; of different classes where labels exist) and decode
+        STEPS points on the latent path between their posterior means, one pair per row: the first and
+        last images of a row decode the two means themselves. Writes RUN/interpolation.png (or --out).""")
+    _add_run_arg(p)
+    p.add_argument("--steps", type=int, default=10, metavar="N", help="images per row, end points included "
+                                                                       "[default 10]")
+    p.add_argument("--pairs", type=int, default=4, metavar="N", help="rows [default 4]")
+    p.add_argument("--method", choices=("linear", "slerp"), default="linear",
+                   help="straight line or great circle (slerp) between the latents [default linear]")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="which pairs [default 0]")
+    p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
+    p.set_defaults(func=cmd_interpolate)
+
+    # --------------------------------------------------------------------------------------- encode
+    p = _sub(subs, "encode", "latent means of a split to .npy, with a scatter plot", """
+        Encode every sample of a split and save the posterior means, flattened per sample, as a float32
+        .npy array (N, latent_size): RUN/latents.npy for the test split, RUN/latents-SPLIT.npy otherwise
+        (or --out). Beside it: the labels as FILE.labels.npy (int64, when the data has labels) and a 2-D
+        scatter plot FILE.png coloured by label (latents of more than 2 dimensions are projected on their
+        first two principal components).""")
+    _add_run_arg(p)
+    p.add_argument("--split", choices=("test", "train", "all"), default="test",
+                   help="which samples; all = train then test [default test]")
+    p.add_argument("--batch-size", type=int, default=512, metavar="N", help="encoding batch size [default 512]")
+    p.add_argument("--out", metavar="FILE.npy", default=None, help=".npy file to write instead")
+    p.set_defaults(func=cmd_encode)
+
+    # --------------------------------------------------------------------------------------- models
+    p = _sub(subs, "models", "list the registered models and presets", """
+        List the registered models (train with --model NAME) and the named presets (--preset NAME).""")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+# ========================================================================================= entry point
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, carrying a hint about the checkpoint."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help and --version (0), usage errors (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return int(args.func(args) or 0)
+    except VaelabError as e:
+        sys.stdout.flush()
+        print(f"vaelab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        sys.stdout.flush()
+        hint = f" ({e.args[0]})" if isinstance(e, _Interrupted) and e.args else ""
+        print(f"\nvaelab: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+# ============================================================================================== train
+
+
+def _given(args) -> dict:
+    """The options given on the command line (every train option defaults to SUPPRESS)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+
+
+def _coerce(values: dict, source: str) -> dict:
+    """Type-check and convert config-file values to what the flags would give; report all problems."""
+    kinds = {f.name: _kind(f) for f, _ in _fields()}
+    known = set(kinds) | set(RUN_KEYS)
+    problems = [f"unknown key {k!r}" for k in sorted(set(values) - known)]
+    if problems:
+        problems.append("known keys: " + ", ".join(k.replace("_", "-") for k in sorted(known)))
+        raise ConfigError(problems, f"config file {source!r}")
+    out = {}
+    for key, v in values.items():
+        kind = kinds.get(key, "bool" if key == "pictures" else "str")
+        try:
+            if kind == "ints":
+                if isinstance(v, str):
+                    v = _int_list(v)
+                elif isinstance(v, int) and not isinstance(v, bool):
+                    v = (v,)
+                elif isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in v):
+                    v = tuple(v)
+                else:
+                    raise ValueError
+            elif kind == "bool":
+                if not isinstance(v, bool):
+                    raise ValueError
+            elif kind == "int":
+                if isinstance(v, str):
+                    v = int(v)
+                elif isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError
+            elif kind == "float":
+                if isinstance(v, str):  # YAML reads 1e-3 (no dot) as a string
+                    v = float(v)
+                elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError
+            elif key not in ("data_dir", "out", "dataset") and v is not None and not isinstance(v, str):
+                raise ValueError
+            elif v is not None:
+                v = str(v)
+        except (ValueError, argparse.ArgumentTypeError):
+            want = {"ints": "a list of integers", "bool": "true or false", "int": "an integer",
+                    "float": "a number"}.get(kind, "a string")
+            problems.append(f"{key.replace('_', '-')} = {v!r} must be {want}")
+            continue
+        out[key] = v
+    if problems:
+        raise ConfigError(problems, f"config file {source!r}")
+    return out
+
+
+def _is_builtin(dataset: str) -> bool:
+    return str(dataset).strip().lower().replace("_", "-") in BUILTIN_DATASETS
+
+
+def _dataset_id(dataset: str) -> str:
+    """How a dataset is recorded in config.json: a built-in name, or an absolute path (so the run's
+    commands work from any folder)."""
+    if _is_builtin(dataset):
+        return str(dataset).strip().lower().replace("_", "-")
+    return os.path.abspath(os.path.expanduser(str(dataset)))
+
+
+def _dataset_stem(dataset: str) -> str:
+    return Path(str(dataset).rstrip("/\\")).stem or "data"
+
+
+def _plan(given: dict) -> dict:
+    """Resolve every setting of a `train` call: defaults < preset < config file < flags."""
+    from vaelab.config import get_preset, load_config_file
+
+    settings = {}
+    if "config" in given:
+        settings = _coerce(load_config_file(given["config"]), given["config"])
+    settings.update({k: v for k, v in given.items() if k not in ("config", "resume", "overwrite")})
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - NOT_FLAGS
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    m_over = {k: v for k, v in settings.items() if k in model_fields}
+    t_over = {k: v for k, v in settings.items() if k in train_fields}
+    preset = settings.get("preset")
+    resume = bool(given.get("resume"))
+    dataset = settings.get("dataset")
+
+    if resume:
+        out = Path(settings.get("out") or _default_out(preset or m_over.get("model") or DEFAULT_PRESET,
+                                                       dataset or DEFAULT_DATASET))
+        saved, saved_m, saved_t = _saved_run(out)
+        saved_data = saved.get("data") or {}
+        conflicts = []
+        if preset is not None and preset != saved.get("preset"):
+            conflicts.append(f"preset {preset!r}: the run was trained with preset {saved.get('preset')!r}")
+        for k, v in sorted(m_over.items()):
+            if v != getattr(saved_m, k):
+                conflicts.append(f"{k}={_fmt_value(v)}: the run has {k}={_fmt_value(getattr(saved_m, k))}")
+        if dataset is not None and saved_data.get("dataset") is not None \
+                and _dataset_id(dataset) != saved_data["dataset"]:
+            conflicts.append(f"dataset {dataset!r}: the run was trained on {saved_data['dataset']!r}")
+        if conflicts:
+            raise ConfigError(conflicts + [f"drop these settings to resume {str(out)!r}, or start a new run "
+                                           "with another --out"], "settings for --resume")
+        dataset = saved_data.get("dataset") or dataset or DEFAULT_DATASET
+        data_dir = settings["data_dir"] if "data_dir" in settings else saved_data.get("data_dir")
+        model_cfg, train_cfg, preset = saved_m, saved_t.replace(**t_over), saved.get("preset")
+    else:
+        if preset is None and "model" not in m_over:
+            preset = DEFAULT_PRESET
+        base = get_preset(preset) if preset is not None else None
+        model_cfg = (base.model if base else ModelConfig()).replace(**m_over)
+        train_cfg = (base.train if base else TrainConfig()).replace(**t_over)
+        dataset = dataset or DEFAULT_DATASET
+        data_dir = settings.get("data_dir")
+        out = Path(settings.get("out") or _default_out(preset or model_cfg.model, dataset))
+
+    problems = model_cfg.problems() + train_cfg.problems()  # every problem at once
+    if problems:
+        raise ConfigError(problems, "training settings")
+    if not resume and _holds_run(out) and not given.get("overwrite"):
+        raise VaelabError(f"{str(out)!r} already holds a run; continue it with --resume, start it afresh "
+                          "with --overwrite, or choose another --out")
+    return {"model": model_cfg, "train": train_cfg, "preset": preset, "dataset": dataset,
+            "data_dir": data_dir, "out": out, "resume": resume, "pictures": settings.get("pictures", True)}
+
+
+def _default_out(name: str, dataset: str) -> str:
+    return os.path.join("runs", f"{name}-{_dataset_stem(dataset)}")
+
+
+def _holds_run(out: Path) -> bool:
+    return (out / "config.json").is_file() or (out / "checkpoint.safetensors").is_file()
+
+
+def _saved_run(out: Path):
+    """(config.json dict, ModelConfig, TrainConfig) of an existing run, for --resume."""
+    from vaelab.training.checkpoint import model_config_from, read_config
+
+    if not out.is_dir():
+        raise VaelabError(f"cannot resume: run directory {str(out)!r} does not exist; start without --resume "
+                          "(or pass the run's --out)")
+    saved = read_config(out)
+    model_cfg = model_config_from(saved, str(out / "config.json"))
+    try:
+        train_cfg = TrainConfig.from_dict(dict(saved.get("train") or {}))
+    except (ConfigError, TypeError) as e:
+        raise VaelabError(f"cannot resume {str(out)!r}: its saved training settings do not fit this vaelab "
+                          f"({e})") from None
+    return saved, model_cfg, train_cfg
+
+
+def cmd_train(args) -> int:
+    plan = _plan(_given(args))
+    import torch
+
+    from vaelab.data import load_dataset
+    from vaelab.evaluation import evaluate
+    from vaelab.models import build_model
+    from vaelab.training import fit
+
+    mc, tc, out = plan["model"], plan["train"], plan["out"]
+    data = load_dataset(plan["dataset"], plan["data_dir"], progress=tc.progress)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)  # the initial weights
+    model = build_model(mc, input_shape=data.train.sample_shape)
+    name = plan["preset"] or mc.model
+    epochs_before = _epochs_done(out) if plan["resume"] else 0
+    verb = f"resuming {name} after epoch {epochs_before}" if plan["resume"] else f"training {name}"
+    print(f"{verb} ({_describe_model(model)}) on {data.name}: {len(data.train)} train / {len(data.test)} "
+          f"test samples of shape {tuple(data.train.sample_shape)}, {tc.epochs} epochs -> {out}", flush=True)
+
+    run_info = {"data": {"dataset": _dataset_id(plan["dataset"]),
+                         "data_dir": None if plan["data_dir"] is None
+                         else os.path.abspath(os.path.expanduser(str(plan["data_dir"]))),
+                         "binarize": tc.binarize},
+                "preset": plan["preset"]}
+    t0 = time.perf_counter()
+    try:
+        history = fit(model, data.train, data.test, tc, out=out, resume=plan["resume"], run_info=run_info)
+    except KeyboardInterrupt:
+        if (out / "checkpoint.safetensors").is_file():
+            raise _Interrupted(f"the checkpoint of the last finished epoch in {str(out)!r} is intact; continue "
+                               f"with: vaelab train --resume --out {out}") from None
+        raise _Interrupted("no epoch finished, nothing was saved") from None
+    seconds = time.perf_counter() - t0
+    if not tc.progress and len(history) > epochs_before:
+        _print_history(history[epochs_before:])
+    done = len(history)
+    if done == epochs_before and plan["resume"]:
+        print(f"the run already has {done} epochs (--epochs {tc.epochs}); nothing to train: raise --epochs "
+              "to continue")
+    else:
+        stopped = f" (early stopping after {done})" if done < tc.epochs else ""
+        print(f"trained epochs {epochs_before + 1}..{done}{stopped} in {seconds:.1f} s")
+
+    metrics = evaluate(model, data.test, batch_size=max(tc.batch_size, 256), binarize=tc.binarize)
+    written = [str(out / f) for f in RUN_FILES if (out / f).is_file()]
+    written.append(_write_evaluation(out / "evaluation.json", metrics, "test", data.name))
+    print()
+    _print_terms(metrics, f"test split of {data.name}, {metrics['n']} samples")
+    if plan["pictures"]:
+        written += _run_pictures(model, data, out, name)
+    print("\nwrote:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+def _describe_model(model) -> str:
+    c = model.config
+    latent = "x".join(str(s) for s in model.latent_shape)
+    return f"{c.model}, arch {c.resolved_arch}, latent {latent}, {c.likelihood}"
+
+
+def _epochs_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def _print_history(rows: list[dict]) -> None:
+    keys = ["epoch"] + [k for k in ("train_loss", "val_loss", "time_s") if k in rows[0]]
+    table = [[k.replace("val_", "test_") for k in keys]]
+    table += [[str(r[k]) if k == "epoch" else _fmt_number(r[k]) for k in keys] for r in rows]
+    _print_table(table)
+
+
+def _run_pictures(model, data, out: Path, name: str) -> list[str]:
+    """The pictures `train` draws; which ones depends on the model and the data."""
+    test = data.test
+    written = []
+    if test.is_image:
+        written.append(draw_reconstructions(model, test, out / "reconstructions.png", n=10, name=name))
+        if model.has_prior:
+            written.append(draw_samples(model, out / "samples.png", n=64, seed=0, name=name))
+            if len(model.latent_shape) == 1 and model.latent_shape[0] >= 2:
+                written.append(draw_manifold(model, test, out / "manifold.png", name=name))
+        if len(test) >= 2:
+            written.append(draw_interpolation(model, test, out / "interpolation.png", name=name))
+    written += draw_latents(model, test, out / "latents.png", name=name, split="test")
+    return written
+
+
+# ====================================================================== pictures (shared by commands)
+
+
+def _run_title(name: str, what: str) -> str:
+    return f"{name}: {what}" if name else what
+
+
+def draw_reconstructions(model, ds, path, n: int = 10, name: str = "") -> str:
+    import torch
+
+    from vaelab.generation import reconstruction_pairs
+    from vaelab.plotting import save_image_grid
+
+    n = min(n, len(ds))
+    x, recon = reconstruction_pairs(model, ds.batch(torch.arange(n)))
+    return save_image_grid(torch.cat([x, recon]).cpu(), path, nrow=n,
+                           title=_run_title(name, "Test images and their reconstructions"),
+                           row_labels=["original", "reconstruction"])
+
+
+def draw_samples(model, path, n: int = 64, seed: int = 0, name: str = "") -> str:
+    import math
+
+    from vaelab.generation import prior_samples
+    from vaelab.plotting import save_image_grid
+
+    images = prior_samples(model, n, seed)
+    return save_image_grid(images.cpu(), path, nrow=math.ceil(math.sqrt(n)),
+                           title=_run_title(name, f"{n} samples decoded from the prior N(0, I), seed {seed}"))
+
+
+def draw_manifold(model, ds, path, n: int = 15, limit: float = 4.0, dims=(0, 1), name: str = "") -> str:
+    from vaelab.generation import encode_dataset, manifold_axes, manifold_grid
+    from vaelab.plotting import save_manifold
+
+    latents = None if model.has_prior or ds is None else encode_dataset(model, ds)
+    axes = manifold_axes(model, n, limit, dims, latents)  # validates before any work
+    images = manifold_grid(model, n, limit, dims, latents)
+    if model.has_prior:
+        span = f"z[{axes.dims[0]}], z[{axes.dims[1]}] in [{-limit:g}, {limit:g}]"
+        if model.latent_shape[0] > 2:
+            span += ", other dimensions 0"
+    else:
+        span = f"z[{axes.dims[0]}], z[{axes.dims[1]}] over the 1st-99th percentile of the test latents"
+    return save_manifold(images.cpu(), axes.xs, axes.ys, path, dims=axes.dims,
+                         title=_run_title(name, f"Decoded latent grid: {span}"))
+
+
+def draw_interpolation(model, ds, path, steps: int = 10, pairs: int = 4, method: str = "linear",
+                       seed: int = 0, name: str = "") -> str:
+    import torch
+
+    from vaelab.generation import interpolate
+    from vaelab.plotting import save_image_grid
+
+    a, b = _pick_pairs(ds, pairs, seed)
+    frames = interpolate(model, ds.batch(a), ds.batch(b), steps=steps, method=method)  # (P, steps, C, H, W)
+    labels = None
+    if ds.y is not None:
+        names = ds.classes or [str(i) for i in range(int(ds.y.max()) + 1)]
+        labels = [f"{names[int(ds.y[i])]} → {names[int(ds.y[j])]}" for i, j in zip(a.tolist(), b.tolist())]
+    return save_image_grid(frames.flatten(0, 1).cpu(), path, nrow=steps, row_labels=labels,
+                           title=_run_title(name, f"Latent interpolation ({method}) between test images"))
+
+
+def _pick_pairs(ds, pairs: int, seed: int):
+    """`pairs` (a, b) index pairs of distinct samples, seeded; of different classes where labels allow."""
+    import torch
+
+    if len(ds) < 2:
+        raise VaelabError(f"interpolation needs at least 2 samples; the split holds {len(ds)}")
+    if pairs < 1:
+        raise VaelabError(f"--pairs must be >= 1, got {pairs}")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    a = [perm[i % len(perm)] for i in range(pairs)]
+    rest = perm[pairs:] or perm
+    b, used = [], set()
+    for i in a:
+        # the first unused candidate of another class; else of any class; else any other sample
+        pick = next((j for j in rest if j not in used and j != i and ds.y is not None and ds.y[j] != ds.y[i]),
+                    None)
+        if pick is None:
+            pick = next((j for j in rest if j not in used and j != i), next(j for j in perm if j != i))
+        used.add(pick)
+        b.append(pick)
+    return torch.tensor(a), torch.tensor(b)
+
+
+def draw_latents(model, ds, path, name: str = "", split: str = "test", latents=None) -> list[str]:
+    from vaelab.generation import encode_dataset
+    from vaelab.plotting import save_scatter
+
+    z = encode_dataset(model, ds) if latents is None else latents
+    what = "posterior means" if model.has_prior else "codes"
+    title = f"Latent {what} of the {split} split ({len(z)} samples)"
+    labels = None if ds.y is None else ds.y.numpy()
+    if labels is not None:
+        title += ", coloured by class"
+    return [save_scatter(z, labels, path, classes=ds.classes, title=_run_title(name, title))]
+
+
+# ================================================================================== run-taking commands
+
+
+def _open_run(run: str):
+    """(config.json dict, model) of a run directory."""
+    from vaelab.models import from_pretrained
+    from vaelab.training.checkpoint import read_config
+
+    path = Path(run)
+    if not path.is_dir():
+        what = "is a file, not a run directory" if path.exists() else "does not exist"
+        raise VaelabError(f"run directory {run!r} {what}; give the --out directory of a `vaelab train` run")
+    return read_config(path), from_pretrained(path)
+
+
+def _run_data(cfg: dict, run: str, model, args):
+    """The dataset RUN was trained on (or --dataset), with --data-dir overriding the saved folder."""
+    from vaelab.data import load_dataset
+    from vaelab.errors import DataError
+
+    saved = cfg.get("data") or {}
+    dataset = getattr(args, "dataset", None) or saved.get("dataset")
+    if not dataset:
+        raise VaelabError(f"{os.path.join(run, 'config.json')!r} names no dataset; pass --dataset NAME_OR_PATH")
+    data_dir = args.data_dir if args.data_dir is not None else saved.get("data_dir")
+    data = load_dataset(dataset, data_dir, progress=True)
+    shape = tuple(model.config.input_shape)
+    if tuple(data.train.sample_shape) != shape:
+        raise DataError(f"dataset {dataset!r} holds samples of shape {tuple(data.train.sample_shape)}, but the "
+                        f"model in {run!r} takes {shape}; use the dataset it was trained on")
+    return data
+
+
+def _run_name(cfg: dict, model) -> str:
+    return cfg.get("preset") or model.config.model
+
+
+def _need_images(model, command: str) -> None:
+    shape = tuple(model.config.input_shape)
+    if len(shape) != 3:
+        raise VaelabError(f"`vaelab {command}` draws images, but this run's model takes vectors of {shape[0]} "
+                          "numbers; `vaelab encode` works for any data")
+
+
+def _out(args, run: str, default: str) -> Path:
+    return Path(args.out) if args.out else Path(run) / default
+
+
+def _positive(value: int, flag: str) -> None:
+    if value < 1:
+        raise VaelabError(f"{flag} must be a positive integer, got {value}")
+
+
+def cmd_evaluate(args) -> int:
+    from vaelab.evaluation import evaluate
+
+    _positive(args.batch_size, "--batch-size")
+    cfg, model = _open_run(args.run)
+    data = _run_data(cfg, args.run, model, args)
+    ds = data.test if args.split == "test" else data.train
+    binarize = bool((cfg.get("train") or {}).get("binarize", False))
+    metrics = evaluate(model, ds, batch_size=args.batch_size, binarize=binarize)
+    _print_terms(metrics, f"{args.split} split of {data.name}, {metrics['n']} samples")
+    default = "evaluation.json" if args.split == "test" else f"evaluation-{args.split}.json"
+    print(f"\nwrote: {_write_evaluation(_out(args, args.run, default), metrics, args.split, data.name)}")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    _positive(args.n, "--n")
+    cfg, model = _open_run(args.run)
+    _need_images(model, "reconstruct")
+    data = _run_data(cfg, args.run, model, args)
+    path = draw_reconstructions(model, data.test, _out(args, args.run, "reconstructions.png"), n=args.n,
+                                name=_run_name(cfg, model))
+    print(f"wrote: {path}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    _positive(args.n, "--n")
+    cfg, model = _open_run(args.run)
+    _need_images(model, "sample")
+    path = draw_samples(model, _out(args, args.run, "samples.png"), n=args.n, seed=args.seed,
+                        name=_run_name(cfg, model))
+    print(f"wrote: {path}")
+    return 0
+
+
+def cmd_manifold(args) -> int:
+    cfg, model = _open_run(args.run)
+    _need_images(model, "manifold")
+    if len(args.dims) != 2:
+        raise VaelabError(f"--dims takes two latent dimensions such as 0,1; got {_fmt_value(args.dims)}")
+    ds = None
+    if not model.has_prior:  # an autoencoder's grid spans its data's latents
+        ds = _run_data(cfg, args.run, model, args).test
+    path = draw_manifold(model, ds, _out(args, args.run, "manifold.png"), n=args.n, limit=args.limit,
+                         dims=args.dims, name=_run_name(cfg, model))
+    print(f"wrote: {path}")
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    _positive(args.pairs, "--pairs")
+    if args.steps < 2:
+        raise VaelabError(f"--steps must be >= 2 (the two end points included), got {args.steps}")
+    cfg, model = _open_run(args.run)
+    _need_images(model, "interpolate")
+    data = _run_data(cfg, args.run, model, args)
+    path = draw_interpolation(model, data.test, _out(args, args.run, "interpolation.png"), steps=args.steps,
+                              pairs=args.pairs, method=args.method, seed=args.seed, name=_run_name(cfg, model))
+    print(f"wrote: {path}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    import numpy as np
+
+    from vaelab.generation import encode_dataset
+
+    _positive(args.batch_size, "--batch-size")
+    cfg, model = _open_run(args.run)
+    data = _run_data(cfg, args.run, model, args)
+    parts = {"test": [data.test], "train": [data.train], "all": [data.train, data.test]}[args.split]
+    z = np.concatenate([encode_dataset(model, ds, args.batch_size) for ds in parts])
+    has_labels = all(ds.y is not None for ds in parts)
+    labels = np.concatenate([ds.y.numpy() for ds in parts]) if has_labels else None
+
+    out = _out(args, args.run, "latents.npy" if args.split == "test" else f"latents-{args.split}.npy")
+    stem = out.name[:-4] if out.name.endswith(".npy") else out.name
+    written = [_write_npy(out, z.astype(np.float32))]
+    if labels is not None:
+        written.append(_write_npy(out.with_name(f"{stem}.labels.npy"), labels.astype(np.int64)))
+    scatter_ds = parts[0] if len(parts) == 1 else _Labelled(labels, data.test.classes)
+    written += draw_latents(model, scatter_ds, out.with_name(f"{stem}.png"), name=_run_name(cfg, model),
+                            split=args.split, latents=z)
+    print(f"encoded {len(z)} samples of the {args.split} split to latent means of size {z.shape[1]}")
+    print("wrote:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+class _Labelled:
+    """Just the labels and class names of a dataset (what draw_latents needs beside the latents)."""
+
+    def __init__(self, labels, classes):
+        import torch
+
+        self.y = None if labels is None else torch.from_numpy(labels)
+        self.classes = classes
+
+
+def _write_npy(path: Path, array) -> str:
+    import io
+
+    import numpy as np
+
+    from vaelab.training.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return str(path)
+
+
+def cmd_models(args) -> int:
+    from vaelab.models import list_models
+
+    width = shutil.get_terminal_size((100, 24)).columns
+    print("models (train with --model NAME):")
+    _print_described([(m.name, m.description) for m in list_models()], width)
+    print("\npresets (train with --preset NAME):")
+    _print_described([(p.name, p.description) for p in sorted(PRESETS.values(), key=lambda p: p.name)], width)
+    return 0
+
+
+# ============================================================================================ output
+
+
+def _fmt_number(v) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.6g}"
+
+
+def _print_table(rows: list[list[str]], indent: str = "  ") -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _print_terms(metrics: dict, what: str) -> None:
+    print(f"{what}:")
+    rows = [["term", "value", "meaning"]]
+    for k, v in metrics.items():
+        if k != "n":
+            rows.append([k, _fmt_number(v), TERM_MEANINGS.get(k, "")])
+    _print_table(rows)
+
+
+def _print_described(items: list[tuple[str, str]], width: int) -> None:
+    col = max(len(n) for n, _ in items) + 4
+    for name, text in items:
+        lines = textwrap.wrap(text, max(30, width - col - 1)) or [""]
+        print(f"  {name.ljust(col - 2)}{lines[0]}")
+        for line in lines[1:]:
+            print(" " * col + line)
+
+
+def _write_evaluation(path: Path, metrics: dict, split: str, dataset: str) -> str:
+    from vaelab.training.checkpoint import atomic_write_json
+
+    atomic_write_json(path, {"split": split, "dataset": dataset, **metrics})
+    return str(path)
+
+
+__all__ = ["main", "build_parser"]

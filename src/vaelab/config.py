@@ -1,0 +1,274 @@
+"""Small frozen configs, named presets, and config files (TOML/YAML) whose keys mirror the CLI flags.
+
+Two dataclasses describe a run: `ModelConfig` (what is built; saved next to the weights) and `TrainConfig`
+(how it is trained). Both validate once and report every problem together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vaelab.errors import ConfigError
+
+FORMAT_VERSION = 1  # bumped when the saved config or weight layout changes incompatibly
+
+ARCHS = ("auto", "conv", "conv-pool", "mlp")
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to build. `input_shape` is filled in from the data: (C, H, W) for images, (D,) for vectors.
+
+    arch:
+      - "conv":      stride-2 3x3 convs (`channels`), dense layers (`hidden`), a dense latent of `latent_dim`;
+                     the decoder mirrors it with transposed convs (the tutorial's VAE is this with
+                     channels=(32, 64), hidden=(16,), latent_dim=2).
+      - "conv-pool": 3x3 conv + 2x2 max-pool per entry of `channels`; the latent is the last feature map
+                     (channels[-1], H/4, W/4); the decoder mirrors it with upsampling (the tutorial's AE).
+      - "mlp":       dense layers (`hidden`) on the flattened input.
+      - "auto":      "conv" for images, "mlp" for vectors.
+    """
+
+    model: str = "vae"
+    arch: str = "auto"
+    input_shape: tuple[int, ...] | None = None
+    latent_dim: int = 16
+    channels: tuple[int, ...] = (32, 64)
+    hidden: tuple[int, ...] = (256,)
+    likelihood: str = "bernoulli"
+    gaussian_sigma: float = 1.0  # fixed observation noise of the Gaussian likelihood
+    beta: float = 1.0  # weight of the KL term (β-VAE when != 1); ignored by plain autoencoders
+
+    def problems(self) -> list[str]:
+        from vaelab.models import MODELS  # the registry is the one place that knows model names
+
+        out = []
+        if self.model not in MODELS:
+            out.append(f"model={self.model!r} is not a registered model; choose one of {sorted(MODELS)}")
+        if self.arch not in ARCHS:
+            out.append(f"arch={self.arch!r} is unknown; choose one of {list(ARCHS)}")
+        if self.likelihood not in LIKELIHOODS:
+            out.append(f"likelihood={self.likelihood!r} is unknown; choose one of {list(LIKELIHOODS)}")
+        if not _is_int(self.latent_dim) or self.latent_dim < 1:
+            out.append(f"latent_dim={self.latent_dim!r} must be a positive integer")
+        for name in ("channels", "hidden"):
+            value = getattr(self, name)
+            if not all(_is_int(v) and v >= 1 for v in value):
+                out.append(f"{name}={list(value)!r} must be a list of positive integers")
+        if self.arch in ("conv", "conv-pool") and not self.channels:
+            out.append(f"arch={self.arch!r} needs at least one entry in channels")
+        if not _is_pos_float(self.gaussian_sigma):
+            out.append(f"gaussian_sigma={self.gaussian_sigma!r} must be a positive number")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
+            out.append(f"beta={self.beta!r} must be a finite number >= 0")
+        if self.input_shape is not None:
+            out.extend(_shape_problems(self))
+        return out
+
+    def validate(self) -> ModelConfig:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems, "model configuration")
+        return self
+
+    @property
+    def resolved_arch(self) -> str:
+        if self.arch != "auto":
+            return self.arch
+        return "conv" if self.input_shape is not None and len(self.input_shape) == 3 else "mlp"
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return _to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return _from_dict(cls, d, "model configuration")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: the one training loop reads only this."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    binarize: bool = False  # dynamic binarization: each batch is a fresh Bernoulli draw of the pixels
+    early_stopping: int = 0  # patience in epochs on the validation loss; 0 = off
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if not _is_int(self.epochs) or self.epochs < 1:
+            out.append(f"epochs={self.epochs!r} must be a positive integer")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            out.append(f"batch_size={self.batch_size!r} must be a positive integer")
+        if not _is_pos_float(self.lr):
+            out.append(f"lr={self.lr!r} must be a positive number (Adam's learning rate, e.g. 1e-3)")
+        if not _is_int(self.seed) or self.seed < 0:
+            out.append(f"seed={self.seed!r} must be an integer >= 0")
+        if not _is_int(self.early_stopping) or self.early_stopping < 0:
+            out.append(f"early_stopping={self.early_stopping!r} must be an integer >= 0 (patience in epochs)")
+        if not (isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip)
+                and self.grad_clip >= 0):
+            out.append(f"grad_clip={self.grad_clip!r} must be a number >= 0 (0 turns clipping off)")
+        if not _is_int(self.threads) or self.threads < 0:
+            out.append(f"threads={self.threads!r} must be an integer >= 0 (0 = all cores)")
+        return out
+
+    def validate(self) -> TrainConfig:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems, "training configuration")
+        return self
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return _to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return _from_dict(cls, d, "training configuration")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "seed-conv-ae",
+            "The tutorial's conv autoencoder: Conv(32)-MaxPool-Conv(16)-MaxPool (latent 16x7x7 on MNIST), "
+            "mirrored with upsampling; sigmoid output, binary cross-entropy, Adam, batch 256.",
+            ModelConfig(model="ae", arch="conv-pool", channels=(32, 16), likelihood="bernoulli"),
+            TrainConfig(batch_size=256),
+        ),
+        Preset(
+            "seed-vae",
+            "The tutorial's conv VAE: Conv(32,s2)-Conv(64,s2)-Dense(16)-(mu, log var), latent 2; decoder "
+            "Dense(7*7*64)-ConvT(64,s2)-ConvT(32,s2)-ConvT(1) sigmoid; loss 784*BCE + KL, Adam, batch 128.",
+            ModelConfig(model="vae", arch="conv", channels=(32, 64), hidden=(16,), latent_dim=2,
+                        likelihood="bernoulli"),
+            TrainConfig(batch_size=128),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a flat dict whose keys mirror the CLI flags.
+
+    Dashes and underscores are interchangeable (`latent-dim` = `latent_dim`). Tables/sections named
+    `model`, `train` or `data` are flattened into the top level, so both styles work.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist", "config file")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            raw = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise ConfigError(f"{str(path)!r}: unknown config format {suffix!r}; use .toml, .yaml/.yml or .json",
+                              "config file")
+    except ConfigError:
+        raise
+    except Exception as e:  # a parser's own error type differs per format; report it the same way
+        raise ConfigError(f"{str(path)!r} could not be parsed: {e}", "config file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{str(path)!r} must hold a table of keys, got {type(raw).__name__}", "config file")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("model", "train", "data") and isinstance(value, dict):
+            for k, v in value.items():
+                flat[k.replace("-", "_")] = v
+        else:
+            flat[key.replace("-", "_")] = value
+    return flat
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_pos_float(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _shape_problems(cfg: ModelConfig) -> list[str]:
+    shape = cfg.input_shape
+    if not (isinstance(shape, tuple) and len(shape) in (1, 3) and all(_is_int(s) and s >= 1 for s in shape)):
+        return [f"input_shape={shape!r} must be (C, H, W) for images or (D,) for vectors, positive integers"]
+    arch = cfg.resolved_arch
+    if arch in ("conv", "conv-pool"):
+        if len(shape) != 3:
+            return [f"arch={arch!r} needs image input (C, H, W), got input_shape={shape!r}; use arch='mlp'"]
+        # every stride-2 conv / 2x2 pool halves the size (rounding up); it must stay >= 1 pixel and
+        # the architecture must not reduce an image below 2x2 before its last layer
+        h, w = shape[1:]
+        n = len(cfg.channels)
+        if min(h, w) < 2 ** (n - 1) + 1 and n > 1:
+            return [f"input_shape={shape!r} is too small for {n} downsampling layers of arch={arch!r} "
+                    f"(each halves H and W); use fewer channels entries or arch='mlp'"]
+    return []
+
+
+def _to_jsonable(obj) -> dict:
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _from_dict(cls, d: dict, context: str):
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError([f"unknown key {k!r}; known keys: {sorted(names)}" for k in unknown], context)
+    kwargs = {}
+    for k, v in d.items():
+        if isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)

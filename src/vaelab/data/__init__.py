@@ -1,0 +1,73 @@
+"""Datasets for vaelab: built-in ones (digits, mnist, fashion-mnist) and the user's own files.
+
+`load_dataset(name)` returns train/test `DataSplits` of compact in-memory `ArrayDataset`s.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaelab.data.arrays import ArrayDataset, DataSplits, split, standardize
+from vaelab.data.idx import read_idx
+from vaelab.data.sources import SYSTEM_DIRS, cache_dir, default_data_dirs, load_idx_dataset
+from vaelab.errors import DataError
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist")
+FILE_KINDS = ("a .npy file", "a .npz file (x[, y] or x_train/y_train/x_test/y_test)",
+              "a folder of PNG/JPEG images (optionally one sub-folder per class, or train/ and test/)",
+              "a .csv file of numbers")
+
+__all__ = ["ArrayDataset", "DataSplits", "DATASETS", "SYSTEM_DIRS", "cache_dir", "default_data_dirs",
+           "load_dataset", "read_idx", "standardize"]
+
+
+def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, download: bool = True,
+                 test_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> DataSplits:
+    """Load a built-in dataset by name, or the user's data from a path, as train/test splits.
+
+    Built-in names win over a file of the same name in the current folder (write ./mnist for that).
+    Data without explicit splits is split by a permutation seeded with `seed`, `test_fraction` to test.
+    """
+    key = str(name).strip().lower().replace("_", "-") if isinstance(name, str) else None
+    if key in ("mnist", "fashion-mnist"):
+        return load_idx_dataset(key, data_dir, download=download, progress=progress)
+    if key == "digits":
+        return _digits(test_fraction, seed)
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DataError(f"unknown dataset {str(name)!r}: not a built-in name ({', '.join(DATASETS)}) and no "
+                        f"such file or folder. Expected a built-in name or a path to "
+                        f"{'; '.join(FILE_KINDS)}")
+    from vaelab.data import files
+
+    label = path.stem or path.name
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        loaded = files.load_image_folder(path, label)
+    elif suffix == ".npy":
+        loaded = files.load_npy(path, label)
+    elif suffix == ".npz":
+        loaded = files.load_npz(path, label)
+    elif suffix == ".csv":
+        loaded = files.load_csv(path, label)
+    else:
+        raise DataError(f"{path}: unsupported kind of file {suffix or '(no suffix)'!r}; expected "
+                        f"{'; '.join(FILE_KINDS)}")
+    if isinstance(loaded, tuple):  # explicit train/test splits in the data itself
+        return DataSplits(label, *loaded)
+    return split(loaded, test_fraction, seed, source=str(path))
+
+
+def _digits(test_fraction: float, seed: int) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()  # ships inside scikit-learn: no download
+    x = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
+    y = torch.from_numpy(d.target.astype(np.int64))
+    ds = ArrayDataset(x, y, scale=16.0, classes=[str(i) for i in range(10)], name="digits")
+    return split(ds, test_fraction, seed, source="digits")

@@ -1,0 +1,132 @@
+"""What every registered model shares: the posterior objects, the output record, and the base class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))). Owns sampling and its KL to the standard-normal prior."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean  # (B, *latent_shape)
+        self.logvar = logvar
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        # reparameterization trick: z = mean + std * eps keeps z differentiable in (mean, logvar)
+        eps = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+        return self.mean + self.std * eps
+
+    def kl(self) -> torch.Tensor:
+        from vaelab.losses import kl_standard_normal
+
+        return kl_standard_normal(self.mean, self.logvar)  # (B,)
+
+
+class PointMass:
+    """The 'posterior' of a deterministic autoencoder: all mass on the code. Same interface, zero KL."""
+
+    def __init__(self, z: torch.Tensor):
+        self.mean = z
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        return torch.zeros(self.mean.shape[0], dtype=self.mean.dtype, device=self.mean.device)
+
+
+@dataclass
+class ModelOutput:
+    """The one record every model's forward returns."""
+
+    recon: torch.Tensor  # the decoder's raw output, shaped like x: logits (Bernoulli) or mean (Gaussian)
+    z: torch.Tensor  # (B, *latent_shape) the code that was decoded
+    posterior: DiagonalGaussian | PointMass
+
+
+class Autoencoder(nn.Module):
+    """Base class of registered models: an encoder network, a decoder network and a likelihood.
+
+    Subclasses set `has_prior` and implement `encode`. `decode` returns the likelihood's mean (pixel
+    probabilities for Bernoulli), `decode_raw` the decoder's raw output (logits) that losses consume.
+    """
+
+    has_prior = False  # True where z ~ N(0, I) makes sense, so `sample` works
+
+    def __init__(self, config):
+        super().__init__()
+        from vaelab.models.nets import build_networks
+
+        self.config = config
+        self.encoder, self.decoder, self.latent_shape = build_networks(config, self.encoder_outputs)
+
+    encoder_outputs = 1  # how many latent-shaped tensors the encoder's head emits (2 = mean and log-variance)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian | PointMass:
+        raise NotImplementedError
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raw = self.decode_raw(z)
+        return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        posterior = self.encode(x)
+        # a VAE samples z here in training and evaluation alike, so evaluation reports the objective it
+        # trains on (the tutorial's test loss); deterministic use goes through reconstruct() / embed()
+        z = posterior.sample()
+        return ModelOutput(recon=self.decode_raw(z), z=z, posterior=posterior)
+
+    @torch.inference_mode()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent means (the features a user extracts), (B, *latent_shape)."""
+        return self.encode(x).mean
+
+    @torch.inference_mode()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode the posterior mean: the deterministic reconstruction, in data space."""
+        return self.decode(self.encode(x).mean)
+
+    @torch.inference_mode()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws from the prior, decoded to data space (likelihood means)."""
+        if not self.has_prior:
+            from vaelab.errors import VaelabError
+
+            raise VaelabError(
+                f"model {self.config.model!r} has no prior to sample from; train a VAE "
+                "(e.g. --model vae or --preset seed-vae) to generate new samples")
+        z = torch.randn((n, *self.latent_shape), generator=generator, device=self._device())
+        return self.decode(z)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def latent_size(self) -> int:
+        n = 1
+        for s in self.latent_shape:
+            n *= s
+        return n
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json + model.safetensors into `directory` (atomically); reload with from_pretrained."""
+        from vaelab.training.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "Autoencoder":
+        from vaelab.training.checkpoint import load_pretrained
+
+        return load_pretrained(directory)

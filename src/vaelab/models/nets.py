@@ -1,0 +1,109 @@
+"""Encoder and decoder networks for the three architectures, adapting to any input shape.
+
+Spatial sizes: a stride-2 3x3 conv with padding 1 (and a 2x2 max-pool with ceil_mode) maps H to ceil(H/2),
+as Keras' padding="same" does. Decoders invert that exactly: transposed convs get output_padding 1 for an
+even target size and 0 for an odd one; upsampling layers are given the target size. So 28 -> 14 -> 7 -> 14
+-> 28 and 8 -> 4 -> 2 -> 4 -> 8, and odd sizes like 7 or 15 round-trip too.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def _half(n: int) -> int:
+    return (n + 1) // 2
+
+
+def _sizes(h: int, w: int, n: int) -> list[tuple[int, int]]:
+    """Spatial sizes after 0..n halvings: [(H, W), (ceil(H/2), ceil(W/2)), ...]."""
+    out = [(h, w)]
+    for _ in range(n):
+        h, w = _half(h), _half(w)
+        out.append((h, w))
+    return out
+
+
+def _dense(sizes: list[int]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return layers
+
+
+def build_networks(config, encoder_outputs: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """(encoder, decoder, latent_shape). The encoder's last layer emits `encoder_outputs` latent-shaped
+    tensors stacked on dim 1 (2 for a Gaussian posterior's mean and log-variance)."""
+    arch = config.resolved_arch
+    build = {"conv": _conv, "conv-pool": _conv_pool, "mlp": _mlp}[arch]
+    enc, dec, latent_shape = build(config, encoder_outputs)
+    _init_like_keras(enc)
+    _init_like_keras(dec)
+    return enc, dec, latent_shape
+
+
+def _conv(cfg, k: int):
+    c_in, h, w = cfg.input_shape
+    chans = list(cfg.channels)
+    sizes = _sizes(h, w, len(chans))
+    enc: list[nn.Module] = []
+    prev = c_in
+    for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2))
+        enc += [nn.Conv2d(prev, c, 3, stride=2, padding=1), nn.ReLU()]
+        prev = c
+    flat = prev * sizes[-1][0] * sizes[-1][1]
+    enc += [nn.Flatten()] + _dense([flat, *cfg.hidden])
+    enc.append(nn.Linear(cfg.hidden[-1] if cfg.hidden else flat, k * cfg.latent_dim))
+
+    dec: list[nn.Module] = [nn.Linear(cfg.latent_dim, flat), nn.ReLU(),
+                            nn.Unflatten(1, (prev, *sizes[-1]))]
+    for i, c in enumerate(reversed(chans)):  # each transposed conv doubles the size back exactly
+        target = sizes[len(chans) - 1 - i]
+        pad = (1 - target[0] % 2, 1 - target[1] % 2)
+        dec += [nn.ConvTranspose2d(prev, c, 3, stride=2, padding=1, output_padding=pad), nn.ReLU()]
+        prev = c
+    dec.append(nn.ConvTranspose2d(prev, c_in, 3, stride=1, padding=1))  # the output layer, no activation
+    return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
+
+
+def _conv_pool(cfg, k: int):
+    c_in, h, w = cfg.input_shape
+    chans = list(cfg.channels)
+    sizes = _sizes(h, w, len(chans))
+    enc: list[nn.Module] = []
+    prev = c_in
+    for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2))
+        enc += [nn.Conv2d(prev, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+        prev = c
+    latent_shape = (prev, *sizes[-1])
+    if k != 1:  # a probabilistic latent map: a 1x1 conv head emits k maps per latent channel
+        enc.append(nn.Conv2d(prev, k * prev, 1))
+    dec: list[nn.Module] = []
+    for i, c in enumerate(reversed(chans)):
+        dec += [nn.Conv2d(prev, c, 3, padding=1), nn.ReLU(),
+                nn.Upsample(size=sizes[len(chans) - 1 - i], mode="nearest")]
+        prev = c
+    dec.append(nn.Conv2d(prev, c_in, 3, padding=1))
+    return nn.Sequential(*enc), nn.Sequential(*dec), latent_shape
+
+
+def _mlp(cfg, k: int):
+    shape = tuple(cfg.input_shape)
+    d = math.prod(shape)
+    hidden = list(cfg.hidden)
+    enc = [nn.Flatten()] + _dense([d, *hidden]) + [nn.Linear(hidden[-1] if hidden else d, k * cfg.latent_dim)]
+    rev = hidden[::-1]
+    dec = _dense([cfg.latent_dim, *rev]) + [nn.Linear(rev[-1] if rev else cfg.latent_dim, d),
+                                             nn.Unflatten(1, shape)]
+    return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
+
+
+def _init_like_keras(net: nn.Module) -> None:
+    # Glorot-uniform weights and zero biases, as the tutorial's Keras layers: the presets then start
+    # where the tutorial starts (PyTorch's default init is smaller and trains these nets more slowly).
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)

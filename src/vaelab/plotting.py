@@ -1,0 +1,231 @@
+"""Pictures as PNG files: image grids, the latent manifold, latent scatter plots.
+
+matplotlib draws on its Agg (file-only) backend through `Figure` objects, so it never opens a window and
+never changes the backend of a notebook or script that imported pyplot. Every PNG is rendered to bytes
+first and then written atomically: an interrupted run never leaves half a picture.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import textwrap
+
+import numpy as np
+
+from vaelab.errors import VaelabError
+
+DPI = 100
+
+
+def _figure(width_in: float, height_in: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # a no-op where pyplot already runs another backend: we need none
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> str:
+    from vaelab.training.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08, facecolor="white")
+    atomic_write_bytes(path, buf.getvalue())
+    return os.fspath(path)
+
+
+def _as_images(images) -> np.ndarray:
+    """(N, C, H, W) float array clipped to [0, 1] from a tensor or array."""
+    if hasattr(images, "detach"):
+        images = images.detach().float().cpu().numpy()
+    a = np.asarray(images, dtype=np.float32)
+    if a.ndim == 3:  # (N, H, W): one channel
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[0] == 0:
+        raise VaelabError(f"expected a non-empty batch of images (N, C, H, W), got shape {a.shape}")
+    return np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0)
+
+
+def _to_hwc(a: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N, H, W) for gray or (N, H, W, 3|4) for colour images."""
+    c = a.shape[1]
+    if c == 1:
+        return a[:, 0]
+    if c in (3, 4):
+        return a.transpose(0, 2, 3, 1)
+    return a.mean(axis=1)  # an unusual channel count: show the channel mean in gray
+
+
+def _mosaic(a: np.ndarray, nrow: int, pad: int, fill: float) -> np.ndarray:
+    """Tile (N, H, W[, C]) images into one array, `nrow` images per row, `pad` pixels of `fill` between."""
+    n, h, w = a.shape[:3]
+    ncol = min(nrow, n)
+    rows = -(-n // ncol)
+    out = np.full((rows * h + (rows - 1) * pad, ncol * w + (ncol - 1) * pad, *a.shape[3:]), fill,
+                  dtype=np.float32)
+    if out.ndim == 3 and out.shape[2] == 4:
+        out[..., 3] = 1.0
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = a[i]
+    return out
+
+
+def _cell_inches(ncol: int, h: int, w: int) -> float:
+    # about 0.9 inch per image, smaller for wide grids (a figure stays under ~14 inches wide), and never
+    # so small that an image gets fewer screen pixels than it has (28 px -> at least 0.28 inch)
+    cell = min(0.9, 14.0 / max(ncol, 1))
+    return max(cell, max(h, w) / DPI)
+
+
+def save_image_grid(images, path, nrow: int, title: str | None = None,
+                    row_labels: list[str] | None = None) -> str:
+    """Save images (N, C, H, W) with values in [0, 1] as a grid of `nrow` images per row; returns the path.
+
+    One channel is drawn in gray, three (four) as RGB(A). Pixels are shown as crisp squares (no smoothing).
+    `row_labels` names the rows on the left (e.g. "original", "reconstruction").
+    """
+    a = _to_hwc(_as_images(images))
+    n, h, w = a.shape[:3]
+    nrow = max(1, min(int(nrow), n))
+    rows = -(-n // nrow)
+    pad = max(1, round(max(h, w) / 14))  # a thin gap between images, ~2 px for 28x28
+    mosaic = _mosaic(a, nrow, pad, fill=1.0)
+    cell = _cell_inches(nrow, h, w)
+    label_w = 1.3 if row_labels else 0.0
+    fig = _figure(nrow * cell + label_w, rows * cell + (0.5 if title else 0.0))
+    ax = fig.add_axes((0, 0, 1, 1))
+    kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if mosaic.ndim == 2 else {}
+    ax.imshow(mosaic, interpolation="nearest", **kw)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_xticks([])
+    if row_labels:
+        ax.set_yticks([r * (h + pad) + (h - 1) / 2 for r in range(min(rows, len(row_labels)))])
+        ax.set_yticklabels(list(row_labels)[:rows], fontsize=11)
+        ax.tick_params(axis="y", length=0)
+    else:
+        ax.set_yticks([])
+    if title:
+        ax.set_title(_wrap(title, nrow * cell + label_w), fontsize=12)
+    return _save(fig, path)
+
+
+def save_manifold(images, xs, ys, path, dims=(0, 1), title: str | None = None) -> str:
+    """Save a decoded latent grid (len(ys) * len(xs) images, row by row from the top left) as one picture
+    whose axis ticks give the latent values, as the Keras tutorial's `plot_latent_space`."""
+    a = _to_hwc(_as_images(images))
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    n, h, w = a.shape[:3]
+    if n != len(xs) * len(ys):
+        raise VaelabError(f"{n} images do not fill a {len(ys)} x {len(xs)} grid")
+    mosaic = _mosaic(a, len(xs), pad=0, fill=0.0)  # no gaps: the decoded images form one continuous map
+    size = min(12.0, max(6.0, 0.45 * max(len(xs), len(ys))))  # 15 x 15 -> 6.75 inches
+    fig = _figure(size, size * mosaic.shape[0] / mosaic.shape[1] + (0.4 if title else 0.0))
+    ax = fig.add_subplot(1, 1, 1)
+    kw = {"cmap": "Greys_r", "vmin": 0.0, "vmax": 1.0} if mosaic.ndim == 2 else {}
+    ax.imshow(mosaic, interpolation="nearest", **kw)
+    # a tick in the middle of each column (row) of images, labelled with the z value decoded there
+    ax.set_xticks(np.arange(len(xs)) * w + (w - 1) / 2)
+    ax.set_xticklabels(_tick_labels(xs), fontsize=8, rotation=90 if len(xs) > 20 else 0)
+    ax.set_yticks(np.arange(len(ys)) * h + (h - 1) / 2)
+    ax.set_yticklabels(_tick_labels(ys), fontsize=8)
+    ax.set_xlabel(f"z[{dims[0]}]")
+    ax.set_ylabel(f"z[{dims[1]}]")
+    if title:
+        ax.set_title(_wrap(title, size), fontsize=12)
+    return _save(fig, path)
+
+
+def save_scatter(z, labels, path, classes: list[str] | None = None, title: str = "Latent space") -> str:
+    """Save a 2-D scatter plot of latent vectors z (N, D), coloured by integer `labels` (N,) when given.
+
+    D = 2 is drawn as is; D > 2 is projected on its first two principal components (the axes say so and
+    give the share of variance each explains); D = 1 is drawn against a small random jitter.
+    """
+    z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+    if z.shape[0] == 0:
+        raise VaelabError("no latent vectors to plot (the dataset is empty)")
+    if not np.isfinite(z).all():
+        raise VaelabError("the latent vectors hold non-finite values; the model is broken (retrain it)")
+    d = z.shape[1]
+    if d == 2:
+        xy, xlabel, ylabel = z, "z[0]", "z[1]"
+    elif d == 1:
+        jitter = np.random.default_rng(0).uniform(-1, 1, size=len(z))
+        xy, xlabel, ylabel = np.column_stack([z[:, 0], jitter]), "z[0]", "random jitter (no meaning)"
+    else:
+        from sklearn.decomposition import PCA
+
+        k = min(2, len(z))
+        pca = PCA(n_components=k, random_state=0).fit(z)
+        xy = pca.transform(z)
+        if k < 2:
+            xy = np.column_stack([xy, np.zeros(len(z))])
+        var = list(pca.explained_variance_ratio_) + [0.0] * (2 - k)
+        xlabel = f"PC 1 of the {d}-D latent ({100 * var[0]:.0f}% of variance)"
+        ylabel = f"PC 2 ({100 * var[1]:.0f}% of variance)"
+
+    fig = _figure(7.5, 6.2)
+    ax = fig.add_subplot(1, 1, 1)
+    n = len(z)
+    size = float(np.clip(3000.0 / n, 2.0, 30.0))  # smaller dots for more points
+    alpha = float(np.clip(300.0 / n ** 0.75, 0.25, 0.9))
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=size, alpha=alpha, color="tab:blue", linewidths=0)
+    else:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != n:
+            raise VaelabError(f"{len(labels)} labels for {n} latent vectors")
+        k = int(labels.max()) + 1 if len(labels) else 0
+        k = max(k, len(classes) if classes else 0)
+        if k <= 20:
+            import matplotlib
+
+            cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+            order = np.random.default_rng(0).permutation(n)  # no class is painted over all the others
+            colors = cmap(labels[order] % cmap.N)
+            ax.scatter(xy[order, 0], xy[order, 1], s=size, c=colors, alpha=alpha, linewidths=0)
+            from matplotlib.lines import Line2D
+
+            present = sorted(set(labels.tolist()))
+            handles = [Line2D([], [], marker="o", linestyle="", color=cmap(c % cmap.N), markersize=7,
+                              label=_class_name(c, classes)) for c in present]
+            ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+                      fontsize=9, title="class")
+        else:  # many classes: a continuous colour scale
+            sc = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=labels, cmap="viridis", alpha=alpha, linewidths=0)
+            fig.colorbar(sc, ax=ax, label="label")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(_wrap(title, 7.5), fontsize=12)
+    ax.grid(True, alpha=0.25)
+    return _save(fig, path)
+
+
+def _class_name(c: int, classes) -> str:
+    if classes and 0 <= c < len(classes):
+        name = str(classes[c])
+        return name if name == str(c) else f"{c}: {name}"
+    return str(c)
+
+
+def _tick_labels(values) -> list[str]:
+    # one decimal as in the tutorial, more where the range is small (an autoencoder's percentile span)
+    span = float(np.max(values) - np.min(values)) if len(values) > 1 else 1.0
+    step = span / max(len(values) - 1, 1)
+    decimals = 1 if step >= 0.1 or step == 0 else min(4, int(np.ceil(-np.log10(step))) + 1)
+    return [f"{round(float(v), decimals) + 0.0:.{decimals}f}" for v in values]  # + 0.0: no "-0.0"
+
+
+def _wrap(text: str, width_in: float) -> str:
+    # about 9 characters per inch at 12 pt
+    return "\n".join(textwrap.wrap(text, max(20, int(width_in * 9)))) or text
+
+
+__all__ = ["save_image_grid", "save_manifold", "save_scatter"]

@@ -1,0 +1,209 @@
+"""Saving and loading without executing code: safetensors for tensors, JSON for everything else.
+
+A pretrained directory (and every run directory) holds `config.json` ({"format_version", "model": {...}})
+and `model.safetensors`. A training checkpoint is one safetensors file whose tensors are the model weights,
+the optimizer state and the RNG states, and whose metadata holds the JSON trainer state. Every write goes to
+a temporary file in the same directory, is fsynced, then renamed over the old file, so a crash or a full
+disk leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from vaelab.config import FORMAT_VERSION, ModelConfig
+from vaelab.errors import CheckpointError, ConfigError, VaelabError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+# ------------------------------------------------------------------------------------------ atomic I/O
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never half of it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise VaelabError(f"cannot write {str(path)!r}: {e.strerror or e}; check that the output directory "
+                          "exists, is writable and has free space") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise VaelabError(f"cannot write {str(path)!r}: {e.strerror or e} (the previous version, if any, is "
+                          "intact); free disk space or choose another output directory") from None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------ pretrained models
+
+
+def save_pretrained(model, directory: str | os.PathLike, extra: dict | None = None) -> None:
+    directory = Path(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / WEIGHTS_FILE, st_save(state))
+    config_path = directory / CONFIG_FILE
+    cfg = read_config(directory) if config_path.is_file() else {}
+    cfg.update({"format_version": FORMAT_VERSION, "model": model.config.to_dict()})
+    if extra:
+        cfg.update(extra)
+    atomic_write_json(config_path, cfg)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} not found: {str(directory)!r} is not a vaelab run or pretrained "
+                              "directory (train one with `vaelab train --out DIR`)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(cfg).__name__}")
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r} has format_version={version!r}, but this vaelab reads version "
+                              f"{FORMAT_VERSION}; use the vaelab version that wrote it, or retrain")
+    return cfg
+
+
+def model_config_from(cfg: dict, where: str) -> ModelConfig:
+    try:
+        mc = ModelConfig.from_dict(dict(cfg["model"]))
+        mc.validate()
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: no valid 'model' section ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if mc.input_shape is None:
+        raise CheckpointError(f"{where}: the model config has no input_shape")
+    return mc
+
+
+def load_pretrained(directory: str | os.PathLike):
+    from vaelab.models import MODELS
+
+    directory = Path(directory)
+    mc = model_config_from(read_config(directory), str(directory / CONFIG_FILE))
+    model = MODELS[mc.model].cls(mc)
+    state = read_safetensors(directory / WEIGHTS_FILE)
+    load_state(model, state, directory / WEIGHTS_FILE)
+    model.eval()
+    return model
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} not found; the run has no saved weights yet (did training finish? "
+                              "a run in progress keeps its latest state in checkpoint.safetensors)")
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); it is truncated or "
+                              "corrupt: restore it or retrain") from None
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:5]}")
+        if wrong:
+            parts.append("shape mismatches " + "; ".join(wrong[:5]))
+        raise CheckpointError(f"{str(where)!r} does not match its model config: " + ", ".join(parts)
+                              + "; the weights belong to another model or config")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{str(where)!r} holds non-finite values in {bad[:5]}; the file is corrupt")
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------- training checkpoints
+
+
+def save_checkpoint(path: Path, model, optimizer, trainer_state: dict,
+                    rng: dict[str, torch.Tensor]) -> None:
+    """model weights + optimizer state + RNG states + trainer state in one safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors["model." + k] = v.detach().contiguous().cpu()
+    opt = optimizer.state_dict()
+    opt_meta = {"param_groups": opt["param_groups"], "state": {}}
+    for pid, st in opt["state"].items():
+        entry = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().contiguous().cpu()
+                entry[k] = None  # a tensor stored under its key
+            else:
+                entry[k] = v
+        opt_meta["state"][str(pid)] = entry
+    for k, v in rng.items():
+        tensors["rng." + k] = v
+    meta = {"format_version": FORMAT_VERSION, "trainer": trainer_state, "optimizer": opt_meta}
+    atomic_write_bytes(path, st_save(tensors, metadata={"vaelab": json.dumps(meta)}))
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model and optimizer in place; returns (trainer_state, rng_states)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {str(path)!r} not found (the run wrote no checkpoint yet); "
+                              "start without --resume")
+    tensors = read_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["vaelab"])
+    except (KeyError, json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"{str(path)!r} has no valid vaelab metadata ({e}); it is not a vaelab "
+                              "checkpoint or it is corrupt") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r} has format_version={meta.get('format_version')!r}; this vaelab "
+                              f"reads version {FORMAT_VERSION}")
+    load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    opt_meta = meta["optimizer"]
+    state = {}
+    for pid, entry in opt_meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"optim.{pid}.{k}"] if v is None else v) for k, v in entry.items()}
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{str(path)!r}: optimizer state does not fit this model ({e})") from None
+    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return meta["trainer"], rng

@@ -1,0 +1,200 @@
+"""The one training loop. Every registered model trains here; read it top to bottom.
+
+Reproducibility: the data order and the model's noise of epoch e come from seeds derived from (seed, e),
+and a checkpoint is written at the end of every epoch, so `resume=True` continues exactly where an
+uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from vaelab.config import TrainConfig
+from vaelab.errors import DataError, TrainingError
+from vaelab.training.checkpoint import (CHECKPOINT_FILE, atomic_write_json, atomic_write_text,
+                                        load_checkpoint, save_checkpoint, save_pretrained)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63)
+
+
+def loss_weights(model) -> dict:
+    """The loss function's keyword weights, from the model's config."""
+    c = model.config
+    return {"likelihood": c.likelihood, "sigma": c.gaussian_sigma, "beta": c.beta}
+
+
+class Meter:
+    """Sums of per-sample loss terms, kept as tensors so the hot loop never waits on `.item()`."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            s = v.detach().sum()
+            self.sums[k] = self.sums[k] + s if k in self.sums else s
+        self.count += next(iter(terms.values())).shape[0]
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, resume: bool = False,
+        run_info: dict | None = None, **overrides) -> list[dict]:
+    """Train `model` on `train` (an ArrayDataset), validating on `val` after every epoch.
+
+    `config` (or keyword overrides such as epochs=5, batch_size=64) sets the training options; `out` is a
+    run directory that receives config.json, metrics.jsonl, checkpoint.safetensors and model.safetensors.
+    Returns the per-epoch metrics. With early stopping, the best validation weights are restored at the end.
+    """
+    from vaelab.evaluation import loss_terms
+    from vaelab.models import MODELS
+
+    cfg = (config or TrainConfig()).replace(**overrides).validate()
+    if tuple(train.sample_shape) != tuple(model.config.input_shape):
+        raise DataError(f"the data's sample shape {tuple(train.sample_shape)} does not match the model's "
+                        f"input_shape {tuple(model.config.input_shape)}; build the model for this data")
+    if len(train) == 0:
+        raise DataError("the training set is empty")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loss_fn = MODELS[model.config.model].loss
+    weights = loss_weights(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
+    run_dir = Path(out) if out is not None else None
+
+    history: list[dict] = []
+    start_epoch, global_step = 0, 0
+    best_loss, best_state, bad_epochs = math.inf, None, 0
+    if resume:
+        if run_dir is None:
+            raise TrainingError("resume=True needs the run directory (out=...) holding the checkpoint")
+        state, _ = load_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer)
+        start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
+        best_loss, bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
+        if start_epoch >= cfg.epochs:
+            return history
+    if run_dir is not None:
+        _write_run_config(run_dir, model, cfg, run_info)
+    writer = _tensorboard(run_dir)
+
+    n, bs = len(train), cfg.batch_size
+    steps = math.ceil(n / bs)  # the last batch may be partial, as in Keras
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # the model's noise (reparameterization) this epoch
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1)  # data order, binarization
+        perm = torch.randperm(n, generator=gen)
+        model.train()
+        meter = Meter()
+        bar = _progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}")
+        for i in range(steps):
+            idx = perm[i * bs:(i + 1) * bs]
+            x = train.batch(idx, binarize=cfg.binarize, generator=gen)  # (B, C, H, W) or (B, D) float32
+            terms = loss_fn(x, model(x), **weights)  # per-sample terms, (B,) each
+            loss = terms["loss"].mean()
+            if not torch.isfinite(loss):
+                raise _nonfinite(terms, epoch, global_step, run_dir)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            global_step += 1
+            meter.add(terms)
+            if bar is not None:
+                bar.update(1)
+                if i % 20 == 0 or i == steps - 1:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in meter.means().items() if k in _SHOWN})
+        row = {"epoch": epoch + 1, "step": global_step}
+        row.update({f"train_{k}": v for k, v in meter.means().items()})
+        if val is not None and len(val):
+            row.update({f"val_{k}": v for k, v in
+                        loss_terms(model, val, batch_size=max(bs, 256), binarize=cfg.binarize).items()})
+        row["time_s"] = round(time.perf_counter() - t0, 3)
+        history.append(row)
+        if bar is not None:
+            bar.set_postfix({k.replace("_", " "): f"{v:.4g}" for k, v in row.items()
+                             if k in ("train_loss", "val_loss")})
+            bar.close()
+
+        monitored = row.get("val_loss", row["train_loss"])
+        if monitored < best_loss:
+            best_loss, bad_epochs = monitored, 0
+            if cfg.early_stopping:
+                best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        stop = bool(cfg.early_stopping) and bad_epochs >= cfg.early_stopping
+        if run_dir is not None:
+            state = {"epoch": epoch + 1, "step": global_step, "history": history, "best_loss": best_loss,
+                     "bad_epochs": bad_epochs}
+            save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, state, {"torch": torch.get_rng_state()})
+            save_pretrained(model, run_dir)
+            atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+        if writer is not None:
+            for k, v in row.items():
+                if k not in ("epoch", "step"):
+                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+            writer.flush()
+        if stop:
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)  # early stopping: keep the best validation weights
+        if run_dir is not None:
+            save_pretrained(model, run_dir)
+    if writer is not None:
+        writer.close()
+    model.eval()
+    return history
+
+
+_SHOWN = ("loss", "recon", "kl", "bce")
+
+
+def _progress(cfg: TrainConfig, total: int, desc: str):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=True)
+
+
+def _nonfinite(terms: dict, epoch: int, step: int, run_dir) -> TrainingError:
+    bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+    kept = (f"; the last good checkpoint is kept in {str(run_dir / CHECKPOINT_FILE)!r} (resume with --resume "
+            "after changing the settings)") if run_dir is not None else ""
+    return TrainingError(
+        f"non-finite loss at epoch {epoch + 1}, step {step + 1} (terms: {', '.join(bad) or 'loss'}){kept}. "
+        "Usual fixes: lower the learning rate (--lr), clip gradients (--grad-clip 1.0), or check the data "
+        "for extreme values")
+
+
+def _write_run_config(run_dir: Path, model, cfg: TrainConfig, run_info: dict | None) -> None:
+    from vaelab.config import FORMAT_VERSION
+
+    payload = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), "train": cfg.to_dict()}
+    payload.update(run_info or {})
+    atomic_write_json(run_dir / "config.json", payload)
+
+
+def _tensorboard(run_dir):
+    if run_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # TensorBoard is optional: not installed means no event files
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
