@@ -105,3 +105,13 @@ def test_atomic_write_replaces_whole_files_and_reports_unwritable_places(tmp_pat
     with pytest.raises(VaelabError, match=r"cannot write .*f.bin/x.*writable"):
         atomic_write_bytes(target / "x", b"data")  # its 'directory' is a file
     assert target.read_bytes() == b"new"
+
+
+def test_a_bit_flip_in_the_tensor_data_fails_the_checksum(saved):
+    _, d = saved
+    w = d / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0x01  # the last tensor's bytes: still a valid float
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its SHA-256 check"):
+        from_pretrained(d)

@@ -9,8 +9,10 @@ disk leaves the previous file intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -62,13 +64,51 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# ------------------------------------------------------------------------------- verified safetensors
+
+
+def pack(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes whose metadata carries the SHA-256 of the data section, so that a bit flip
+    anywhere in the tensors is detected on load (the header itself is checked by its JSON parse)."""
+    plain = st_save(tensors, metadata=metadata)
+    digest = hashlib.sha256(_data_section(plain)).hexdigest()
+    return st_save(tensors, metadata={**(metadata or {}), "sha256": digest})
+
+
+def _data_section(blob: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", blob[:8])
+    return blob[8 + n:]
+
+
+def unpack(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and verify a file written by `pack`: (tensors, metadata)."""
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} not found; the run has no saved weights yet (did training finish? "
+                              "a run in progress keeps its latest state in checkpoint.safetensors)")
+    blob = path.read_bytes()
+    try:
+        tensors = st_load(blob)
+        (n,) = struct.unpack("<Q", blob[:8])
+        metadata = json.loads(blob[8:8 + n]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, OSError, RuntimeError, struct.error, AttributeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); it is truncated or "
+                              "corrupt: restore it or retrain") from None
+    expected = metadata.get("sha256")
+    if expected is None:
+        raise CheckpointError(f"{str(path)!r} carries no checksum; it was not written by vaelab")
+    if hashlib.sha256(_data_section(blob)).hexdigest() != expected:
+        raise CheckpointError(f"{str(path)!r} fails its SHA-256 check: the tensor data changed after it was "
+                              "written (a bit flip or a partial copy); restore it or retrain")
+    return tensors, metadata
+
+
 # ------------------------------------------------------------------------------------ pretrained models
 
 
 def save_pretrained(model, directory: str | os.PathLike, extra: dict | None = None) -> None:
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write_bytes(directory / WEIGHTS_FILE, st_save(state))
+    atomic_write_bytes(directory / WEIGHTS_FILE, pack(state))
     config_path = directory / CONFIG_FILE
     cfg = read_config(directory) if config_path.is_file() else {}
     cfg.update({"format_version": FORMAT_VERSION, "model": model.config.to_dict()})
@@ -114,21 +154,10 @@ def load_pretrained(directory: str | os.PathLike):
     directory = Path(directory)
     mc = model_config_from(read_config(directory), str(directory / CONFIG_FILE))
     model = MODELS[mc.model].cls(mc)
-    state = read_safetensors(directory / WEIGHTS_FILE)
+    state, _ = unpack(directory / WEIGHTS_FILE)
     load_state(model, state, directory / WEIGHTS_FILE)
     model.eval()
     return model
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} not found; the run has no saved weights yet (did training finish? "
-                              "a run in progress keeps its latest state in checkpoint.safetensors)")
-    try:
-        return st_load(path.read_bytes())
-    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); it is truncated or "
-                              "corrupt: restore it or retrain") from None
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where) -> None:
@@ -176,21 +205,18 @@ def save_checkpoint(path: Path, model, optimizer, trainer_state: dict,
     for k, v in rng.items():
         tensors["rng." + k] = v
     meta = {"format_version": FORMAT_VERSION, "trainer": trainer_state, "optimizer": opt_meta}
-    atomic_write_bytes(path, st_save(tensors, metadata={"vaelab": json.dumps(meta)}))
+    atomic_write_bytes(path, pack(tensors, {"vaelab": json.dumps(meta)}))
 
 
 def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model and optimizer in place; returns (trainer_state, rng_states)."""
-    from safetensors import safe_open
-
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {str(path)!r} not found (the run wrote no checkpoint yet); "
                               "start without --resume")
-    tensors = read_safetensors(path)
+    tensors, metadata = unpack(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["vaelab"])
-    except (KeyError, json.JSONDecodeError, SafetensorError, OSError) as e:
+        meta = json.loads(metadata["vaelab"])
+    except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} has no valid vaelab metadata ({e}); it is not a vaelab "
                               "checkpoint or it is corrupt") from None
     if meta.get("format_version") != FORMAT_VERSION:
