@@ -29,6 +29,8 @@ DEFAULT_DATASET = "digits"
 BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist")  # as vaelab.data.DATASETS (importing it needs torch)
 
 # Help for the generated flags, keyed by field name. A field missing here still gets a flag.
+DIGITS_EPOCHS = 100  # the default --epochs on the small digits dataset
+
 FIELD_HELP = {
     "model": "a registered model: vae or ae (`vaelab models` lists them); without --preset it starts "
              "from the ModelConfig defaults",
@@ -41,7 +43,7 @@ FIELD_HELP = {
                   "or gaussian (squared error)",
     "gaussian_sigma": "fixed standard deviation of the gaussian likelihood",
     "beta": "weight of the KL term (a beta-VAE when != 1; plain autoencoders ignore it)",
-    "epochs": "passes over the training set",
+    "epochs": f"passes over the training set ({DIGITS_EPOCHS} on digits unless given)",
     "batch_size": "samples per optimizer step",
     "lr": "Adam's learning rate",
     "seed": "random seed of the weights, data order and sampling noise (same seed, same run)",
@@ -106,7 +108,8 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}") \
+            from None
 
 
 def _fmt_value(v) -> str:
@@ -451,6 +454,7 @@ def _plan(given: dict) -> dict:
                                            "with another --out"], "settings for --resume")
         dataset = saved_data.get("dataset") or dataset or DEFAULT_DATASET
         data_dir = settings["data_dir"] if "data_dir" in settings else saved_data.get("data_dir")
+        t_over.setdefault("progress", TrainConfig().progress)  # how this session looks, not a saved setting
         model_cfg, train_cfg, preset = saved_m, saved_t.replace(**t_over), saved.get("preset")
     else:
         if preset is None and "model" not in m_over:
@@ -459,6 +463,10 @@ def _plan(given: dict) -> dict:
         model_cfg = (base.model if base else ModelConfig()).replace(**m_over)
         train_cfg = (base.train if base else TrainConfig()).replace(**t_over)
         dataset = dataset or DEFAULT_DATASET
+        if dataset == "digits" and "epochs" not in t_over:
+            # 1,617 training images are 13 steps an epoch at batch 128: the tutorial's 10 epochs are too few
+            # steps for a latent-2 VAE to leave the prior, so a newcomer's first run would draw blurs
+            train_cfg = train_cfg.replace(epochs=DIGITS_EPOCHS)
         data_dir = settings.get("data_dir")
         out = Path(settings.get("out") or _default_out(preset or model_cfg.model, dataset))
 
@@ -477,7 +485,8 @@ def _default_out(name: str, dataset: str) -> str:
 
 
 def _holds_run(out: Path) -> bool:
-    return (out / "config.json").is_file() or (out / "checkpoint.safetensors").is_file()
+    # config.json alone is what a run interrupted in its first epoch leaves: nothing worth keeping
+    return (out / "checkpoint.safetensors").is_file() or (out / "model.safetensors").is_file()
 
 
 def _saved_run(out: Path):
@@ -516,7 +525,8 @@ def cmd_train(args) -> int:
     epochs_before = _epochs_done(out) if plan["resume"] else 0
     verb = f"resuming {name} after epoch {epochs_before}" if plan["resume"] else f"training {name}"
     print(f"{verb} ({_describe_model(model)}) on {data.name}: {len(data.train)} train / {len(data.test)} "
-          f"test samples of shape {tuple(data.train.sample_shape)}, {tc.epochs} epochs -> {out}", flush=True)
+          f"test samples of shape {tuple(data.train.sample_shape)}, {_plural(tc.epochs, 'epoch')} -> {out}",
+          flush=True)
 
     run_info = {"data": {"dataset": _dataset_id(plan["dataset"]),
                          "data_dir": None if plan["data_dir"] is None
@@ -530,7 +540,7 @@ def cmd_train(args) -> int:
         if (out / "checkpoint.safetensors").is_file():
             raise _Interrupted(f"the checkpoint of the last finished epoch in {str(out)!r} is intact; continue "
                                f"with: vaelab train --resume --out {out}") from None
-        raise _Interrupted("no epoch finished, nothing was saved") from None
+        raise _Interrupted("no epoch had finished, so there is no checkpoint to resume from") from None
     seconds = time.perf_counter() - t0
     if not tc.progress and len(history) > epochs_before:
         _print_history(history[epochs_before:])
@@ -553,6 +563,10 @@ def cmd_train(args) -> int:
     for path in written:
         print(f"  {path}")
     return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _describe_model(model) -> str:
@@ -587,7 +601,7 @@ def _run_pictures(model, data, out: Path, name: str) -> list[str]:
                 written.append(draw_manifold(model, test, out / "manifold.png", name=name))
         if len(test) >= 2:
             written.append(draw_interpolation(model, test, out / "interpolation.png", name=name))
-    written += draw_latents(model, test, out / "latents.png", name=name, split="test")
+    written.append(draw_latents(model, test, out / "latents.png", name=name, split="test"))
     return written
 
 
@@ -641,8 +655,6 @@ def draw_manifold(model, ds, path, n: int = 15, limit: float = 4.0, dims=(0, 1),
 
 def draw_interpolation(model, ds, path, steps: int = 10, pairs: int = 4, method: str = "linear",
                        seed: int = 0, name: str = "") -> str:
-    import torch
-
     from vaelab.generation import interpolate
     from vaelab.plotting import save_image_grid
 
@@ -665,13 +677,13 @@ def _pick_pairs(ds, pairs: int, seed: int):
     if pairs < 1:
         raise VaelabError(f"--pairs must be >= 1, got {pairs}")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    y = ds.y.tolist() if ds.y is not None else None
     a = [perm[i % len(perm)] for i in range(pairs)]
     rest = perm[pairs:] or perm
     b, used = [], set()
     for i in a:
         # the first unused candidate of another class; else of any class; else any other sample
-        pick = next((j for j in rest if j not in used and j != i and ds.y is not None and ds.y[j] != ds.y[i]),
-                    None)
+        pick = next((j for j in rest if j not in used and j != i and y is not None and y[j] != y[i]), None)
         if pick is None:
             pick = next((j for j in rest if j not in used and j != i), next(j for j in perm if j != i))
         used.add(pick)
@@ -679,17 +691,18 @@ def _pick_pairs(ds, pairs: int, seed: int):
     return torch.tensor(a), torch.tensor(b)
 
 
-def draw_latents(model, ds, path, name: str = "", split: str = "test", latents=None) -> list[str]:
+def draw_latents(model, ds, path, name: str = "", split: str = "test", latents=None) -> str:
     from vaelab.generation import encode_dataset
     from vaelab.plotting import save_scatter
 
     z = encode_dataset(model, ds) if latents is None else latents
     what = "posterior means" if model.has_prior else "codes"
-    title = f"Latent {what} of the {split} split ({len(z)} samples)"
+    which = "all samples (train and test)" if split == "all" else f"the {split} split"
+    title = f"Latent {what} of {which} ({len(z)} samples)"
     labels = None if ds.y is None else ds.y.numpy()
     if labels is not None:
         title += ", coloured by class"
-    return [save_scatter(z, labels, path, classes=ds.classes, title=_run_title(name, title))]
+    return save_scatter(z, labels, path, classes=ds.classes, title=_run_title(name, title))
 
 
 # ================================================================================== run-taking commands
@@ -827,9 +840,10 @@ def cmd_encode(args) -> int:
     if labels is not None:
         written.append(_write_npy(out.with_name(f"{stem}.labels.npy"), labels.astype(np.int64)))
     scatter_ds = parts[0] if len(parts) == 1 else _Labelled(labels, data.test.classes)
-    written += draw_latents(model, scatter_ds, out.with_name(f"{stem}.png"), name=_run_name(cfg, model),
-                            split=args.split, latents=z)
-    print(f"encoded {len(z)} samples of the {args.split} split to latent means of size {z.shape[1]}")
+    written.append(draw_latents(model, scatter_ds, out.with_name(f"{stem}.png"), name=_run_name(cfg, model),
+                                split=args.split, latents=z))
+    which = "all samples" if args.split == "all" else f"the {args.split} split"
+    print(f"encoded {which} ({len(z)} samples) to latent means of size {z.shape[1]}")
     print("wrote:")
     for path in written:
         print(f"  {path}")

@@ -76,6 +76,20 @@ def _mosaic(a: np.ndarray, nrow: int, pad: int, fill: float) -> np.ndarray:
     return out
 
 
+def _scale(pixels_per_pixel: float) -> int:
+    """Screen pixels per image pixel: a whole number, so that every image pixel is drawn as an equal square."""
+    return max(1, round(pixels_per_pixel))
+
+
+def _image_figure(shape_hw, scale: int, *, left: float, right: float, bottom: float, top: float):
+    """A figure with one axes of exactly `scale` screen pixels per image pixel; margins in inches."""
+    w_in, h_in = shape_hw[1] * scale / DPI, shape_hw[0] * scale / DPI
+    fig_w, fig_h = left + w_in + right, bottom + h_in + top
+    fig = _figure(fig_w, fig_h)
+    ax = fig.add_axes((left / fig_w, bottom / fig_h, w_in / fig_w, h_in / fig_h))
+    return fig, ax
+
+
 def _cell_inches(ncol: int, h: int, w: int) -> float:
     # about 0.9 inch per image, smaller for wide grids (a figure stays under ~14 inches wide), and never
     # so small that an image gets fewer screen pixels than it has (28 px -> at least 0.28 inch)
@@ -96,10 +110,9 @@ def save_image_grid(images, path, nrow: int, title: str | None = None,
     rows = -(-n // nrow)
     pad = max(1, round(max(h, w) / 14))  # a thin gap between images, ~2 px for 28x28
     mosaic = _mosaic(a, nrow, pad, fill=1.0)
-    cell = _cell_inches(nrow, h, w)
-    label_w = 1.3 if row_labels else 0.0
-    fig = _figure(nrow * cell + label_w, rows * cell + (0.5 if title else 0.0))
-    ax = fig.add_axes((0, 0, 1, 1))
+    scale = _scale(_cell_inches(nrow, h, w) * DPI / max(h, w))
+    fig, ax = _image_figure(mosaic.shape[:2], scale, left=0.02, right=0.02, bottom=0.02,
+                            top=0.45 if title else 0.02)
     kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if mosaic.ndim == 2 else {}
     ax.imshow(mosaic, interpolation="nearest", **kw)
     for side in ax.spines.values():
@@ -112,7 +125,7 @@ def save_image_grid(images, path, nrow: int, title: str | None = None,
     else:
         ax.set_yticks([])
     if title:
-        ax.set_title(_wrap(title, nrow * cell + label_w), fontsize=12)
+        ax.set_title(_wrap(title, fig.get_figwidth() + (1.3 if row_labels else 0.0)), fontsize=12)
     return _save(fig, path)
 
 
@@ -125,9 +138,10 @@ def save_manifold(images, xs, ys, path, dims=(0, 1), title: str | None = None) -
     if n != len(xs) * len(ys):
         raise VaelabError(f"{n} images do not fill a {len(ys)} x {len(xs)} grid")
     mosaic = _mosaic(a, len(xs), pad=0, fill=0.0)  # no gaps: the decoded images form one continuous map
-    size = min(12.0, max(6.0, 0.45 * max(len(xs), len(ys))))  # 15 x 15 -> 6.75 inches
-    fig = _figure(size, size * mosaic.shape[0] / mosaic.shape[1] + (0.4 if title else 0.0))
-    ax = fig.add_subplot(1, 1, 1)
+    # about 6-12 inches (15 x 15 -> 6.75), rounded to a whole number of screen pixels per image pixel
+    size = min(12.0, max(6.0, 0.45 * max(len(xs), len(ys))))
+    fig, ax = _image_figure(mosaic.shape[:2], _scale(size * DPI / max(mosaic.shape[:2])), left=0.7,
+                            bottom=0.6, top=0.45 if title else 0.1, right=0.1)
     kw = {"cmap": "Greys_r", "vmin": 0.0, "vmax": 1.0} if mosaic.ndim == 2 else {}
     ax.imshow(mosaic, interpolation="nearest", **kw)
     # a tick in the middle of each column (row) of images, labelled with the z value decoded there
@@ -138,7 +152,7 @@ def save_manifold(images, xs, ys, path, dims=(0, 1), title: str | None = None) -
     ax.set_xlabel(f"z[{dims[0]}]")
     ax.set_ylabel(f"z[{dims[1]}]")
     if title:
-        ax.set_title(_wrap(title, size), fontsize=12)
+        ax.set_title(_wrap(title, fig.get_figwidth()), fontsize=12)
     return _save(fig, path)
 
 
@@ -174,8 +188,8 @@ def save_scatter(z, labels, path, classes: list[str] | None = None, title: str =
     fig = _figure(7.5, 6.2)
     ax = fig.add_subplot(1, 1, 1)
     n = len(z)
-    size = float(np.clip(3000.0 / n, 2.0, 30.0))  # smaller dots for more points
-    alpha = float(np.clip(300.0 / n ** 0.75, 0.25, 0.9))
+    size = float(np.clip(6000.0 / n, 3.0, 30.0))  # smaller, fainter dots for more points
+    alpha = float(np.clip(600.0 / n ** 0.75, 0.35, 0.9))
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=size, alpha=alpha, color="tab:blue", linewidths=0)
     else:
