@@ -15,6 +15,7 @@ _LAZY = {
     "load_dataset": "vaelab.data",
     "fit": "vaelab.training",
     "evaluate": "vaelab.evaluation",
+    "AnomalyDetector": "vaelab.sklearn",
     "VaelabError": "vaelab.errors",
     "ConfigError": "vaelab.errors",
     "DataError": "vaelab.errors",

@@ -316,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "models", "list the registered models and presets", """
         List the registered models (train with --model NAME) and the named presets (--preset NAME).""")
     p.set_defaults(func=cmd_models)
+
+    # ------------------------------------------------------------------------- anomaly detection
+    from vaelab.anomaly import add_detect_parser, add_one_class_parser  # light: no torch at import
+
+    add_detect_parser(subs)
+    add_one_class_parser(subs)
     return parser
 
 
