@@ -95,3 +95,41 @@ def test_data_that_does_not_fit_the_model(digits):
     model = build_model("seed-vae", input_shape=(1, 28, 28))
     with pytest.raises(DataError, match=r"sample shape \(1, 8, 8\) does not match the model's input_shape"):
         fit(model, digits.train, None, epochs=1, progress=False)
+
+
+def test_kl_warmup_weights_the_kl_below_one_during_warmup(digits):
+    torch.manual_seed(0)
+    h = fit(_model(digits), digits.train, None, epochs=3, batch_size=64, kl_schedule="linear", kl_warmup=2,
+            progress=False)
+    # epoch 1 averages beta over [0, 0.5), epoch 3 has beta = 1: loss = recon + beta * kl
+    assert h[0]["train_loss"] < h[0]["train_recon"] + 0.6 * h[0]["train_kl"]
+    assert h[2]["train_loss"] == pytest.approx(h[2]["train_recon"] + h[2]["train_kl"], rel=1e-5)
+
+
+def test_iwae_objective_trains(digits):
+    torch.manual_seed(0)
+    h = fit(_model(digits), digits.train, digits.test, epochs=3, batch_size=64, iw_samples=5, progress=False)
+    assert "train_iwae" in h[0] and h[-1]["val_loss"] < h[0]["val_loss"]
+    # the IWAE bound is tighter than the ELBO: -loss >= elbo on average
+    assert -h[-1]["train_loss"] >= h[-1]["train_elbo"]
+
+
+def test_denoising_trains_on_corrupted_inputs_against_clean_targets(digits):
+    torch.manual_seed(0)
+    model = _model(digits, "seed-conv-ae")
+    h = fit(model, digits.train, digits.test, epochs=2, batch_size=64, noise="gaussian", noise_level=0.5,
+            progress=False)
+    # the training terms compare the reconstruction of the noisy input with the clean image
+    assert h[-1]["train_mse"] < 0.25
+
+
+def test_impossible_training_values_are_reported_together(digits):
+    from vaelab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        fit(_model(digits), digits.train, None, epochs=0, batch_size=0, noise="pink", kl_schedule="linear",
+            iw_samples=0, progress=False)
+    msg = str(e.value)
+    for needle in ("5 problems", "epochs=0", "batch_size=0", "noise='pink'", "needs kl_warmup > 0",
+                   "iw_samples=0"):
+        assert needle in msg

@@ -44,6 +44,7 @@ class ModelConfig:
     likelihood: str = "bernoulli"
     gaussian_sigma: float = 1.0  # fixed observation noise of the Gaussian likelihood
     beta: float = 1.0  # weight of the KL term (β-VAE when != 1); ignored by plain autoencoders
+    condition_dim: int = 0  # size of the condition (number of classes for labels); conditional models only
 
     def problems(self) -> list[str]:
         from vaelab.models import MODELS  # the registry is the one place that knows model names
@@ -67,6 +68,16 @@ class ModelConfig:
             out.append(f"gaussian_sigma={self.gaussian_sigma!r} must be a positive number")
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
             out.append(f"beta={self.beta!r} must be a finite number >= 0")
+        if not _is_int(self.condition_dim) or self.condition_dim < 0:
+            out.append(f"condition_dim={self.condition_dim!r} must be an integer >= 0")
+        elif self.model in MODELS:
+            conditional = MODELS[self.model].cls.conditional
+            if conditional and self.condition_dim < 1:
+                out.append(f"model={self.model!r} is conditional: condition_dim must be >= 1 (the number of "
+                           "classes, set from labelled data; train it on a dataset with labels)")
+            if not conditional and self.condition_dim:
+                out.append(f"condition_dim={self.condition_dim} is set but model={self.model!r} takes no "
+                           "condition; use model='cvae'")
         if self.input_shape is not None:
             out.extend(_shape_problems(self))
         return out
@@ -107,6 +118,14 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = all cores
     progress: bool = True
+    noise: str = "none"  # input corruption for denoising: none | gaussian | masking | salt-pepper
+    noise_level: float = 0.0  # σ of gaussian noise, or the fraction of entries masked / salted
+    kl_schedule: str = "constant"  # constant | linear (warm-up) | cyclical
+    kl_warmup: float = 0.0  # epochs of the linear warm-up, or the length of one cycle (cyclical)
+    capacity: float = 0.0  # Burgess et al.: target KL C in nats reached after capacity_epochs; 0 = off
+    capacity_epochs: float = 0.0
+    free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised; 0 = off
+    iw_samples: int = 1  # importance samples of the IWAE bound; 1 = the ELBO
 
     def problems(self) -> list[str]:
         out = []
@@ -125,6 +144,23 @@ class TrainConfig:
             out.append(f"grad_clip={self.grad_clip!r} must be a number >= 0 (0 turns clipping off)")
         if not _is_int(self.threads) or self.threads < 0:
             out.append(f"threads={self.threads!r} must be an integer >= 0 (0 = all cores)")
+        from vaelab.training.corruption import NOISES
+        from vaelab.training.schedules import SCHEDULES
+
+        if self.noise not in NOISES:
+            out.append(f"noise={self.noise!r} is unknown; choose one of {list(NOISES)}")
+        if not _is_nonneg(self.noise_level) or (self.noise in ("masking", "salt-pepper") and self.noise_level > 1):
+            out.append(f"noise_level={self.noise_level!r} must be >= 0 (and <= 1 for masking and salt-pepper)")
+        if self.kl_schedule not in SCHEDULES:
+            out.append(f"kl_schedule={self.kl_schedule!r} is unknown; choose one of {list(SCHEDULES)}")
+        elif self.kl_schedule != "constant" and not (_is_nonneg(self.kl_warmup) and self.kl_warmup > 0):
+            out.append(f"kl_schedule={self.kl_schedule!r} needs kl_warmup > 0 (epochs of warm-up, or of one "
+                       f"cycle), got {self.kl_warmup!r}")
+        for name in ("kl_warmup", "capacity", "capacity_epochs", "free_bits"):
+            if not _is_nonneg(getattr(self, name)):
+                out.append(f"{name}={getattr(self, name)!r} must be a finite number >= 0")
+        if not _is_int(self.iw_samples) or self.iw_samples < 1:
+            out.append(f"iw_samples={self.iw_samples!r} must be an integer >= 1 (1 = the plain ELBO)")
         return out
 
     def validate(self) -> TrainConfig:
@@ -229,6 +265,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_nonneg(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 def _is_pos_float(v) -> bool:

@@ -28,7 +28,8 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
         for start in range(0, len(data), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(data)))
             x = data.batch(idx, binarize=binarize, generator=gen)
-            terms = loss_fn(x, model(x), **weights)
+            cond = data.labels(idx) if model.conditional else None
+            terms = loss_fn(x, model(x, cond), **weights)
             if per_sample:
                 parts.append({k: v.clone() for k, v in terms.items()})
             else:

@@ -11,5 +11,6 @@ class AE(Autoencoder):
     has_prior = False
     encoder_outputs = 1
 
-    def encode(self, x):
+    def encode(self, x, condition=None):
+        self._check_condition(condition)
         return PointMass(self.encoder(x))

@@ -19,9 +19,11 @@ class DiagonalGaussian:
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None, n: int | None = None) -> torch.Tensor:
+        """z ~ q(z|x): (B, *latent), or (n, B, *latent) when n is given."""
         # reparameterization trick: z = mean + std * eps keeps z differentiable in (mean, logvar)
-        eps = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+        shape = self.mean.shape if n is None else (n, *self.mean.shape)
+        eps = torch.randn(shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
         return self.mean + self.std * eps
 
     def kl(self) -> torch.Tensor:
@@ -36,8 +38,8 @@ class PointMass:
     def __init__(self, z: torch.Tensor):
         self.mean = z
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.mean
+    def sample(self, generator: torch.Generator | None = None, n: int | None = None) -> torch.Tensor:
+        return self.mean if n is None else self.mean.expand(n, *self.mean.shape)
 
     def kl(self) -> torch.Tensor:
         return torch.zeros(self.mean.shape[0], dtype=self.mean.dtype, device=self.mean.device)
@@ -47,7 +49,9 @@ class PointMass:
 class ModelOutput:
     """The one record every model's forward returns."""
 
-    recon: torch.Tensor  # the decoder's raw output, shaped like x: logits (Bernoulli) or mean (Gaussian)
+    # the decoder's raw output, shaped like x: logits (Bernoulli) or mean (Gaussian); with K posterior
+    # samples (forward(..., n_samples=K > 1)) recon is (K, B, ...) and z is (K, B, *latent_shape)
+    recon: torch.Tensor
     z: torch.Tensor  # (B, *latent_shape) the code that was decoded
     posterior: DiagonalGaussian | PointMass
 
@@ -57,9 +61,12 @@ class Autoencoder(nn.Module):
 
     Subclasses set `has_prior` and implement `encode`. `decode` returns the likelihood's mean (pixel
     probabilities for Bernoulli), `decode_raw` the decoder's raw output (logits) that losses consume.
+    Conditional models (`conditional = True`) take a `condition` everywhere: integer class labels (B,) or
+    float vectors (B, condition_dim); unconditional ones refuse one.
     """
 
     has_prior = False  # True where z ~ N(0, I) makes sense, so `sample` works
+    conditional = False  # True where encode/decode take a condition (the conditional VAE)
 
     def __init__(self, config):
         super().__init__()
@@ -70,36 +77,51 @@ class Autoencoder(nn.Module):
 
     encoder_outputs = 1  # how many latent-shaped tensors the encoder's head emits (2 = mean and log-variance)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian | PointMass:
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian | PointMass:
         raise NotImplementedError
 
-    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_raw(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_condition(condition)
         return self.decoder(z)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        raw = self.decode_raw(z)
+    def decode(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        raw = self.decode_raw(z, condition)
         return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        posterior = self.encode(x)
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, n_samples: int = 1) -> ModelOutput:
+        posterior = self.encode(x, condition)
         # a VAE samples z here in training and evaluation alike, so evaluation reports the objective it
         # trains on (the tutorial's test loss); deterministic use goes through reconstruct() / embed()
-        z = posterior.sample()
-        return ModelOutput(recon=self.decode_raw(z), z=z, posterior=posterior)
+        if n_samples == 1:
+            z = posterior.sample()
+            return ModelOutput(recon=self.decode_raw(z, condition), z=z, posterior=posterior)
+        z = posterior.sample(n=n_samples)  # (K, B, *latent): K importance samples per input (IWAE)
+        cond = None if condition is None else condition.expand(n_samples, *condition.shape).flatten(0, 1)
+        recon = self.decode_raw(z.flatten(0, 1), cond)
+        return ModelOutput(recon=recon.view(n_samples, *x.shape), z=z, posterior=posterior)
+
+    def _check_condition(self, condition) -> None:
+        if condition is not None and not self.conditional:
+            from vaelab.errors import VaelabError
+
+            raise VaelabError(f"model {self.config.model!r} takes no condition; use a conditional model "
+                              "(--model cvae) to condition on labels")
 
     @torch.inference_mode()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Latent means (the features a user extracts), (B, *latent_shape)."""
-        return self.encode(x).mean
+        return self.encode(x, condition).mean
 
     @torch.inference_mode()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the posterior mean: the deterministic reconstruction, in data space."""
-        return self.decode(self.encode(x).mean)
+        return self.decode(self.encode(x, condition).mean, condition)
 
     @torch.inference_mode()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n draws from the prior, decoded to data space (likelihood means)."""
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               condition: torch.Tensor | None = None) -> torch.Tensor:
+        """n draws from the prior, decoded to data space (likelihood means). A conditional model takes a
+        condition: one label / vector for all n, or n of them."""
         if not self.has_prior:
             from vaelab.errors import VaelabError
 
@@ -107,7 +129,11 @@ class Autoencoder(nn.Module):
                 f"model {self.config.model!r} has no prior to sample from; train a VAE "
                 "(e.g. --model vae or --preset seed-vae) to generate new samples")
         z = torch.randn((n, *self.latent_shape), generator=generator, device=self._device())
-        return self.decode(z)
+        if condition is not None:
+            condition = torch.as_tensor(condition, device=self._device())
+            if condition.dim() == 0 or (condition.dim() == 1 and condition.is_floating_point()):
+                condition = condition.expand(n, *condition.shape)  # one condition for all n samples
+        return self.decode(z, condition)
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device

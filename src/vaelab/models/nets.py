@@ -35,7 +35,9 @@ def _dense(sizes: list[int]) -> list[nn.Module]:
 
 def build_networks(config, encoder_outputs: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     """(encoder, decoder, latent_shape). The encoder's last layer emits `encoder_outputs` latent-shaped
-    tensors stacked on dim 1 (2 for a Gaussian posterior's mean and log-variance)."""
+    tensors stacked on dim 1 (2 for a Gaussian posterior's mean and log-variance). A condition of
+    `config.condition_dim` entries enters both networks as extra input channels (images, spatial latents)
+    or extra input features (vectors): the caller concatenates it."""
     arch = config.resolved_arch
     build = {"conv": _conv, "conv-pool": _conv_pool, "mlp": _mlp}[arch]
     enc, dec, latent_shape = build(config, encoder_outputs)
@@ -46,10 +48,11 @@ def build_networks(config, encoder_outputs: int) -> tuple[nn.Module, nn.Module, 
 
 def _conv(cfg, k: int):
     c_in, h, w = cfg.input_shape
+    cond = cfg.condition_dim
     chans = list(cfg.channels)
     sizes = _sizes(h, w, len(chans))
     enc: list[nn.Module] = []
-    prev = c_in
+    prev = c_in + cond
     for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2))
         enc += [nn.Conv2d(prev, c, 3, stride=2, padding=1), nn.ReLU()]
         prev = c
@@ -57,7 +60,7 @@ def _conv(cfg, k: int):
     enc += [nn.Flatten()] + _dense([flat, *cfg.hidden])
     enc.append(nn.Linear(cfg.hidden[-1] if cfg.hidden else flat, k * cfg.latent_dim))
 
-    dec: list[nn.Module] = [nn.Linear(cfg.latent_dim, flat), nn.ReLU(),
+    dec: list[nn.Module] = [nn.Linear(cfg.latent_dim + cond, flat), nn.ReLU(),
                             nn.Unflatten(1, (prev, *sizes[-1]))]
     for i, c in enumerate(reversed(chans)):  # each transposed conv doubles the size back exactly
         target = sizes[len(chans) - 1 - i]
@@ -70,10 +73,11 @@ def _conv(cfg, k: int):
 
 def _conv_pool(cfg, k: int):
     c_in, h, w = cfg.input_shape
+    cond = cfg.condition_dim
     chans = list(cfg.channels)
     sizes = _sizes(h, w, len(chans))
     enc: list[nn.Module] = []
-    prev = c_in
+    prev = c_in + cond
     for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2))
         enc += [nn.Conv2d(prev, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
         prev = c
@@ -81,6 +85,7 @@ def _conv_pool(cfg, k: int):
     if k != 1:  # a probabilistic latent map: a 1x1 conv head emits k maps per latent channel
         enc.append(nn.Conv2d(prev, k * prev, 1))
     dec: list[nn.Module] = []
+    prev += cond
     for i, c in enumerate(reversed(chans)):
         dec += [nn.Conv2d(prev, c, 3, padding=1), nn.ReLU(),
                 nn.Upsample(size=sizes[len(chans) - 1 - i], mode="nearest")]
@@ -92,11 +97,14 @@ def _conv_pool(cfg, k: int):
 def _mlp(cfg, k: int):
     shape = tuple(cfg.input_shape)
     d = math.prod(shape)
+    cond = cfg.condition_dim
+    d_in = d + cond * (math.prod(shape[1:]) if len(shape) == 3 else 1)  # condition channels or features
     hidden = list(cfg.hidden)
-    enc = [nn.Flatten()] + _dense([d, *hidden]) + [nn.Linear(hidden[-1] if hidden else d, k * cfg.latent_dim)]
+    enc = [nn.Flatten()] + _dense([d_in, *hidden]) + [nn.Linear(hidden[-1] if hidden else d_in,
+                                                                k * cfg.latent_dim)]
     rev = hidden[::-1]
-    dec = _dense([cfg.latent_dim, *rev]) + [nn.Linear(rev[-1] if rev else cfg.latent_dim, d),
-                                             nn.Unflatten(1, shape)]
+    z_in = cfg.latent_dim + cond
+    dec = _dense([z_in, *rev]) + [nn.Linear(rev[-1] if rev else z_in, d), nn.Unflatten(1, shape)]
     return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
 
 

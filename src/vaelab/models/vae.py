@@ -11,7 +11,8 @@ class VAE(Autoencoder):
     has_prior = True
     encoder_outputs = 2  # mean and log-variance
 
-    def encode(self, x):
+    def encode(self, x, condition=None):
+        self._check_condition(condition)
         h = self.encoder(x)  # (B, 2 * latent_dim) or (B, 2 * C, h, w)
         mean, logvar = h.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)

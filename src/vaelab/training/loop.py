@@ -19,6 +19,8 @@ from vaelab.config import TrainConfig
 from vaelab.errors import DataError, TrainingError
 from vaelab.training.checkpoint import (CHECKPOINT_FILE, atomic_write_json, atomic_write_text,
                                         load_checkpoint, save_checkpoint, save_pretrained)
+from vaelab.training.corruption import corrupt
+from vaelab.training.schedules import beta_at, capacity_at
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,6 +33,19 @@ def loss_weights(model) -> dict:
     """The loss function's keyword weights, from the model's config."""
     c = model.config
     return {"likelihood": c.likelihood, "sigma": c.gaussian_sigma, "beta": c.beta}
+
+
+def objective_weights(model, cfg: TrainConfig, step: int, steps_per_epoch: int) -> dict:
+    """The loss weights at optimizer step `step`: β from its schedule, the capacity target, free bits."""
+    w = loss_weights(model)
+    epochs = lambda e: round(e * steps_per_epoch)  # noqa: E731  (schedules are set in epochs, run in steps)
+    w["beta"] = beta_at(step, beta=w["beta"], schedule=cfg.kl_schedule, warmup_steps=epochs(cfg.kl_warmup),
+                        cycle_steps=epochs(cfg.kl_warmup))
+    if cfg.capacity:
+        w["capacity"] = capacity_at(step, capacity_max=cfg.capacity, capacity_steps=epochs(cfg.capacity_epochs))
+    if cfg.free_bits:
+        w["free_bits"] = cfg.free_bits
+    return w
 
 
 class Meter:
@@ -67,10 +82,15 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
                         f"input_shape {tuple(model.config.input_shape)}; build the model for this data")
     if len(train) == 0:
         raise DataError("the training set is empty")
+    if model.conditional and train.y is None:
+        raise DataError(f"model {model.config.model!r} is conditional and needs labelled data; the training "
+                        "set has no labels (use a dataset with labels, or an unconditional model)")
+    if cfg.iw_samples > 1 and not model.has_prior:
+        raise TrainingError(f"iw_samples={cfg.iw_samples} needs a model with a stochastic encoder (a VAE); "
+                            f"model {model.config.model!r} is deterministic")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loss_fn = MODELS[model.config.model].loss
-    weights = loss_weights(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
     run_dir = Path(out) if out is not None else None
 
@@ -102,7 +122,11 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
             x = train.batch(idx, binarize=cfg.binarize, generator=gen)  # (B, C, H, W) or (B, D) float32
-            terms = loss_fn(x, model(x), **weights)  # per-sample terms, (B,) each
+            x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
+            cond = train.labels(idx) if model.conditional else None
+            out = model(x_in, cond, n_samples=cfg.iw_samples)
+            # per-sample terms, (B,) each; the clean x is the target
+            terms = loss_fn(x_in, out, target=x, **objective_weights(model, cfg, global_step, steps))
             loss = terms["loss"].mean()
             if not torch.isfinite(loss):
                 raise _nonfinite(terms, epoch, global_step, run_dir)
