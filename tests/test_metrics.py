@@ -41,3 +41,22 @@ def test_probes_separate_separable_latents():
 
 def test_bits_per_dim():
     assert bits_per_dim(784 * math.log(2), 784) == pytest.approx(1.0)
+
+
+def test_evaluate_report_on_a_trained_model():
+    from vaelab.data import load_dataset
+    from vaelab.evaluation import evaluate
+    from vaelab.models import build_model
+    from vaelab.training import fit
+
+    torch.manual_seed(0)
+    digits = load_dataset("digits")
+    model = build_model("seed-vae", input_shape=(1, 8, 8))
+    fit(model, digits.train, None, epochs=3, batch_size=64, progress=False)
+    r = evaluate(model, digits.test, nll_samples=20, train_data=digits.train)
+    assert r["n"] == len(digits.test) == 180
+    assert r["elbo_bits_per_dim"] == pytest.approx(-r["elbo"] / (64 * math.log(2)))
+    assert 0 < r["psnr"] < 100 and len(r["kl_per_dim"]) == 2
+    # the importance-sampled likelihood is at least the ELBO (its bound with K = 1), up to noise
+    assert r["nll"] <= r["loss"] + 0.5
+    assert 0.1 <= r["linear_probe_accuracy"] <= 1 and 0.1 <= r["knn5_accuracy"] <= 1

@@ -40,15 +40,45 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
     return meter.means()
 
 
-def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed: int = EVAL_SEED) -> dict:
-    """The test-split report: every loss term (mean per sample) plus the number of samples.
+def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed: int = EVAL_SEED,
+             nll_samples: int = 0, train_data=None, latent: bool = True) -> dict:
+    """The test-split report, one flat dict of numbers (JSON-ready).
 
-    Keys: `loss` (the training objective per sample; for a VAE the negative ELBO in nats = the tutorial's
-    784*BCE + KL on MNIST), `recon` (reconstruction NLL per sample, nats), `kl` (VAEs), `elbo`, and the
-    per-pixel means `bce` and `mse`.
+    - loss terms, mean per sample: `loss` (the training objective; for a VAE the negative ELBO in nats =
+      the tutorial's 784*BCE + KL on MNIST), `recon` (reconstruction NLL, nats), `kl`, `elbo`, and the
+      per-pixel means `bce`, `mse`; `elbo_bits_per_dim`; `psnr` (dB, of the posterior-mean reconstruction);
+    - `nll`, `nll_se`, `nll_bits_per_dim` with nll_samples = K > 0: the importance-sampled -log p(x);
+    - latent health (VAEs, latent=True): `kl_per_dim`, `active_units`, and `warning` on posterior collapse;
+    - with labelled data and `train_data` given: `linear_probe_accuracy` and `knn5_accuracy` on the latents.
     """
+    import math
+
+    from vaelab.evaluation.metrics import latent_health, posterior_stats, probe_accuracy, psnr
+
     out = loss_terms(model, data, batch_size=batch_size, binarize=binarize, seed=seed)
     out["n"] = len(data)
+    dims = math.prod(data.sample_shape)
+    if "elbo" in out:
+        out["elbo_bits_per_dim"] = -out["elbo"] / (dims * math.log(2))
+    if data.is_image:
+        values = []
+        with torch.inference_mode():
+            for start in range(0, len(data), batch_size):
+                idx = torch.arange(start, min(start + batch_size, len(data)))
+                x = data.batch(idx)
+                cond = data.labels(idx) if model.conditional else None
+                values.append(psnr(x, model.reconstruct(x, cond)))
+        out["psnr"] = float(torch.cat(values).clamp(max=100.0).mean())
+    if nll_samples:
+        from vaelab.evaluation.nll import importance_nll
+
+        out.update(importance_nll(model, data, n_samples=nll_samples, binarize=binarize, seed=seed))
+    if latent and model.has_prior and not model.conditional:
+        means, logvars = posterior_stats(model, data, batch_size)
+        out.update(latent_health(means, logvars))
+        if train_data is not None and data.y is not None and train_data.y is not None:
+            z_train, _ = posterior_stats(model, train_data, batch_size)
+            out.update(probe_accuracy(z_train.numpy(), train_data.y.numpy(), means.numpy(), data.y.numpy()))
     return out
 
 

@@ -20,7 +20,9 @@ def posterior_stats(model, data, batch_size: int = 1000) -> tuple[torch.Tensor, 
     means, logvars = [], []
     model.eval()
     for start in range(0, len(data), batch_size):
-        post = model.encode(data.batch(slice(start, start + batch_size)))
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        cond = data.labels(idx) if model.conditional else None
+        post = model.encode(data.batch(idx), cond)
         means.append(post.mean.flatten(1))
         logvars.append(post.logvar.flatten(1) if hasattr(post, "logvar") else torch.zeros_like(means[-1]))
     return torch.cat(means), torch.cat(logvars)
