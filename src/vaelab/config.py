@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ class TrainConfig:
     capacity_epochs: float = 0.0
     free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised; 0 = off
     iw_samples: int = 1  # importance samples of the IWAE bound; 1 = the ELBO
+    device: str = "auto"  # auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N
 
     def problems(self) -> list[str]:
         out = []
@@ -159,6 +161,8 @@ class TrainConfig:
         for name in ("kl_warmup", "capacity", "capacity_epochs", "free_bits"):
             if not _is_nonneg(getattr(self, name)):
                 out.append(f"{name}={getattr(self, name)!r} must be a finite number >= 0")
+        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)):
+            out.append(f"device={self.device!r} is unknown; use auto, cpu, cuda, cuda:N or mps")
         if not _is_int(self.iw_samples) or self.iw_samples < 1:
             out.append(f"iw_samples={self.iw_samples!r} must be an integer >= 1 (1 = the plain ELBO)")
         return out

@@ -8,11 +8,12 @@ EVAL_SEED = 1234  # fixed noise for stochastic terms, so evaluating twice gives 
 
 
 def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, seed: int = EVAL_SEED,
-               per_sample: bool = False) -> dict:
+               per_sample: bool = False, dist=None) -> dict:
     """Mean (or, with per_sample=True, per-sample) loss terms of `model` on `data` (an ArrayDataset).
 
     Uses the model's own loss from the registry, in eval mode, under inference_mode, with a fixed seed for
-    the posterior sample and the binarization, without touching the caller's random state.
+    the posterior sample and the binarization, without touching the caller's random state. With `dist`
+    (a training.distributed.Dist under torchrun) each rank evaluates its share and the means are global.
     """
     from vaelab.models import MODELS
     from vaelab.training.loop import Meter, loss_weights
@@ -27,8 +28,11 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
         torch.manual_seed(seed)
         for start in range(0, len(data), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(data)))
-            x = data.batch(idx, binarize=binarize, generator=gen)
-            cond = data.labels(idx) if model.conditional else None
+            if dist is not None:
+                idx = dist.shard(idx)
+            device = next(model.parameters()).device
+            x = data.batch(idx, binarize=binarize, generator=gen).to(device)
+            cond = data.labels(idx).to(device) if model.conditional else None
             terms = loss_fn(x, model(x, cond), **weights)
             if per_sample:
                 parts.append({k: v.clone() for k, v in terms.items()})
@@ -37,7 +41,7 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
     model.train(was_training)
     if per_sample:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
-    return meter.means()
+    return meter.reduce(dist).means() if dist is not None else meter.means()
 
 
 def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed: int = EVAL_SEED,

@@ -20,6 +20,7 @@ from vaelab.errors import DataError, TrainingError
 from vaelab.training.checkpoint import (CHECKPOINT_FILE, atomic_write_json, atomic_write_text,
                                         load_checkpoint, save_checkpoint, save_pretrained)
 from vaelab.training.corruption import corrupt
+from vaelab.training.distributed import Dist
 from vaelab.training.schedules import beta_at, capacity_at
 
 METRICS_FILE = "metrics.jsonl"
@@ -64,6 +65,16 @@ class Meter:
     def means(self) -> dict[str, float]:
         return {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
 
+    def reduce(self, dist: Dist) -> "Meter":
+        """Sum over all ranks (in place), so every rank reports the global means."""
+        if dist.active and self.sums:
+            keys = sorted(self.sums)
+            total = dist.all_sum(torch.stack([self.sums[k].double() for k in keys]
+                                             + [torch.tensor(float(self.count), dtype=torch.float64)]))
+            self.sums = dict(zip(keys, total[:-1]))
+            self.count = int(total[-1])
+        return self
+
 
 def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, resume: bool = False,
         run_info: dict | None = None, **overrides) -> list[dict]:
@@ -90,9 +101,12 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
                             f"model {model.config.model!r} is deterministic")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist = Dist.from_env(cfg.device)  # a world of one unless launched by torchrun
+    model.to(dist.device)
     loss_fn = MODELS[model.config.model].loss
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
     run_dir = Path(out) if out is not None else None
+    main = dist.is_main  # only rank 0 writes files and shows progress
 
     history: list[dict] = []
     start_epoch, global_step = 0, 0
@@ -105,9 +119,10 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
         best_loss, bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
         if start_epoch >= cfg.epochs:
             return history
-    if run_dir is not None:
+    if run_dir is not None and main:
         _write_run_config(run_dir, model, cfg, run_info)
-    writer = _tensorboard(run_dir)
+    writer = _tensorboard(run_dir) if main else None
+    net = dist.wrap(model)  # DistributedDataParallel under torchrun: all-reduces the gradients
 
     n, bs = len(train), cfg.batch_size
     steps = math.ceil(n / bs)  # the last batch may be partial, as in Keras
@@ -118,17 +133,20 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
         perm = torch.randperm(n, generator=gen)
         model.train()
         meter = Meter()
-        bar = _progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = _progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}") if main else None
         for i in range(steps):
-            idx = perm[i * bs:(i + 1) * bs]
-            x = train.batch(idx, binarize=cfg.binarize, generator=gen)  # (B, C, H, W) or (B, D) float32
+            batch_idx = perm[i * bs:(i + 1) * bs]  # the global batch, the same on every rank
+            idx = dist.shard(batch_idx)  # this rank's samples of it
+            x = train.batch(idx, binarize=cfg.binarize, generator=gen).to(dist.device)  # (B, C, H, W) / (B, D)
             x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
-            cond = train.labels(idx) if model.conditional else None
-            out = model(x_in, cond, n_samples=cfg.iw_samples)
+            cond = train.labels(idx).to(dist.device) if model.conditional else None
+            out = net(x_in, cond, n_samples=cfg.iw_samples)
             # per-sample terms, (B,) each; the clean x is the target
             terms = loss_fn(x_in, out, target=x, **objective_weights(model, cfg, global_step, steps))
-            loss = terms["loss"].mean()
-            if not torch.isfinite(loss):
+            # the global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its sum
+            # by world / global batch size (exact for any split; for one process this is the mean)
+            loss = terms["loss"].sum() / len(batch_idx) * dist.world
+            if dist.any(not torch.isfinite(loss)):  # every rank stops together
                 raise _nonfinite(terms, epoch, global_step, run_dir)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -142,10 +160,10 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
                 if i % 20 == 0 or i == steps - 1:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in meter.means().items() if k in _SHOWN})
         row = {"epoch": epoch + 1, "step": global_step}
-        row.update({f"train_{k}": v for k, v in meter.means().items()})
+        row.update({f"train_{k}": v for k, v in meter.reduce(dist).means().items()})
         if val is not None and len(val):
             row.update({f"val_{k}": v for k, v in
-                        loss_terms(model, val, batch_size=max(bs, 256), binarize=cfg.binarize).items()})
+                        loss_terms(model, val, batch_size=max(bs, 256), binarize=cfg.binarize, dist=dist).items()})
         row["time_s"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         if bar is not None:
@@ -161,7 +179,7 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
         else:
             bad_epochs += 1
         stop = bool(cfg.early_stopping) and bad_epochs >= cfg.early_stopping
-        if run_dir is not None:
+        if run_dir is not None and main:
             state = {"epoch": epoch + 1, "step": global_step, "history": history, "best_loss": best_loss,
                      "bad_epochs": bad_epochs}
             save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, state, {"torch": torch.get_rng_state()})
@@ -177,11 +195,13 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
 
     if best_state is not None:
         model.load_state_dict(best_state)  # early stopping: keep the best validation weights
-        if run_dir is not None:
+        if run_dir is not None and main:
             save_pretrained(model, run_dir)
     if writer is not None:
         writer.close()
+    dist.barrier()  # no rank returns before rank 0 has written the final files
     model.eval()
+    model.to("cpu")  # the rest of vaelab (data, pictures, evaluation) works on the CPU
     return history
 
 
