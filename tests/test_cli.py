@@ -71,7 +71,8 @@ def run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]] + [
-    [command, "--help"] for command in ("evaluate", "reconstruct", "sample", "manifold", "interpolate", "encode")])
+    [command, "--help"] for command in ("evaluate", "reconstruct", "sample", "manifold", "interpolate", "traverse",
+                                        "encode")])
 def test_help_starts_without_torch(argv):
     proc = vaelab(*argv, python_flags=("-X", "importtime"), check=0)
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}

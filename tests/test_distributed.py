@@ -66,3 +66,15 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, preset):
     ref = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-4)
     assert rows[-1]["train_loss"] == pytest.approx(ref[-1]["train_loss"], rel=1e-4)
+
+
+def test_the_cli_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "vaelab", "train", "--preset", "seed-conv-ae", "--dataset", "digits", "--epochs",
+                           "1", "--batch-size", "64", "--no-progress", "--out", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("on 2 processes (global batch 64)") == 1  # rank 0 alone reports
+    assert proc.stdout.count("test split of digits") == 1
+    assert (out / "reconstructions.png").is_file() and (out / "evaluation.json").is_file()

@@ -1,4 +1,5 @@
-"""Generation and latent walks (vaelab.generation) on tiny untrained models: shapes, grids, end points."""
+"""Generation and latent walks (vaelab.generation) on tiny untrained models: shapes, grids, end points,
+conditional models, traversals."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from vaelab.config import ModelConfig
 from vaelab.data import ArrayDataset
 from vaelab.errors import VaelabError
-from vaelab.generation import (encode_dataset, grid_latents, interpolate, lerp, manifold_axes, manifold_grid,
-                               prior_samples, reconstruction_pairs, slerp)
+from vaelab.generation import (class_grid, encode_dataset, grid_latents, interpolate, lerp, manifold_axes,
+                               manifold_grid, prior_samples, reconstruction_pairs, slerp, traversal,
+                               traversal_order)
 from vaelab.models import build_model
 
 SHAPE = (1, 6, 6)
@@ -173,3 +175,124 @@ def test_reconstruction_pairs_decode_the_posterior_mean():
     assert torch.equal(orig, x) and recon.shape == x.shape
     torch.testing.assert_close(recon, reconstruction_pairs(model, x)[1])  # deterministic: no sampling
     assert model.training  # the caller's mode is kept
+
+
+# ------------------------------------------------------------------------------------------ conditional models
+
+
+def cvae(latent_dim=2, arch="mlp"):
+    return tiny(model="cvae", latent_dim=latent_dim, arch=arch, condition_dim=3)
+
+
+def test_class_grid_has_one_row_per_class_and_one_z_per_column():
+    model = cvae()
+    grid = class_grid(model, n=4, seed=5)
+    assert grid.shape == (3 * 4, *SHAPE)
+    z = torch.randn((4, 2), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        for k in range(3):  # row k: the same four z decoded with label k
+            torch.testing.assert_close(grid[4 * k:4 * (k + 1)], model.decode(z, torch.full((4,), k)))
+    assert not torch.equal(grid[:4], grid[4:8])  # the label changes the images
+    assert class_grid(model, n=2, classes=[2]).shape == (2, *SHAPE)
+    with pytest.raises(VaelabError, match="not conditional"):
+        class_grid(tiny(), n=2)
+    with pytest.raises(VaelabError, match=r"\[0, 3\)"):
+        class_grid(model, n=2, classes=[3])
+
+
+def test_conditional_samples_take_one_label_or_one_per_sample():
+    model = cvae()
+    threes = prior_samples(model, 5, seed=1, condition=2)
+    assert threes.shape == (5, *SHAPE)
+    torch.testing.assert_close(threes, prior_samples(model, 5, seed=1, condition=torch.full((5,), 2)))
+    one_hot = prior_samples(model, 5, seed=1, condition=torch.tensor([0.0, 0.0, 1.0]))  # a vector for all
+    torch.testing.assert_close(threes, one_hot)
+    with pytest.raises(VaelabError, match="conditional"):
+        prior_samples(model, 5)
+    with pytest.raises(VaelabError, match="takes no condition"):
+        prior_samples(tiny(), 5, condition=1)
+    with pytest.raises(VaelabError, match="3 conditions for 5"):
+        prior_samples(model, 5, condition=torch.tensor([0, 1, 2]))
+
+
+def test_conditional_reconstruction_manifold_and_encoding_use_the_labels():
+    model = cvae()
+    data = dataset(9)
+    x, y = data.to_float(), data.y
+    with torch.inference_mode():
+        expected = model.decode(model.encode(x, y).mean, y)
+    torch.testing.assert_close(reconstruction_pairs(model, x, y)[1], expected)
+    np.testing.assert_allclose(encode_dataset(model, data), model.embed(x, y).numpy(), rtol=1e-5, atol=1e-6)
+    grid = manifold_grid(model, n=3, condition=1)
+    torch.testing.assert_close(grid, model.decode(grid_latents(manifold_axes(model, n=3)), torch.ones(9).long()))
+    unlabelled = ArrayDataset(data.x)
+    with pytest.raises(VaelabError, match="no labels"):
+        encode_dataset(model, unlabelled)
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_conditional_interpolation_ends_at_both_reconstructions(method):
+    model = cvae()
+    xa, xb = images(3, seed=1), images(3, seed=2)
+    ya, yb = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
+    frames = interpolate(model, xa, xb, steps=5, method=method, condition_a=ya, condition_b=yb)
+    assert frames.shape == (3, 5, *SHAPE)
+    with torch.inference_mode():
+        torch.testing.assert_close(frames[:, 0], model.reconstruct(xa, ya), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(frames[:, -1], model.reconstruct(xb, yb), atol=1e-6, rtol=1e-5)
+        # the middle frame decodes the halfway z with the halfway one-hot label
+        za, zb = model.encode(xa, ya).mean, model.encode(xb, yb).mean
+        half = model.condition_vector(ya) / 2 + model.condition_vector(yb) / 2
+        if method == "linear":
+            torch.testing.assert_close(frames[:, 2], model.decode((za + zb) / 2, half), atol=1e-6, rtol=1e-5)
+    same = interpolate(model, xa, xb, steps=3, method=method, condition_a=ya)  # one class throughout
+    with torch.inference_mode():
+        torch.testing.assert_close(same[:, -1], model.decode(model.encode(xb, ya).mean, ya), atol=1e-6,
+                                   rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ traversals
+
+
+def test_traversal_sweeps_one_dimension_per_row_from_the_posterior_mean():
+    model = tiny(latent_dim=4)
+    x = images(1)[0]
+    frames = traversal(model, x, dims=[2, 0], limit=2.0, steps=5)
+    assert frames.shape == (2, 5, *SHAPE)
+    with torch.inference_mode():
+        mean = model.encode(x[None]).mean[0]
+        for r, d in enumerate([2, 0]):
+            z = mean.repeat(5, 1)
+            z[:, d] = torch.linspace(-2, 2, 5)
+            torch.testing.assert_close(frames[r], model.decode(z))
+    assert traversal(model, x).shape == (4, 11, *SHAPE)  # every dimension, 11 steps over [-3, 3]
+    labelled = traversal(cvae(latent_dim=3), x, condition=1, steps=3)
+    assert labelled.shape == (3, 3, *SHAPE)
+
+
+def test_traversal_order_puts_the_dimensions_with_most_kl_first():
+    from vaelab.evaluation.metrics import latent_health, posterior_stats
+
+    model = tiny(latent_dim=4)
+    with torch.no_grad():  # make dimension 3 informative: its posterior mean scales with the input
+        model.encoder[-1].weight[3] *= 40
+    data = dataset(20)
+    order, kl = traversal_order(model, data)
+    assert sorted(order) == [0, 1, 2, 3] and order[0] == 3
+    assert [kl[d] for d in order] == sorted(kl, reverse=True)
+    assert model.training  # the caller's mode is kept
+    assert kl == latent_health(*posterior_stats(model, data))["kl_per_dim"]
+
+
+def test_traversal_needs_a_vae_with_a_vector_latent():
+    x = images(1)[0]
+    with pytest.raises(VaelabError, match="vector latent"):
+        traversal(tiny(arch="conv-pool"), x)
+    with pytest.raises(VaelabError, match="no prior"):
+        traversal_order(tiny(model="ae"), dataset())
+    with pytest.raises(VaelabError, match="dims"):
+        traversal(tiny(latent_dim=2), x, dims=[2])
+    with pytest.raises(VaelabError, match="limit"):
+        traversal(tiny(), x, limit=0)
+    with pytest.raises(VaelabError, match="one sample"):
+        traversal(tiny(), images(2))

@@ -133,3 +133,11 @@ def test_impossible_training_values_are_reported_together(digits):
     for needle in ("5 problems", "epochs=0", "batch_size=0", "noise='pink'", "needs kl_warmup > 0",
                    "iw_samples=0"):
         assert needle in msg
+
+
+def test_iwae_refuses_the_kl_weights_it_would_ignore(digits):
+    from vaelab.errors import ConfigError
+
+    model = build_model("seed-vae", input_shape=(1, 8, 8), beta=4.0)
+    with pytest.raises(ConfigError, match=r"(?s)2 problems.*beta=4.0 does not apply.*free_bits=0.5"):
+        fit(model, digits.train, None, epochs=1, iw_samples=5, free_bits=0.5, progress=False)

@@ -27,12 +27,15 @@ from vaelab.errors import ConfigError, VaelabError
 DEFAULT_PRESET = "seed-vae"
 DEFAULT_DATASET = "digits"
 BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist")  # as vaelab.data.DATASETS (importing it needs torch)
+# as vaelab.training.corruption.NOISES and .schedules.SCHEDULES (importing vaelab.training needs torch)
+NOISES = ("none", "gaussian", "masking", "salt-pepper")
+KL_SCHEDULES = ("constant", "linear", "cyclical")
 
 # Help for the generated flags, keyed by field name. A field missing here still gets a flag.
 DIGITS_EPOCHS = 100  # the default --epochs on the small digits dataset
 
 FIELD_HELP = {
-    "model": "a registered model: vae or ae (`vaelab models` lists them); without --preset it starts "
+    "model": "a registered model: vae, ae or cvae (`vaelab models` lists them); without --preset it starts "
              "from the ModelConfig defaults",
     "arch": "network: conv (stride-2 convs, dense latent), conv-pool (conv + max-pool, spatial latent), "
             "mlp (dense layers), or auto (conv for images, mlp for vectors)",
@@ -43,6 +46,8 @@ FIELD_HELP = {
                   "or gaussian (squared error)",
     "gaussian_sigma": "fixed standard deviation of the gaussian likelihood",
     "beta": "weight of the KL term (a beta-VAE when != 1; plain autoencoders ignore it)",
+    "condition_dim": "size of a conditional model's condition; for --model cvae it is the number of classes "
+                     "of the training data unless given (0 for unconditional models)",
     "epochs": f"passes over the training set ({DIGITS_EPOCHS} on digits unless given)",
     "batch_size": "samples per optimizer step",
     "lr": "Adam's learning rate",
@@ -53,9 +58,26 @@ FIELD_HELP = {
     "grad_clip": "clip the global gradient norm to this value (0 = off)",
     "threads": "torch CPU threads (0 = all cores)",
     "progress": "progress bars while training and downloading",
+    "noise": "denoising: corrupt the inputs and train to reconstruct the clean ones: gaussian (add "
+             "noise of std --noise-level), masking (zero a fraction --noise-level of the pixels) or "
+             "salt-pepper (set a fraction --noise-level to 0 or 1)",
+    "noise_level": "strength of --noise: the std of gaussian noise (e.g. 0.5), or the fraction of pixels "
+                   "masked / salted (0..1)",
+    "kl_schedule": "how the KL weight reaches --beta: constant, linear (warm-up from 0 over --kl-warmup "
+                   "epochs) or cyclical (restarts from 0 every --kl-warmup epochs, rising over the first "
+                   "half of each cycle)",
+    "kl_warmup": "epochs of the linear KL warm-up, or the length of one cycle of the cyclical schedule "
+                 "(with a schedule but without this: a quarter of --epochs, so 4 cycles as in Fu et al. 2019)",
+    "capacity": "Burgess et al.'s capacity objective: the loss becomes recon + beta*|KL - C| with the "
+                "target KL C rising linearly to this many nats (use a large --beta, e.g. 100; 0 = off)",
+    "capacity_epochs": "epochs over which the target KL C rises from 0 to --capacity",
+    "free_bits": "nats per latent dimension below which its KL is not penalised, so no dimension is "
+                 "pushed into collapse (e.g. 0.1; 0 = off)",
+    "iw_samples": "importance samples K per input: K > 1 trains on the IWAE bound of Burda et al. "
+                  "(tighter than the ELBO, K times the decoder cost); 1 = the ELBO",
     "precision": "floating-point precision of training",
 }
-FIELD_CHOICES = {"arch": ARCHS, "likelihood": LIKELIHOODS}
+FIELD_CHOICES = {"arch": ARCHS, "likelihood": LIKELIHOODS, "noise": NOISES, "kl_schedule": KL_SCHEDULES}
 NOT_FLAGS = {"input_shape"}  # set from the data, never by hand
 # config-file keys besides the ModelConfig/TrainConfig fields (the same names as the flags)
 RUN_KEYS = ("preset", "dataset", "data_dir", "out", "pictures")
@@ -67,9 +89,19 @@ TERM_MEANINGS = {
     "elbo": "evidence lower bound, -(recon + KL), nats",
     "bce": "binary cross-entropy per pixel (Keras' binary_crossentropy)",
     "mse": "squared error per pixel",
+    "iwae": "importance-weighted bound log p(x) >= IWAE_K per sample, nats (training with --iw-samples K)",
+    "elbo_bits_per_dim": "-ELBO in bits per dimension",
+    "psnr": "peak signal-to-noise ratio of the posterior-mean reconstruction, dB",
+    "nll": "importance-sampled -log p(x) per sample, nats",
+    "nll_se": "standard error of nll, nats",
+    "nll_bits_per_dim": "nll in bits per dimension",
+    "active_units": "latent dimensions whose posterior mean varies with x (variance > 0.01)",
+    "latent_dims": "latent dimensions in all",
 }
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors")
+TRAVERSE_ROWS = 20  # latent dimensions a traversal shows by default (the most informative ones)
+GRID_CLASSES = 30  # rows of a conditional model's class-by-sample grid, at most
 
 
 # ============================================================================================ the parser
@@ -190,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
               vaelab sample runs/vae-mnist --n 100
               vaelab manifold runs/vae-mnist
 
+            the model family (one loop, one run format):
+              vaelab train --model vae --beta 4 --kl-schedule cyclical --kl-warmup 2 --dataset mnist --out runs/bvae
+              vaelab traverse runs/bvae                # one row per latent dimension, most informative first
+              vaelab train --model ae --noise gaussian --noise-level 0.5 --dataset fashion-mnist --out runs/dae
+              vaelab train --model cvae --dataset mnist --out runs/cvae
+              vaelab sample runs/cvae --label 3        # (without --label: one row per class)
+              vaelab train --model vae --iw-samples 5 --dataset mnist --out runs/iwae
+
             `vaelab COMMAND --help` says what each command does and writes.""").strip())
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -202,9 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
           checkpoint.safetensors  weights and optimizer state after the last finished epoch (--resume)
           model.safetensors       the final weights (Python: vaelab.from_pretrained(RUN))
           evaluation.json         the test split's loss terms after training (also printed)
-          reconstructions.png, samples.png, manifold.png, interpolation.png, latents.png
-                                  pictures (unless --no-pictures; samples and manifold need a VAE,
-                                  image pictures need image data)
+          reconstructions.png, samples.png, manifold.png, interpolation.png, traversal.png, latents.png
+                                  pictures (unless --no-pictures; samples, manifold and traversal need
+                                  a VAE, the traversal a latent of more than 2 dimensions, image pictures
+                                  image data; a conditional model's samples.png has one row per class)
+
+        Models: vae (beta != 1 makes a beta-VAE; --kl-schedule, --capacity and --free-bits shape its KL
+        term; --iw-samples K > 1 trains on the IWAE bound), ae (with --noise: a denoising autoencoder), and
+        cvae (a VAE conditioned on the class label; its --condition-dim is the data's number of classes).
 
         Settings, later ones winning: the ModelConfig/TrainConfig defaults < --preset < --config FILE
         < explicit flags. Without --preset and --model the preset is seed-vae; the dataset is digits
@@ -212,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         examples:
           vaelab train --preset seed-conv-ae --dataset mnist --data-dir ~/data --epochs 10
           vaelab train --model vae --arch mlp --latent-dim 8 --hidden 512,256 --beta 4
+          vaelab train --model cvae --dataset mnist --epochs 10 --out runs/cvae
+          vaelab train --model ae --noise gaussian --noise-level 0.5 --dataset fashion-mnist
           vaelab train --config my.toml --epochs 3        # keys mirror the flags: latent-dim = 3
           vaelab train --out runs/x --resume --epochs 20  # continue runs/x up to epoch 20""")
     run = p.add_argument_group("run")
@@ -261,9 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     # --------------------------------------------------------------------------------------- sample
     p = _sub(subs, "sample", "new images decoded from the prior (PNG, VAEs)", """
         Decode N draws z ~ N(0, I) from the prior into new images, in a square-ish grid. Needs a model
-        with a prior (a VAE). Writes RUN/samples.png (or --out).""")
+        with a prior (a VAE). Writes RUN/samples.png (or --out).
+
+        A conditional model (cvae) draws N samples of class --label, or without --label a class-by-sample
+        grid: one row per class, N samples per row, each column decoding the same z for every class.""",
+        """
+        examples:
+          vaelab sample runs/vae-mnist --n 100
+          vaelab sample runs/cvae --label 3          # 64 samples of the digit 3
+          vaelab sample runs/cvae-fashion --label Sneaker
+          vaelab sample runs/cvae --n 8               # 10 rows (classes) of 8 samples""")
     _add_run_arg(p, dataset=False)
-    p.add_argument("--n", type=int, default=64, metavar="N", help="how many samples [default 64]")
+    p.add_argument("--n", type=int, default=None, metavar="N",
+                   help="how many samples [default 64; a conditional model's class grid: per class, default 10]")
+    p.add_argument("--label", metavar="CLASS", default=None,
+                   help="conditional models: the class to draw, by index (0..K-1) or by name")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the draws [default 0]")
     p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
     p.set_defaults(func=cmd_sample)
@@ -280,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a VAE's grid spans [-X, X] in both dimensions [default 4]")
     p.add_argument("--dims", type=_int_list, default=(0, 1), metavar="I,J",
                    help="the two latent dimensions to vary (x axis, y axis) [default 0,1]")
+    p.add_argument("--label", metavar="CLASS", default=None,
+                   help="conditional models: the class whose manifold to draw, by index or name [default 0; "
+                        "the title names it]")
     p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
     p.set_defaults(func=cmd_manifold)
 
@@ -287,7 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "interpolate", "latent walks between pairs of test images (PNG)", """
         Pick PAIRS pairs of test images (seeded; of different classes where labels exist) and decode
         STEPS points on the latent path between their posterior means, one pair per row: the first and
-        last images of a row decode the two means themselves. Writes RUN/interpolation.png (or --out).""")
+        last images of a row decode the two means themselves (the two reconstructions). Writes
+        RUN/interpolation.png (or --out).
+
+        --method linear walks the straight line; --method slerp the great circle between the two latents
+        (spherical interpolation: the norm changes linearly along the arc, so the walk stays at the
+        radius where a Gaussian prior's mass lies instead of cutting through its centre; White 2016).
+
+        A conditional model (cvae) encodes each image with its own label, and the label's one-hot vector
+        moves linearly from the first image's class to the second's along with z, so both ends are true
+        reconstructions and the middle morphs the class as well as the style.""")
     _add_run_arg(p)
     p.add_argument("--steps", type=int, default=10, metavar="N", help="images per row, end points included "
                                                                        "[default 10]")
@@ -297,6 +368,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="which pairs [default 0]")
     p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
     p.set_defaults(func=cmd_interpolate)
+
+    # ------------------------------------------------------------------------------------- traverse
+    p = _sub(subs, "traverse", "latent traversals, one row per latent dimension (PNG, VAEs)", """
+        Encode one test image (--index) and sweep each latent dimension in turn over STEPS values in
+        [-RANGE, RANGE] (in units of the N(0, I) prior) while the other dimensions stay at the image's
+        posterior mean: one row per dimension, the picture of a beta-VAE paper (Higgins et al. 2017).
+        Rows are sorted by the dimension's mean KL on the test set, most informative first, and labelled
+        with the dimension and its KL in nats; dimensions with a KL near 0 are ones the model does not
+        use (their rows do not change). Needs a VAE with a vector latent. A conditional model decodes
+        with the image's label. Writes RUN/traversal.png (or --out).""")
+    _add_run_arg(p)
+    p.add_argument("--range", dest="limit", type=float, default=3.0, metavar="X",
+                   help="each dimension sweeps [-X, X] [default 3]")
+    p.add_argument("--steps", type=int, default=11, metavar="N", help="images per row [default 11]")
+    p.add_argument("--index", type=int, default=0, metavar="I", help="which test image [default 0]")
+    p.add_argument("--top", type=int, default=TRAVERSE_ROWS, metavar="N",
+                   help=f"show the N dimensions with the most KL [default {TRAVERSE_ROWS}; 0 = all]")
+    p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
+    p.set_defaults(func=cmd_traverse)
 
     # --------------------------------------------------------------------------------------- encode
     p = _sub(subs, "encode", "latent means of a split to .npy, with a scatter plot", """
@@ -473,17 +563,54 @@ def _plan(given: dict) -> dict:
             # 1,617 training images are 13 steps an epoch at batch 128: the tutorial's 10 epochs are too few
             # steps for a latent-2 VAE to leave the prior, so a newcomer's first run would draw blurs
             train_cfg = train_cfg.replace(epochs=DIGITS_EPOCHS)
+        if train_cfg.kl_schedule != "constant" and not train_cfg.kl_warmup and "kl_warmup" not in t_over:
+            # a schedule without its length: a quarter of the run (cyclical: the 4 cycles of Fu et al.)
+            train_cfg = train_cfg.replace(kl_warmup=train_cfg.epochs / 4)
         data_dir = settings.get("data_dir")
         out = Path(settings.get("out") or _default_out(preset or model_cfg.model, dataset))
 
-    problems = model_cfg.problems() + train_cfg.problems()  # every problem at once
+    # a conditional model's condition_dim is the data's number of classes unless given: checked on the
+    # data in cmd_train, so validate the rest here as if it were set
+    condition_from_data = not resume and "condition_dim" not in m_over and model_cfg.condition_dim == 0 \
+        and _is_conditional(model_cfg.model)
+    checked = model_cfg.replace(condition_dim=1) if condition_from_data else model_cfg
+    problems = checked.problems() + train_cfg.problems()  # every problem at once
     if problems:
         raise ConfigError(problems, "training settings")
     if not resume and _holds_run(out) and not given.get("overwrite"):
         raise VaelabError(f"{str(out)!r} already holds a run; continue it with --resume, start it afresh "
                           "with --overwrite, or choose another --out")
     return {"model": model_cfg, "train": train_cfg, "preset": preset, "dataset": dataset,
-            "data_dir": data_dir, "out": out, "resume": resume, "pictures": settings.get("pictures", True)}
+            "data_dir": data_dir, "out": out, "resume": resume, "pictures": settings.get("pictures", True),
+            "condition_from_data": condition_from_data}
+
+
+def _is_conditional(model: str) -> bool:
+    from vaelab.models import MODELS
+
+    spec = MODELS.get(model)
+    return spec is not None and spec.cls.conditional
+
+
+def _condition_dim(mc: ModelConfig, data, from_data: bool) -> ModelConfig:
+    """A conditional model's condition_dim: the training data's number of classes unless given."""
+    from vaelab.errors import DataError
+
+    if not _is_conditional(mc.model):
+        return mc
+    train = data.train
+    if train.y is None:
+        raise DataError(f"model {mc.model!r} is conditional and trains on class labels, but dataset "
+                        f"{data.name!r} has none; use a labelled dataset (digits, mnist, fashion-mnist, an "
+                        "image folder with one sub-folder per class, an .npz with y, a .csv with a label "
+                        "column) or an unconditional model (--model vae)")
+    k = train.num_classes
+    if from_data:
+        return mc.replace(condition_dim=k)
+    if k > mc.condition_dim:
+        raise DataError(f"condition_dim={mc.condition_dim}, but dataset {data.name!r} has {k} classes; "
+                        f"leave --condition-dim out (it is then {k}) or set it to at least {k}")
+    return mc
 
 
 def _default_out(name: str, dataset: str) -> str:
@@ -523,6 +650,7 @@ def cmd_train(args) -> int:
 
     mc, tc, out = plan["model"], plan["train"], plan["out"]
     data = load_dataset(plan["dataset"], plan["data_dir"], progress=tc.progress)
+    mc = _condition_dim(mc, data, plan["condition_from_data"])
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # the initial weights
@@ -530,15 +658,20 @@ def cmd_train(args) -> int:
     name = plan["preset"] or mc.model
     epochs_before = _epochs_done(out) if plan["resume"] else 0
     verb = f"resuming {name} after epoch {epochs_before}" if plan["resume"] else f"training {name}"
-    print(f"{verb} ({_describe_model(model)}) on {data.name}: {len(data.train)} train / {len(data.test)} "
-          f"test samples of shape {tuple(data.train.sample_shape)}, {_plural(tc.epochs, 'epoch')} -> {out}",
-          flush=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        ranks = f" on {world} processes (global batch {tc.batch_size})" if world > 1 else ""
+        print(f"{verb} ({_describe_model(model)}) on {data.name}: {len(data.train)} train / {len(data.test)} "
+              f"test samples of shape {tuple(data.train.sample_shape)}, {_plural(tc.epochs, 'epoch')}{ranks} "
+              f"-> {out}", flush=True)
 
     run_info = {"data": {"dataset": _dataset_id(plan["dataset"]),
                          "data_dir": None if plan["data_dir"] is None
                          else os.path.abspath(os.path.expanduser(str(plan["data_dir"]))),
                          "binarize": tc.binarize},
                 "preset": plan["preset"]}
+    if model.conditional:  # what each label means, for the pictures and --label NAME of later commands
+        run_info["data"]["classes"] = _class_names(data.train.classes, mc.condition_dim)
     t0 = time.perf_counter()
     try:
         history = fit(model, data.train, data.test, tc, out=out, resume=plan["resume"], run_info=run_info)
@@ -548,6 +681,8 @@ def cmd_train(args) -> int:
                                f"with: vaelab train --resume --out {out}") from None
         raise _Interrupted("no epoch had finished, so there is no checkpoint to resume from") from None
     seconds = time.perf_counter() - t0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 alone reports, evaluates and draws; the other ranks are done
     if not tc.progress and len(history) > epochs_before:
         _print_history(history[epochs_before:])
     done = len(history)
@@ -578,7 +713,14 @@ def _plural(n: int, word: str) -> str:
 def _describe_model(model) -> str:
     c = model.config
     latent = "x".join(str(s) for s in model.latent_shape)
-    return f"{c.model}, arch {c.resolved_arch}, latent {latent}, {c.likelihood}"
+    cond = f", conditioned on {c.condition_dim} classes" if model.conditional else ""
+    return f"{c.model}, arch {c.resolved_arch}, latent {latent}, {c.likelihood}{cond}"
+
+
+def _class_names(classes, k: int) -> list[str]:
+    """Names of labels 0..k-1: the data's class names, or the indices themselves."""
+    names = [str(c) for c in classes] if classes else []
+    return (names + [str(i) for i in range(len(names), k)])[:k]
 
 
 def _epochs_done(out: Path) -> int:
@@ -598,13 +740,25 @@ def _print_history(rows: list[dict]) -> None:
 def _run_pictures(model, data, out: Path, name: str) -> list[str]:
     """The pictures `train` draws; which ones depends on the model and the data."""
     test = data.test
+    classes = _class_names(data.train.classes, model.config.condition_dim) if model.conditional else None
     written = []
     if test.is_image:
         written.append(draw_reconstructions(model, test, out / "reconstructions.png", n=10, name=name))
         if model.has_prior:
-            written.append(draw_samples(model, out / "samples.png", n=64, seed=0, name=name))
-            if len(model.latent_shape) == 1 and model.latent_shape[0] >= 2:
-                written.append(draw_manifold(model, test, out / "manifold.png", name=name))
+            # a conditional model's samples.png is the class-by-sample grid
+            written.append(draw_samples(model, out / "samples.png", seed=0, name=name, classes=classes))
+            vector = len(model.latent_shape) == 1
+            dims = (0, 1)
+            if vector and model.latent_shape[0] > 2 and len(test):
+                # a larger latent: the manifold spans the two dimensions the model uses most
+                from vaelab.generation import traversal_order
+
+                dims = tuple(traversal_order(model, test)[0][:2])
+            if vector and model.latent_shape[0] >= 2:
+                written.append(draw_manifold(model, test, out / "manifold.png", dims=dims, name=name,
+                                             classes=classes, most_kl=dims != (0, 1)))
+            if vector and model.latent_shape[0] > 2:  # a 2-D latent is shown whole by the manifold
+                written.append(draw_traversal(model, test, out / "traversal.png", name=name, classes=classes))
         if len(test) >= 2:
             written.append(draw_interpolation(model, test, out / "interpolation.png", name=name))
     written.append(draw_latents(model, test, out / "latents.png", name=name, split="test"))
@@ -618,6 +772,22 @@ def _run_title(name: str, what: str) -> str:
     return f"{name}: {what}" if name else what
 
 
+def _label_text(label: int, classes) -> str:
+    """'3' for digits, '7: Sneaker' where the class has a name besides its index."""
+    name = str(classes[label]) if classes and 0 <= label < len(classes) else str(label)
+    return name if name == str(label) else f"{label}: {name}"
+
+
+def _conditions(model, ds, idx):
+    """The labels of samples `idx` of `ds` for a conditional model (None for the others)."""
+    if not model.conditional:
+        return None
+    if ds.y is None:
+        raise VaelabError(f"model {model.config.model!r} is conditional and needs each image's label, but dataset "
+                          f"{ds.name!r} has none; use the labelled dataset it was trained on")
+    return ds.labels(idx)
+
+
 def draw_reconstructions(model, ds, path, n: int = 10, name: str = "") -> str:
     import torch
 
@@ -625,36 +795,63 @@ def draw_reconstructions(model, ds, path, n: int = 10, name: str = "") -> str:
     from vaelab.plotting import save_image_grid
 
     n = min(n, len(ds))
-    x, recon = reconstruction_pairs(model, ds.batch(torch.arange(n)))
-    return save_image_grid(torch.cat([x, recon]).cpu(), path, nrow=n,
-                           title=_run_title(name, "Test images and their reconstructions"),
+    idx = torch.arange(n)
+    x, recon = reconstruction_pairs(model, ds.batch(idx), _conditions(model, ds, idx))
+    what = "Test images and their reconstructions"
+    if model.conditional:
+        what += " (each encoded and decoded with its label)"
+    return save_image_grid(torch.cat([x, recon]).cpu(), path, nrow=n, title=_run_title(name, what),
                            row_labels=["original", "reconstruction"])
 
 
-def draw_samples(model, path, n: int = 64, seed: int = 0, name: str = "") -> str:
+def draw_samples(model, path, n: int | None = None, seed: int = 0, name: str = "", label: int | None = None,
+                 classes: list[str] | None = None) -> str:
+    """Prior samples in a square-ish grid; for a conditional model, those of class `label`, or without a
+    label the class-by-sample grid (one row per class, n per row)."""
     import math
 
-    from vaelab.generation import prior_samples
+    from vaelab.generation import class_grid, prior_samples
     from vaelab.plotting import save_image_grid
 
-    images = prior_samples(model, n, seed)
+    if model.conditional and label is None:
+        n = n or 10
+        k = model.config.condition_dim
+        rows = min(k, GRID_CLASSES)
+        images = class_grid(model, n, seed, classes=range(rows))
+        some = "" if rows == k else f" (the first {rows} of {k} classes; --label draws any)"
+        return save_image_grid(
+            images.cpu(), path, nrow=n, row_labels=[_label_text(i, classes) for i in range(rows)],
+            title=_run_title(name, f"Samples of each class, one row per class{some}: column j decodes the "
+                                   f"same z_j ~ N(0, I) with every label, seed {seed}"))
+    n = n or 64
+    images = prior_samples(model, n, seed, condition=label)
+    what = "" if label is None else f" of class {_label_text(label, classes)}"
     return save_image_grid(images.cpu(), path, nrow=math.ceil(math.sqrt(n)),
-                           title=_run_title(name, f"{n} samples decoded from the prior N(0, I), seed {seed}"))
+                           title=_run_title(name, f"{n} samples{what} decoded from the prior N(0, I), seed {seed}"))
 
 
-def draw_manifold(model, ds, path, n: int = 15, limit: float = 4.0, dims=(0, 1), name: str = "") -> str:
+def draw_manifold(model, ds, path, n: int = 15, limit: float = 4.0, dims=(0, 1), name: str = "",
+                  label: int | None = None, classes: list[str] | None = None, most_kl: bool = False) -> str:
     from vaelab.generation import encode_dataset, manifold_axes, manifold_grid
     from vaelab.plotting import save_manifold
 
+    default_label = model.conditional and label is None
+    if default_label:
+        label = 0  # one manifold per class; the title says which
     latents = None if model.has_prior or ds is None else encode_dataset(model, ds)
     axes = manifold_axes(model, n, limit, dims, latents)  # validates before any work
-    images = manifold_grid(model, n, limit, dims, latents)
+    images = manifold_grid(model, n, limit, dims, latents, condition=label)
     if model.has_prior:
         span = f"z[{axes.dims[0]}], z[{axes.dims[1]}] in [{-limit:g}, {limit:g}]"
+        if most_kl:
+            span += " (the two dimensions with the most KL)"
         if model.latent_shape[0] > 2:
             span += ", other dimensions 0"
     else:
         span = f"z[{axes.dims[0]}], z[{axes.dims[1]}] over the 1st-99th percentile of the test latents"
+    if model.conditional:
+        which = " (the default; --label picks another)" if default_label else ""
+        span = f"class {_label_text(label, classes)}{which}; " + span
     return save_manifold(images.cpu(), axes.xs, axes.ys, path, dims=axes.dims,
                          title=_run_title(name, f"Decoded latent grid: {span}"))
 
@@ -665,13 +862,49 @@ def draw_interpolation(model, ds, path, steps: int = 10, pairs: int = 4, method:
     from vaelab.plotting import save_image_grid
 
     a, b = _pick_pairs(ds, pairs, seed)
-    frames = interpolate(model, ds.batch(a), ds.batch(b), steps=steps, method=method)  # (P, steps, C, H, W)
+    # a conditional model: each end encoded with its own label, the one-hot label moving with z
+    frames = interpolate(model, ds.batch(a), ds.batch(b), steps=steps, method=method,
+                         condition_a=_conditions(model, ds, a), condition_b=_conditions(model, ds, b))
     labels = None
     if ds.y is not None:
         names = ds.classes or [str(i) for i in range(int(ds.y.max()) + 1)]
         labels = [f"{names[int(ds.y[i])]} → {names[int(ds.y[j])]}" for i, j in zip(a.tolist(), b.tolist())]
+    what = {"linear": "linear", "slerp": "spherical (slerp)"}[method]
+    extra = ", the one-hot label moving with z" if model.conditional else ""
     return save_image_grid(frames.flatten(0, 1).cpu(), path, nrow=steps, row_labels=labels,
-                           title=_run_title(name, f"Latent interpolation ({method}) between test images"))
+                           title=_run_title(name, f"Latent interpolation ({what}) between test images: the end "
+                                                  f"images are their reconstructions{extra}"))
+
+
+def draw_traversal(model, ds, path, index: int = 0, limit: float = 3.0, steps: int = 11, top: int = 20,
+                   name: str = "", classes: list[str] | None = None) -> str:
+    """One row per latent dimension (the `top` with the most KL on `ds`, most first), each sweeping
+    [-limit, limit] from the posterior mean of sample `index` of `ds`."""
+    import numpy as np
+    import torch
+
+    from vaelab.generation import traversal, traversal_order
+    from vaelab.plotting import save_image_grid
+
+    if not 0 <= index < len(ds):
+        raise VaelabError(f"--index {index} is out of range: the test split holds {len(ds)} samples, "
+                          f"indices 0..{len(ds) - 1}")
+    idx = torch.tensor([index])
+    cond = _conditions(model, ds, idx)
+    order, kl = traversal_order(model, ds)
+    shown = order[:top] if top else order
+    frames = traversal(model, ds.batch(idx)[0], dims=shown, limit=limit, steps=steps, condition=cond)
+    values = np.linspace(-limit, limit, steps)
+    col_labels = [f"{round(float(v), 2) + 0.0:g}" for v in values]  # + 0.0: no "-0"
+    row_labels = [f"z[{d}]  KL {kl[d]:.2f}" for d in shown]
+    image = f"test image {index}"
+    if ds.y is not None:
+        image += f" (class {_label_text(int(ds.y[index]), classes or ds.classes)})"
+    some = f"; the {len(shown)} of {len(order)} dimensions with the most KL" if len(shown) < len(order) else ""
+    title = (f"Latent traversals of {image}: each row sweeps one dimension over [{-limit:g}, {limit:g}], the "
+             f"others at the image's posterior mean; rows sorted by mean KL on the test set (nats){some}")
+    return save_image_grid(frames.flatten(0, 1).cpu(), path, nrow=steps, title=_run_title(name, title),
+                           row_labels=row_labels, col_labels=col_labels, xlabel="value of the swept dimension")
 
 
 def _pick_pairs(ds, pairs: int, seed: int):
@@ -790,12 +1023,46 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def _run_classes(cfg: dict, model) -> list[str] | None:
+    """The class names of a conditional run's labels (saved by train), else None."""
+    if not model.conditional:
+        return None
+    return _class_names((cfg.get("data") or {}).get("classes"), model.config.condition_dim)
+
+
+def _parse_label(text: str | None, model, classes) -> int | None:
+    """--label as a class index: an integer in 0..K-1 or a class name (any case)."""
+    if text is None:
+        return None
+    if not model.conditional:
+        raise VaelabError(f"--label is for conditional models, but model {model.config.model!r} takes no "
+                          "condition; train one with --model cvae")
+    k = model.config.condition_dim
+    names = [c.lower() for c in classes or []]
+    text = str(text).strip()
+    if text.lower() in names:
+        return names.index(text.lower())
+    try:
+        label = int(text)
+    except ValueError:
+        named = classes and any(c != str(i) for i, c in enumerate(classes))
+        known = f" or a class name ({', '.join(classes)})" if named else ""
+        raise VaelabError(f"--label {text!r} is not a class of this model: give an index in 0..{k - 1}"
+                          f"{known}") from None
+    if not 0 <= label < k:
+        raise VaelabError(f"--label {label} is out of range: this model has {k} classes, labels 0..{k - 1}")
+    return label
+
+
 def cmd_sample(args) -> int:
-    _positive(args.n, "--n")
+    if args.n is not None:
+        _positive(args.n, "--n")
     cfg, model = _open_run(args.run)
     _need_images(model, "sample")
+    classes = _run_classes(cfg, model)
+    label = _parse_label(args.label, model, classes)
     path = draw_samples(model, _out(args, args.run, "samples.png"), n=args.n, seed=args.seed,
-                        name=_run_name(cfg, model))
+                        name=_run_name(cfg, model), label=label, classes=classes)
     print(f"wrote: {path}")
     return 0
 
@@ -805,11 +1072,32 @@ def cmd_manifold(args) -> int:
     _need_images(model, "manifold")
     if len(args.dims) != 2:
         raise VaelabError(f"--dims takes two latent dimensions such as 0,1; got {_fmt_value(args.dims)}")
+    classes = _run_classes(cfg, model)
+    label = _parse_label(args.label, model, classes)
     ds = None
     if not model.has_prior:  # an autoencoder's grid spans its data's latents
         ds = _run_data(cfg, args.run, model, args).test
     path = draw_manifold(model, ds, _out(args, args.run, "manifold.png"), n=args.n, limit=args.limit,
-                         dims=args.dims, name=_run_name(cfg, model))
+                         dims=args.dims, name=_run_name(cfg, model), label=label, classes=classes)
+    print(f"wrote: {path}")
+    return 0
+
+
+def cmd_traverse(args) -> int:
+    import math
+
+    if args.steps < 2:
+        raise VaelabError(f"--steps must be >= 2, got {args.steps}")
+    if not (math.isfinite(args.limit) and args.limit > 0):
+        raise VaelabError(f"--range must be a positive number (each dimension sweeps [-X, X]), got {args.limit}")
+    if args.top < 0:
+        raise VaelabError(f"--top must be >= 0 (0 shows every dimension), got {args.top}")
+    cfg, model = _open_run(args.run)
+    _need_images(model, "traverse")
+    data = _run_data(cfg, args.run, model, args)
+    path = draw_traversal(model, data.test, _out(args, args.run, "traversal.png"), index=args.index,
+                          limit=args.limit, steps=args.steps, top=args.top, name=_run_name(cfg, model),
+                          classes=_run_classes(cfg, model))
     print(f"wrote: {path}")
     return 0
 
@@ -906,12 +1194,17 @@ def _print_table(rows: list[list[str]], indent: str = "  ") -> None:
 
 
 def _print_terms(metrics: dict, what: str) -> None:
+    """The scalar terms as a table; per-dimension lists stay in the JSON file; a warning is printed last."""
     print(f"{what}:")
     rows = [["term", "value", "meaning"]]
     for k, v in metrics.items():
-        if k != "n":
+        if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool):
             rows.append([k, _fmt_number(v), TERM_MEANINGS.get(k, "")])
     _print_table(rows)
+    if "kl_per_dim" in metrics:
+        print("  KL per latent dimension (nats): " + " ".join(f"{v:.3g}" for v in metrics["kl_per_dim"]))
+    if metrics.get("warning"):
+        print(f"warning: {metrics['warning']}")
 
 
 def _print_described(items: list[tuple[str, str]], width: int) -> None:

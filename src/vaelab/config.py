@@ -20,6 +20,7 @@ FORMAT_VERSION = 1  # bumped when the saved config or weight layout changes inco
 
 ARCHS = ("auto", "conv", "conv-pool", "mlp")
 LIKELIHOODS = ("bernoulli", "gaussian")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ class ModelConfig:
     gaussian_sigma: float = 1.0  # fixed observation noise of the Gaussian likelihood
     beta: float = 1.0  # weight of the KL term (β-VAE when != 1); ignored by plain autoencoders
     condition_dim: int = 0  # size of the condition (number of classes for labels); conditional models only
+    # VQ-VAE (model="vqvae"): K codes of size latent_dim on the encoder's grid; see models/quantizer.py
+    codebook_size: int = 512
+    vq_commitment: float = 0.25  # β of the commitment loss β||z_e - sg(e)||^2
+    vq_ema: bool = True  # codebook by exponential moving averages; False: by the codebook loss
+    vq_kmeans_init: bool = True  # codebook from k-means on the first training batch
+    vq_restart_after: int = 20  # training steps a code may go unused before it is restarted; 0 = never
+    # the VQ-VAE's autoregressive prior over its code grid, set by `vaelab train-prior` (see models/prior.py)
+    prior_layers: int = 0  # 0 = no prior yet
+    prior_channels: int = 32
+    prior_classes: int = 0  # > 0: a class-conditional prior over that many classes
 
     def problems(self) -> list[str]:
         from vaelab.models import MODELS  # the registry is the one place that knows model names
@@ -79,6 +90,7 @@ class ModelConfig:
             if not conditional and self.condition_dim:
                 out.append(f"condition_dim={self.condition_dim} is set but model={self.model!r} takes no "
                            "condition; use model='cvae'")
+        out.extend(_vq_problems(self))
         if self.input_shape is not None:
             out.extend(_shape_problems(self))
         return out
@@ -127,6 +139,7 @@ class TrainConfig:
     capacity_epochs: float = 0.0
     free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised; 0 = off
     iw_samples: int = 1  # importance samples of the IWAE bound; 1 = the ELBO
+    precision: str = "fp32"  # fp32 | bf16 (mixed precision: bf16 autocast forward, fp32 weights and losses)
     device: str = "auto"  # auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N
 
     def problems(self) -> list[str]:
@@ -165,6 +178,9 @@ class TrainConfig:
             out.append(f"device={self.device!r} is unknown; use auto, cpu, cuda, cuda:N or mps")
         if not _is_int(self.iw_samples) or self.iw_samples < 1:
             out.append(f"iw_samples={self.iw_samples!r} must be an integer >= 1 (1 = the plain ELBO)")
+        if self.precision not in PRECISIONS:
+            out.append(f"precision={self.precision!r} is unknown; choose one of {list(PRECISIONS)} (bf16 = "
+                       "mixed precision, faster on CPUs with AVX-512 BF16 / AMX and on recent GPUs)")
         return out
 
     def validate(self) -> TrainConfig:
@@ -295,6 +311,31 @@ def _shape_problems(cfg: ModelConfig) -> list[str]:
             return [f"input_shape={shape!r} is too small for {n} downsampling layers of arch={arch!r} "
                     f"(each halves H and W); use fewer channels entries or arch='mlp'"]
     return []
+
+
+def _vq_problems(cfg: ModelConfig) -> list[str]:
+    out = []
+    if not _is_int(cfg.codebook_size) or cfg.codebook_size < 2:
+        out.append(f"codebook_size={cfg.codebook_size!r} must be an integer >= 2 (the number of codes K)")
+    if not _is_nonneg(cfg.vq_commitment):
+        out.append(f"vq_commitment={cfg.vq_commitment!r} must be a finite number >= 0 (the paper uses 0.25)")
+    for name in ("vq_ema", "vq_kmeans_init"):
+        if not isinstance(getattr(cfg, name), bool):
+            out.append(f"{name}={getattr(cfg, name)!r} must be true or false")
+    for name, low in (("vq_restart_after", 0), ("prior_layers", 0), ("prior_channels", 1), ("prior_classes", 0)):
+        value = getattr(cfg, name)
+        if not _is_int(value) or value < low:
+            out.append(f"{name}={value!r} must be an integer >= {low}")
+    from vaelab.models import MODELS
+
+    cls = MODELS[cfg.model].cls if cfg.model in MODELS else None
+    if cls is not None and not getattr(cls, "quantized", False) and (cfg.prior_layers or cfg.prior_classes):
+        out.append(f"prior_layers / prior_classes describe a VQ-VAE's code prior, but model={cfg.model!r}; "
+                   "leave them at 0 (`vaelab train-prior` sets them for a vqvae run)")
+    archs = getattr(cls, "archs", ARCHS)
+    if cls is not None and cfg.arch in ARCHS and cfg.arch not in archs:
+        out.append(f"model={cfg.model!r} supports arch {' / '.join(archs)}, not arch={cfg.arch!r}")
+    return out
 
 
 def _to_jsonable(obj) -> dict:

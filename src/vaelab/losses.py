@@ -124,3 +124,25 @@ def vae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float
         penalty = (penalty - capacity).abs()
     return {"loss": recon + beta * penalty, "recon": recon, "kl": kl, "elbo": -(recon + kl),
             **pixel_metrics(target, out.recon, likelihood)}
+
+
+def vqvae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, commitment: float = 0.25,
+               target: torch.Tensor | None = None, **_) -> dict[str, torch.Tensor]:
+    """The VQ-VAE objective of van den Oord et al. 2017 (eq. 3), per sample:
+
+        recon + ||sg(z_e) - e||^2 + β ||z_e - sg(e)||^2        (β = `commitment`, sg = stop-gradient)
+
+    with the squared distances summed over the code grid, as recon is summed over the pixels. `out.posterior`
+    carries the encoder's output `z_e` and the chosen codes e as its `mean`; `out.recon` decoded the
+    straight-through code, so the reconstruction's gradient reaches the encoder. The codebook term has a
+    gradient only when the codebook is a parameter (vq_ema=False); under EMA updates the quantizer moves the
+    codebook and the term is a constant, kept so that "loss" is the same quantity in both modes.
+    "commitment" reports ||z_e - e||^2 without β.
+    """
+    target = x if target is None else target
+    z_e, codes = out.posterior.z_e, out.posterior.mean  # (B, D, *grid) each
+    recon = recon_nll(target, out.recon, likelihood, sigma)
+    commit = _flat((z_e - codes.detach()) ** 2).sum(1)  # pulls the encoder to its codes
+    codebook = _flat((z_e.detach() - codes) ** 2).sum(1)  # pulls the codes to the encoder (same value)
+    return {"loss": recon + codebook + commitment * commit, "recon": recon, "commitment": commit,
+            **pixel_metrics(target, out.recon, likelihood)}

@@ -98,11 +98,13 @@ def _cell_inches(ncol: int, h: int, w: int) -> float:
 
 
 def save_image_grid(images, path, nrow: int, title: str | None = None,
-                    row_labels: list[str] | None = None) -> str:
+                    row_labels: list[str] | None = None, col_labels: list[str] | None = None,
+                    xlabel: str | None = None) -> str:
     """Save images (N, C, H, W) with values in [0, 1] as a grid of `nrow` images per row; returns the path.
 
     One channel is drawn in gray, three (four) as RGB(A). Pixels are shown as crisp squares (no smoothing).
-    `row_labels` names the rows on the left (e.g. "original", "reconstruction").
+    `row_labels` names the rows on the left (e.g. "original", "reconstruction"), `col_labels` the columns
+    below the grid (e.g. the latent values of a traversal), with `xlabel` under them.
     """
     a = _to_hwc(_as_images(images))
     n, h, w = a.shape[:3]
@@ -111,13 +113,21 @@ def save_image_grid(images, path, nrow: int, title: str | None = None,
     pad = max(1, round(max(h, w) / 14))  # a thin gap between images, ~2 px for 28x28
     mosaic = _mosaic(a, nrow, pad, fill=1.0)
     scale = _scale(_cell_inches(nrow, h, w) * DPI / max(h, w))
-    fig, ax = _image_figure(mosaic.shape[:2], scale, left=0.02, right=0.02, bottom=0.02,
+    below = (0.3 if col_labels else 0.0) + (0.3 if xlabel else 0.0)
+    fig, ax = _image_figure(mosaic.shape[:2], scale, left=0.02, right=0.02, bottom=0.02 + below,
                             top=0.45 if title else 0.02)
     kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if mosaic.ndim == 2 else {}
     ax.imshow(mosaic, interpolation="nearest", **kw)
     for side in ax.spines.values():
         side.set_visible(False)
-    ax.set_xticks([])
+    if col_labels:
+        ax.set_xticks([c * (w + pad) + (w - 1) / 2 for c in range(min(nrow, len(col_labels)))])
+        ax.set_xticklabels(list(col_labels)[:nrow], fontsize=10)
+        ax.tick_params(axis="x", length=0)
+    else:
+        ax.set_xticks([])
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=11)
     if row_labels:
         ax.set_yticks([r * (h + pad) + (h - 1) / 2 for r in range(min(rows, len(row_labels)))])
         ax.set_yticklabels(list(row_labels)[:rows], fontsize=11)

@@ -77,7 +77,7 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
         from vaelab.evaluation.nll import importance_nll
 
         out.update(importance_nll(model, data, n_samples=nll_samples, binarize=binarize, seed=seed))
-    if latent and model.has_prior and not model.conditional:
+    if latent and model.has_prior:
         means, logvars = posterior_stats(model, data, batch_size)
         out.update(latent_health(means, logvars))
         if train_data is not None and data.y is not None and train_data.y is not None:

@@ -24,9 +24,9 @@ def _chunk_size(batch: int, dims: int, budget: int = 2**24) -> int:
 
 @torch.inference_mode()
 def log_likelihood(model, x: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
-                   chunk: int | None = None) -> torch.Tensor:
-    """Importance-sampled log p(x) per sample, (B,), in nats."""
-    post = model.encode(x)
+                   chunk: int | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance-sampled log p(x) per sample, (B,), in nats (log p(x | c) for a conditional model)."""
+    post = model.encode(x, condition)
     if not hasattr(post, "logvar"):
         raise VaelabError(f"the importance-sampled likelihood needs a model with a stochastic encoder (a VAE); "
                           f"model {model.config.model!r} has a deterministic one")
@@ -39,7 +39,8 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int, generator: torch.Gene
         eps = torch.randn((k, *post.mean.shape), generator=generator, dtype=post.mean.dtype,
                           device=post.mean.device)
         z = post.mean + post.std * eps  # (k, B, *latent)
-        recon = model.decode_raw(z.flatten(0, 1)).view(k, *x.shape)  # (k, B, *x)
+        cond = None if condition is None else condition.expand(k, *condition.shape).flatten(0, 1)
+        recon = model.decode_raw(z.flatten(0, 1), cond).view(k, *x.shape)  # (k, B, *x)
         log_w = log_importance_weights(x, recon, z, post.mean, post.logvar, model.config.likelihood,
                                        model.config.gaussian_sigma).double()  # (k, B)
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
@@ -66,7 +67,8 @@ def importance_nll(model, data, *, n_samples: int = 5000, batch_size: int = 100,
     for start in starts:
         idx = torch.arange(start, min(start + batch_size, len(data)))
         x = data.batch(idx, binarize=binarize, generator=gen)
-        parts.append(-log_likelihood(model, x, n_samples, generator=gen).double())
+        cond = data.labels(idx) if model.conditional else None
+        parts.append(-log_likelihood(model, x, n_samples, generator=gen, condition=cond).double())
     model.train(was_training)
     nll = torch.cat(parts)
     dims = math.prod(data.sample_shape)

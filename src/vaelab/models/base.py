@@ -26,6 +26,9 @@ class DiagonalGaussian:
         eps = torch.randn(shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
         return self.mean + self.std * eps
 
+    def float(self) -> DiagonalGaussian:
+        return DiagonalGaussian(self.mean.float(), self.logvar.float())
+
     def kl(self) -> torch.Tensor:
         from vaelab.losses import kl_standard_normal
 
@@ -41,6 +44,9 @@ class PointMass:
     def sample(self, generator: torch.Generator | None = None, n: int | None = None) -> torch.Tensor:
         return self.mean if n is None else self.mean.expand(n, *self.mean.shape)
 
+    def float(self) -> PointMass:
+        return PointMass(self.mean.float())
+
     def kl(self) -> torch.Tensor:
         return torch.zeros(self.mean.shape[0], dtype=self.mean.dtype, device=self.mean.device)
 
@@ -54,6 +60,10 @@ class ModelOutput:
     recon: torch.Tensor
     z: torch.Tensor  # (B, *latent_shape) the code that was decoded
     posterior: DiagonalGaussian | PointMass
+
+    def float(self) -> ModelOutput:
+        """The record in fp32: after a bf16 (mixed-precision) forward, losses are computed in fp32."""
+        return ModelOutput(recon=self.recon.float(), z=self.z.float(), posterior=self.posterior.float())
 
 
 class Autoencoder(nn.Module):

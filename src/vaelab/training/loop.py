@@ -8,8 +8,10 @@ uninterrupted run would be.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -96,11 +98,22 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
     if model.conditional and train.y is None:
         raise DataError(f"model {model.config.model!r} is conditional and needs labelled data; the training "
                         "set has no labels (use a dataset with labels, or an unconditional model)")
-    if cfg.iw_samples > 1 and not model.has_prior:
-        raise TrainingError(f"iw_samples={cfg.iw_samples} needs a model with a stochastic encoder (a VAE); "
-                            f"model {model.config.model!r} is deterministic")
+    if cfg.iw_samples > 1:
+        from vaelab.errors import ConfigError
+
+        clash = [f"iw_samples={cfg.iw_samples} needs a model with a stochastic encoder (a VAE); model "
+                 f"{model.config.model!r} is deterministic"] if not model.has_prior else []
+        # the IWAE bound has no separate KL term to weight: refuse what it would silently ignore
+        clash += [f"{name}={value!r} does not apply to the IWAE bound (iw_samples={cfg.iw_samples}); drop it "
+                  "or train the ELBO (iw_samples=1)"
+                  for name, value, off in (("beta", model.config.beta, 1.0), ("kl_schedule", cfg.kl_schedule,
+                                           "constant"), ("capacity", cfg.capacity, 0.0),
+                                           ("free_bits", cfg.free_bits, 0.0)) if value != off]
+        if clash:
+            raise ConfigError(clash, "training configuration")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     dist = Dist.from_env(cfg.device)  # a world of one unless launched by torchrun
     model.to(dist.device)
     loss_fn = MODELS[model.config.model].loss
@@ -140,9 +153,10 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
             x = train.batch(idx, binarize=cfg.binarize, generator=gen).to(dist.device)  # (B, C, H, W) / (B, D)
             x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
             cond = train.labels(idx).to(dist.device) if model.conditional else None
-            out = net(x_in, cond, n_samples=cfg.iw_samples)
-            # per-sample terms, (B,) each; the clean x is the target
-            terms = loss_fn(x_in, out, target=x, **objective_weights(model, cfg, global_step, steps))
+            with autocast(cfg.precision, x):  # bf16 mixed precision when asked for; weights stay fp32
+                out = net(x_in, cond, n_samples=cfg.iw_samples)
+            # per-sample terms in fp32, (B,) each; the clean x is the target
+            terms = loss_fn(x_in, out.float(), target=x, **objective_weights(model, cfg, global_step, steps))
             # the global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its sum
             # by world / global batch size (exact for any split; for one process this is the mean)
             loss = terms["loss"].sum() / len(batch_idx) * dist.world
@@ -206,6 +220,35 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
 
 
 _SHOWN = ("loss", "recon", "kl", "bce")
+
+
+def autocast(precision: str, x: torch.Tensor):
+    """The forward pass's autocast context: bf16 matmuls and convolutions for precision="bf16" (on a CPU
+    with AVX-512 BF16 the seed AE trains 1.3x faster); a no-op for "fp32"."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS (once per process).
+
+    A training step allocates and frees the same multi-MB activation tensors every time. glibc serves
+    such sizes with fresh mmap()s and trims its heap on free, so each step page-faults its activations in
+    again: 37,000 page faults per step for the seed AE, about 40% of its time on this 2-core VM (23 -> 13
+    s per epoch with the allocator tuned; PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the
+    same reason). Raising the mmap threshold to glibc's maximum (32 MiB) and turning off heap trimming
+    keeps the pages mapped; the process's memory then stays at its peak. A no-op on other C libraries.
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (ValueError, OSError, AttributeError):  # no confstr name, no glibc, no mallopt
+        return False
 
 
 def _progress(cfg: TrainConfig, total: int, desc: str):

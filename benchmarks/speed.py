@@ -1,0 +1,298 @@
+"""Training speed of the tutorial presets: vaelab's `fit` against a plain PyTorch loop and the tutorial's Keras.
+
+    python benchmarks/speed.py                                   # both presets, 3 epochs, fp32 and bf16
+    python benchmarks/speed.py --epochs 10 --tf-python /tmp/venv-tf/bin/python
+    python benchmarks/speed.py --presets seed-vae --precisions fp32 --runs vaelab
+
+Every run trains on MNIST (60,000 images) and validates on the 10,000 test images after each epoch, in its own
+subprocess (so its peak RSS is its own):
+- vaelab:    the preset through `vaelab.training.fit`, as `vaelab train` runs it: progress bar, metrics and a
+             checkpoint + model written every epoch; --precisions fp32 (default) and bf16 (mixed precision).
+- reference: the same network written as a plain PyTorch loop (kept below, DataLoader-free: the whole set as one
+             float tensor, batches sliced from it; default PyTorch settings), the same batch size.
+- keras:     with --tf-python, the tutorial's own Keras code (../shared/bench/tf_train.py, --inter-op 1).
+
+The table reports steady seconds per epoch (the median of the epochs after the first, training + validation as
+Keras counts an epoch), images/s (70,000 per epoch), the fraction of the fp32 peak (the epoch's FLOPs at the
+measured 200 GFLOP/s 2-core fp32 matmul peak over the measured time), the last epoch's test loss, peak RSS, and
+the speed-up over Keras. A last row times encoding all 70,000 images with the trained VAE (`model.embed`).
+Results go to benchmarks/results/speed.json. The machine is shared and noisy: compare runs of one sitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TF_SCRIPT = REPO.parent / "shared" / "bench" / "tf_train.py"
+PRESETS = ("seed-conv-ae", "seed-vae")
+KERAS_MODEL = {"seed-conv-ae": "ae", "seed-vae": "vae"}
+BATCH = {"seed-conv-ae": 256, "seed-vae": 128}  # the tutorial's batch sizes
+# forward + backward FLOPs per training image (counted layer by layer; a validation image costs a third)
+TRAIN_FLOPS = {"seed-conv-ae": 13.8e6, "seed-vae": 39.9e6}
+PEAK_FLOPS = 200e9  # measured fp32 matmul peak of the 2-core reference machine
+N_TRAIN, N_TEST = 60_000, 10_000
+
+
+def epoch_bound_s(preset: str) -> float:
+    """The fp32 lower bound of one epoch: 60,000 training + 10,000 validation images at the peak."""
+    return (N_TRAIN + N_TEST / 3) * TRAIN_FLOPS[preset] / PEAK_FLOPS
+
+
+# ------------------------------------------------------------------------------------ child: vaelab's fit
+
+
+def child_vaelab(args) -> dict:
+    sys.path.insert(0, str(REPO / "src"))
+    import torch
+
+    from vaelab.config import get_preset
+    from vaelab.data import load_dataset
+    from vaelab.models import build_model
+    from vaelab.training import fit
+
+    data = load_dataset("mnist", args.data_dir, progress=False)
+    preset = get_preset(args.preset)
+    torch.manual_seed(args.seed)
+    model = build_model(preset.model, input_shape=data.train.sample_shape)
+    cfg = preset.train.replace(epochs=args.epochs, seed=args.seed, precision=args.precision, progress=True)
+    with tempfile.TemporaryDirectory() as run_dir:  # checkpoints and metrics written every epoch, as the CLI
+        t0 = time.perf_counter()
+        history = fit(model, data.train, data.test, cfg, out=run_dir)
+        wall = time.perf_counter() - t0
+    last = history[-1]
+    result = {"epoch_s": [r["time_s"] for r in history], "fit_wall_s": wall,
+              "test_loss": last["val_loss"], "test_bce": last["val_bce"]}
+    if model.has_prior:  # inference throughput: encode every image (train + test) to its latent mean
+        images = torch.cat([data.train.x, data.test.x])
+        t0 = time.perf_counter()
+        for start in range(0, len(images), 1000):
+            model.embed(images[start:start + 1000].float() / 255)
+        result["encode_s"] = time.perf_counter() - t0
+        result["encode_images"] = len(images)
+    return result
+
+
+# ------------------------------------------------------------------- child: the plain PyTorch reference
+
+
+def reference_model(preset: str):
+    """The tutorial's network as a PyTorch user would write it (default init, NCHW, logits out)."""
+    from torch import nn
+
+    if preset == "seed-conv-ae":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 14, 14)
+            nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 7, 7)
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2),  # (B, 16, 14, 14)
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2),  # (B, 32, 28, 28)
+            nn.Conv2d(32, 1, 3, padding=1))  # logits (B, 1, 28, 28)
+
+    class VAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(
+                nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.ReLU(),  # (B, 32, 14, 14)
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),  # (B, 64, 7, 7)
+                nn.Flatten(), nn.Linear(64 * 7 * 7, 16), nn.ReLU(), nn.Linear(16, 4))  # mean, log-variance
+            self.decoder = nn.Sequential(
+                nn.Linear(2, 64 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
+                nn.ConvTranspose2d(64, 64, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+                nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+                nn.ConvTranspose2d(32, 1, 3, padding=1))  # logits (B, 1, 28, 28)
+
+        def forward(self, x):
+            import torch
+
+            mean, logvar = self.encoder(x).chunk(2, dim=1)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            return self.decoder(z), mean, logvar
+
+    return VAE()
+
+
+def child_reference(args) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO / "src"))
+    from vaelab.data import load_dataset
+
+    data = load_dataset("mnist", args.data_dir, progress=False)
+    x_train = data.train.x.float() / 255  # (60000, 1, 28, 28), the whole set in memory
+    x_test = data.test.x.float() / 255
+    torch.manual_seed(args.seed)
+    model = reference_model(args.preset)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    vae = args.preset == "seed-vae"
+
+    def loss_of(x):
+        if vae:
+            logits, mean, logvar = model(x)
+            bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+            kl = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(1)
+            return (bce + kl).mean()
+        return F.binary_cross_entropy_with_logits(model(x), x)
+
+    bs, epoch_s, test_loss = BATCH[args.preset], [], None
+    for _ in range(args.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for idx in torch.randperm(len(x_train)).split(bs):
+            loss = loss_of(x_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            test_loss = float(np.mean([float(loss_of(x_test[i:i + bs])) for i in range(0, len(x_test), bs)]))
+        epoch_s.append(time.perf_counter() - t0)
+    return {"epoch_s": epoch_s, "test_loss": test_loss}
+
+
+# --------------------------------------------------------------------------------- child: Keras (TF venv)
+
+
+def run_keras(args, preset: str) -> dict:
+    cmd = [args.tf_python, str(TF_SCRIPT), "--model", KERAS_MODEL[preset], "--dataset", "mnist",
+           "--epochs", str(args.epochs), "--inter-op", "1"]
+    env = dict(os.environ, ANCHORS_DATA=args.data_dir, TF_CPP_MIN_LOG_LEVEL="2")
+    out, rss_mb = _run(cmd, env)
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"tf_train.py printed no RESULT line:\n{out[-2000:]}")
+    res = json.loads(line[len("RESULT "):])
+    epochs = [r["total_s"] for r in map(json.loads, (ln for ln in out.splitlines() if ln.startswith('{"epoch"')))]
+    loss_key = "final_val_loss"
+    return {"epoch_s": epochs or [res["first_epoch_s"]] + [res["steady_epoch_s"]] * (args.epochs - 1),
+            "test_loss": res[loss_key], "test_bce": res[loss_key] if preset == "seed-conv-ae" else None,
+            "peak_rss_mb": rss_mb, "tf": res.get("tf")}
+
+
+# ----------------------------------------------------------------------------------------------- parent
+
+
+def _run(cmd: list[str], env=None) -> tuple[str, float]:
+    """Run cmd, return (stdout, its peak RSS in MB) from the child's own rusage."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        out = log.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{out[-3000:]}")
+    return out, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_child(args, kind: str, preset: str, precision: str = "fp32") -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--preset", preset, "--precision", precision,
+           "--epochs", str(args.epochs), "--seed", str(args.seed), "--data-dir", args.data_dir]
+    out, rss_mb = _run(cmd)
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_mb"] = rss_mb
+    return res
+
+
+def summarize(name: str, preset: str, res: dict) -> dict:
+    epochs = res["epoch_s"]
+    steady = statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
+    row = {"run": name, "preset": preset, "steady_epoch_s": round(steady, 2), "first_epoch_s": round(epochs[0], 2),
+           "images_per_s": round((N_TRAIN + N_TEST) / steady), "peak_fraction": round(epoch_bound_s(preset) / steady, 3),
+           "test_loss": res.get("test_loss"), "test_bce": res.get("test_bce"),
+           "peak_rss_mb": round(res["peak_rss_mb"]), "epoch_s": [round(e, 2) for e in epochs]}
+    for k in ("fit_wall_s", "encode_s", "encode_images", "tf"):
+        if k in res:
+            row[k] = res[k]
+    return row
+
+
+def print_table(rows: list[dict], keras: dict[str, float]) -> None:
+    head = ["run", "s/epoch", "images/s", "% of fp32 peak", "test loss", "peak RSS MB", "vs Keras"]
+    table = [head]
+    for r in rows:
+        k = keras.get(r["preset"])
+        loss = r["test_bce"] if r["preset"] == "seed-conv-ae" and r.get("test_bce") is not None else r["test_loss"]
+        table.append([r["run"], f"{r['steady_epoch_s']:.2f}", f"{r['images_per_s']:,}",
+                      f"{100 * r['peak_fraction']:.0f}%", f"{loss:.4g}" if loss is not None else "-",
+                      f"{r['peak_rss_mb']:,}", f"{k / r['steady_epoch_s']:.2f}x" if k else "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print("  (test loss: BCE per pixel for the AE, negative ELBO in nats for the VAE; vs Keras = Keras s/epoch / "
+          "this run's; % of peak = the fp32 FLOP bound of an epoch / its time)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run [default 3; steady = epochs after the 1st]")
+    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--runs", default="keras,reference,vaelab", help="comma-separated subset of keras,reference,vaelab")
+    p.add_argument("--precisions", default="fp32,bf16", help="vaelab precisions to run [default fp32,bf16]")
+    p.add_argument("--tf-python", default=None, help="python of a venv with tensorflow-cpu: adds the Keras runs")
+    p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
+    p.add_argument("--child", choices=["vaelab", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--preset", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:  # one run inside its own process: print its result as the last line
+        result = child_vaelab(args) if args.child == "vaelab" else child_reference(args)
+        print(json.dumps(result), flush=True)
+        return 0
+
+    presets = [s for s in args.presets.split(",") if s]
+    runs = [s for s in args.runs.split(",") if s]
+    if args.tf_python is None:
+        runs = [r for r in runs if r != "keras"]
+    elif not TF_SCRIPT.is_file():
+        p.error(f"--tf-python needs {TF_SCRIPT}")
+    rows, keras = [], {}
+    for preset in presets:
+        jobs = [("keras", None)] * ("keras" in runs) + [("reference", None)] * ("reference" in runs) + \
+               [("vaelab", prec) for prec in args.precisions.split(",") if prec] * ("vaelab" in runs)
+        for kind, precision in jobs:
+            name = {"keras": "Keras (tutorial)", "reference": "plain PyTorch loop"}.get(kind, f"vaelab {precision}")
+            print(f"{preset}: {name}, {args.epochs} epochs ...", flush=True)
+            res = run_keras(args, preset) if kind == "keras" else run_child(args, kind, preset, precision or "fp32")
+            row = summarize(f"{preset} {name}", preset, res)
+            row["kind"], row["precision"] = kind, precision
+            if kind == "keras":
+                keras[preset] = row["steady_epoch_s"]
+            rows.append(row)
+            print(f"  {row['steady_epoch_s']:.2f} s/epoch (epochs {row['epoch_s']}), test loss {row['test_loss']:.4g}, "
+                  f"peak RSS {row['peak_rss_mb']} MB", flush=True)
+    print()
+    print_table(rows, keras)
+    for r in rows:
+        if "encode_s" in r:
+            print(f"  {r['run']}: encoded {r['encode_images']:,} images in {r['encode_s']:.2f} s = "
+                  f"{r['encode_images'] / r['encode_s']:,.0f} images/s (inference)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    payload = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                           "cpu": platform.processor() or platform.machine()},
+               "epochs": args.epochs, "peak_flops": PEAK_FLOPS, "train_flops_per_image": TRAIN_FLOPS,
+               "rows": rows, "keras_steady_epoch_s": keras,
+               "speedup_vs_keras": {r["run"]: round(keras[r["preset"]] / r["steady_epoch_s"], 2)
+                                    for r in rows if r["preset"] in keras}}
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

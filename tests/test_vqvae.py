@@ -1,0 +1,383 @@
+"""The VQ-VAE: its quantizer, loss, codebook health, code round trips, the code prior, and distributed codebooks.
+
+The contract every registered model keeps (tests/test_models.py) covers the VQ-VAE too; these tests check what
+is special to it, with closed forms where there are some.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaelab.data import ArrayDataset, load_dataset
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.losses import vqvae_loss
+from vaelab.models import ModelOutput, build_model, from_pretrained
+from vaelab.models.quantizer import VectorQuantizer, kmeans, usage_metrics
+from vaelab.models.vqvae import CodePosterior, codebook_usage
+from vaelab.training import fit
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(model="vqvae", channels=(4, 8), latent_dim=3, codebook_size=16)
+
+
+def _data(n=64, shape=(1, 8, 8), seed=0, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    return ArrayDataset(torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g), torch.arange(n) % classes)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------- the quantizer
+
+
+def test_quantizer_picks_the_nearest_code_in_fp32_even_under_bf16_autocast():
+    torch.manual_seed(0)
+    q = VectorQuantizer(32, 4, kmeans_init=False).eval()
+    q.codebook.normal_()
+    z_e = torch.randn(5, 4, 3, 3)
+    codes, idx = q(z_e)
+    flat = z_e.movedim(1, -1).reshape(-1, 4)
+    assert torch.equal(idx.flatten(), torch.cdist(flat, q.codebook).argmin(1))  # brute force
+    assert torch.equal(codes, q.codebook[idx].movedim(-1, 1)) and codes.shape == z_e.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 input is compared against the fp32 codebook
+        codes16, idx16 = q(z_e.bfloat16())
+    assert codes16.dtype == torch.float32 and q.codebook.dtype == torch.float32
+    assert torch.equal(idx16, q(z_e.bfloat16().float())[1])
+
+
+def test_ema_update_matches_its_closed_form():
+    q = VectorQuantizer(3, 2, decay=0.9, eps=1e-5, kmeans_init=False, restart_after=0).train()
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+    q.embed_sum.copy_(q.codebook * 2.0)
+    q.cluster_size.fill_(2.0)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 1.0]])  # two points for code 0, one for code 1, none for 2
+    q(x[:, :, None, None])
+    n = torch.tensor([0.9 * 2 + 0.1 * 2, 0.9 * 2 + 0.1 * 1, 0.9 * 2])
+    m = torch.tensor([[0.1 * 1.0, 0.1 * 1.0], [18.0 + 0.9, 0.1], [0.0, 18.0]])
+    torch.testing.assert_close(q.cluster_size, n)
+    torch.testing.assert_close(q.embed_sum, m)
+    smoothed = (n + 1e-5) / (n.sum() + 3e-5) * n.sum()  # Laplace smoothing keeps the total count
+    torch.testing.assert_close(q.codebook, m / smoothed[:, None])
+    assert q.unused_steps.tolist() == [0, 0, 1]
+    assert torch.equal(q.counts, torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64))
+
+
+def test_first_training_batch_initializes_the_codebook_by_kmeans():
+    torch.manual_seed(0)
+    q = VectorQuantizer(4, 2, restart_after=0).train()
+    x = torch.cat([torch.randn(40, 2) * 0.05 + torch.tensor(c) for c in ([0, 0], [3, 0], [0, 3], [3, 3])])
+    assert not q.initialized
+    q(x[:, :, None, None])
+    assert q.initialized
+    # every code is a fixed point of Lloyd's algorithm on the batch: the mean of the points nearest to it
+    # (the EMA step that follows the initialization leaves a fixed point where it is)
+    assign = torch.cdist(x, q.codebook).argmin(1)
+    for k in assign.unique():
+        torch.testing.assert_close(q.codebook[k], x[assign == k].mean(0), rtol=0, atol=1e-4)
+    centroids, counts = kmeans(x, 4)
+    assert counts.sum() == len(x)
+    before = _state(q)
+    q(x[:, :, None, None], update=False)  # a reading call changes nothing
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+
+
+def test_a_code_unused_for_n_steps_is_restarted_on_an_encoder_output():
+    torch.manual_seed(0)
+    q = VectorQuantizer(3, 2, kmeans_init=False, restart_after=3).train()
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [100.0, 100.0]]))  # code 2: far from everything
+    q.embed_sum.copy_(q.codebook)
+    x = torch.rand(20, 2)[:, :, None, None]
+    for step in range(3):
+        assert q.unused_steps[2] == step
+        q(x)
+    assert q.unused_steps[2] == 0 and q.usage()["code_restarts"] == 1
+    assert (q.codebook[2] == x.flatten(1)).all(1).any(), "the restarted code is one of the batch's outputs"
+
+
+def test_without_kmeans_and_restarts_codes_collapse_and_with_them_they_do_not():
+    digits = load_dataset("digits")
+    used = {}
+    for fixes in (False, True):
+        torch.manual_seed(0)
+        model = build_model(model="vqvae", channels=(16, 32), latent_dim=8, codebook_size=32,
+                            vq_kmeans_init=fixes, vq_restart_after=10 if fixes else 0,
+                            input_shape=digits.train.sample_shape)
+        fit(model, digits.train, None, epochs=5, batch_size=64, progress=False)
+        used[fixes] = codebook_usage(model, digits.test)
+    # measured: 100% of the codes used (perplexity 23) with the fixes, 6% (perplexity 1.9) without
+    assert used[True]["codes_used"] >= 0.9 and used[False]["codes_used"] <= 0.25, used
+    assert used[True]["perplexity"] > 5 * used[False]["perplexity"], used
+
+
+def test_usage_metrics():
+    assert usage_metrics(torch.tensor([5.0, 5.0, 5.0, 5.0])) == pytest.approx(
+        {"perplexity": 4.0, "codes_used": 1.0, "dead_codes": 0})
+    assert usage_metrics(torch.tensor([7.0, 0.0, 0.0, 0.0])) == pytest.approx(
+        {"perplexity": 1.0, "codes_used": 0.25, "dead_codes": 3})
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def test_vqvae_loss_is_the_papers_objective_with_gradients_on_the_right_terms():
+    x = torch.rand(2, 1, 2, 2)
+    recon = torch.zeros(2, 1, 2, 2, requires_grad=True)
+    z_e = torch.randn(2, 3, 2, 2, requires_grad=True)
+    codes = torch.randn(2, 3, 2, 2, requires_grad=True)  # as if gathered from a codebook parameter
+    out = ModelOutput(recon=recon, z=codes, posterior=CodePosterior(codes, z_e, None))
+    terms = vqvae_loss(x, out, likelihood="bernoulli", commitment=0.25)
+    d = ((z_e - codes) ** 2).flatten(1).sum(1)
+    recon_nll = torch.nn.functional.binary_cross_entropy_with_logits(recon, x, reduction="none").flatten(1).sum(1)
+    torch.testing.assert_close(terms["commitment"], d)
+    torch.testing.assert_close(terms["loss"], recon_nll + 1.25 * d)  # recon + codebook + β commitment
+    assert set(terms) == {"loss", "recon", "commitment", "bce", "mse"}
+    terms["loss"].sum().backward()
+    torch.testing.assert_close(z_e.grad, 2 * 0.25 * (z_e - codes).detach())  # commitment: β pulls the encoder
+    torch.testing.assert_close(codes.grad, 2 * (codes - z_e).detach())  # codebook loss: pulls the codes
+
+
+def test_straight_through_gradient_reaches_the_encoder_and_ema_codebook_gets_none():
+    torch.manual_seed(0)
+    model = build_model(input_shape=(1, 8, 8), **TINY).train()
+    out = model(_data(4).batch(slice(0, 4)))
+    grad_z, = torch.autograd.grad(out.recon.sum(), out.z, retain_graph=True)
+    grad_ze, = torch.autograd.grad(out.recon.sum(), out.posterior.z_e)
+    torch.testing.assert_close(grad_ze, grad_z)  # the decoder's gradient, copied to z_e unchanged
+    assert not model.quantizer.codebook.requires_grad  # a buffer: the EMA moves it
+
+
+# ------------------------------------------------------------ training options, evaluation, persistence
+
+
+@pytest.mark.parametrize("ema,kmeans_init,restart", list(itertools.product([True, False], repeat=3)))
+def test_every_option_combination_trains_and_evaluation_leaves_it_alone(ema, kmeans_init, restart, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(input_shape=(1, 8, 8), vq_ema=ema, vq_kmeans_init=kmeans_init,
+                        vq_restart_after=2 if restart else 0, **TINY)
+    data = _data()
+    codebook = model.quantizer.codebook.detach().clone()
+    history = fit(model, data, data, epochs=2, batch_size=16, progress=False)
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
+    assert not torch.equal(codebook, model.quantizer.codebook)  # EMA, k-means, restarts or the codebook loss
+    assert model.quantizer.codebook.dtype == torch.float32
+    after = _state(model)
+    model.train()  # even in training mode, inference-mode calls read the codebook and change nothing
+    model.reconstruct(data.batch(slice(0, 8)))
+    model.encode_indices(data.batch(slice(0, 8)))
+    model.eval()
+    codebook_usage(model, data)
+    assert all(torch.equal(after[k], v) for k, v in _state(model).items())
+
+
+def test_codebook_state_is_saved_reloaded_and_resumed_exactly(tmp_path):
+    data = _data()
+    torch.manual_seed(0)
+    straight = build_model(input_shape=(1, 8, 8), vq_restart_after=2, **TINY)
+    fit(straight, data, None, epochs=3, batch_size=16, progress=False, out=tmp_path / "a")
+    torch.manual_seed(0)
+    resumed = build_model(input_shape=(1, 8, 8), vq_restart_after=2, **TINY)
+    fit(resumed, data, None, epochs=1, batch_size=16, progress=False, out=tmp_path / "b")
+    fit(resumed, data, None, epochs=3, batch_size=16, progress=False, out=tmp_path / "b", resume=True)
+    a, b = _state(straight), _state(resumed)
+    assert {"quantizer.codebook", "quantizer.cluster_size", "quantizer.embed_sum", "quantizer.unused_steps",
+            "quantizer.initialized"} <= set(a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    loaded = from_pretrained(tmp_path / "a")
+    for k, v in _state(loaded).items():
+        assert torch.equal(v, a[k]), k
+
+
+def test_bf16_training_keeps_the_codebook_in_fp32():
+    torch.manual_seed(0)
+    model = build_model(input_shape=(1, 8, 8), **TINY)
+    fit(model, _data(), None, epochs=1, batch_size=16, progress=False, precision="bf16")
+    q = model.quantizer
+    assert q.codebook.dtype == q.embed_sum.dtype == q.cluster_size.dtype == torch.float32
+    assert torch.isfinite(q.codebook).all()
+
+
+def test_indices_round_trip_exactly():
+    torch.manual_seed(0)
+    model = build_model(input_shape=(1, 8, 8), **TINY)
+    data = _data()
+    fit(model, data, None, epochs=1, batch_size=16, progress=False)
+    x = data.batch(slice(0, 8))
+    idx = model.encode_indices(x)
+    assert idx.shape == (8, *model.grid) and idx.dtype == torch.int64
+    assert torch.equal(model.decode_indices(idx), model.reconstruct(x))
+    assert torch.equal(model.encode_indices(x), idx)
+    distinct = model.quantizer.codebook.unique(dim=0).shape[0] == model.config.codebook_size
+    if distinct:  # the codes of indices quantize back to the same indices
+        assert torch.equal(model.quantizer(model.quantizer.lookup(idx), update=False)[1], idx)
+
+
+def test_vector_data_gets_one_code_per_sample():
+    model = build_model(model="vqvae", hidden=(16,), latent_dim=4, codebook_size=8, input_shape=(12,))
+    data = ArrayDataset(torch.rand(32, 12), scale=1.0)
+    fit(model, data, None, epochs=1, batch_size=16, progress=False)
+    assert model.latent_shape == (4, 1, 1) and model.encode_indices(data.batch(slice(0, 5))).shape == (5, 1, 1)
+
+
+def test_invalid_settings_are_reported_together():
+    with pytest.raises(ConfigError) as e:
+        build_model(model="vqvae", codebook_size=1, vq_commitment=-1.0, vq_restart_after=-5, arch="conv-pool",
+                    input_shape=(1, 8, 8))
+    msg = str(e.value)
+    assert "4 problems" in msg and "codebook_size=1" in msg and "vq_commitment=-1.0" in msg
+    assert "vq_restart_after=-5" in msg and "arch='conv-pool'" in msg
+    with pytest.raises(ConfigError, match="prior_layers"):
+        build_model(model="ae", prior_layers=4, input_shape=(1, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------- the prior
+
+
+def test_prior_is_causal_in_raster_order():
+    from vaelab.models.prior import CodePrior
+
+    torch.manual_seed(0)
+    prior = CodePrior(5, (4, 4), channels=8, layers=3, classes=2).eval()
+    idx = torch.randint(5, (1, 4, 4))
+    base = prior(idx, torch.tensor([1]))
+    for q in range(16):  # changing the code at position q changes no prediction at positions <= q
+        changed = idx.clone()
+        changed.view(-1)[q] = (changed.view(-1)[q] + 1) % 5
+        diff = (prior(changed, torch.tensor([1])) - base).abs().amax(1).flatten()  # (16,)
+        assert (diff[:q + 1] == 0).all(), q
+        if q < 15:
+            assert diff[q + 1:].max() > 0  # and the later positions do see it
+    assert not torch.equal(prior(idx, torch.tensor([0])), base)  # the label conditions every position
+
+
+def test_sampling_needs_the_prior_and_then_generates(tmp_path):
+    from vaelab.prior import fit_prior
+
+    torch.manual_seed(0)
+    model = build_model(input_shape=(1, 8, 8), **TINY)
+    data = _data()
+    fit(model, data, None, epochs=1, batch_size=16, progress=False)
+    with pytest.raises(VaelabError, match="vaelab train-prior"):
+        model.sample(4)
+    history = fit_prior(model, data, data, epochs=2, layers=2, channels=8, batch_size=16)
+    assert [r["epoch"] for r in history] == [1, 2] and history[-1]["test_bits_per_code"] > 0
+    assert model.config.prior_classes == 3 and model.can_sample
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    s = model.sample(6, generator=g())
+    assert s.shape == (6, 1, 8, 8) and 0 <= s.min() and s.max() <= 1
+    assert torch.equal(s, model.sample(6, generator=g()))
+    threes = model.sample(6, generator=g(), condition=2)
+    with pytest.raises(VaelabError, match=r"class indices in \[0, 3\)"):
+        model.sample(2, condition=torch.tensor([0, 3]))
+    model.save_pretrained(tmp_path / "m")  # the prior travels in config.json + model.safetensors
+    loaded = from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config and loaded.prior is not None
+    assert torch.equal(loaded.sample(6, generator=g(), condition=2), threes)
+
+
+def test_train_prior_on_a_run_directory(tmp_path):
+    from vaelab.prior import train_prior
+
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model(model="vqvae", channels=(8, 16), latent_dim=4, codebook_size=16,
+                        input_shape=digits.train.sample_shape)
+    run = tmp_path / "run"
+    fit(model, digits.train, None, epochs=1, batch_size=128, progress=False, out=run,
+        run_info={"data": {"dataset": "digits", "data_dir": None}})
+    history = train_prior(run, epochs=1, layers=2, channels=8, progress=False)
+    assert "test_bits_per_code" in history[0]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["prior_layers"] == 2 and cfg["model"]["prior_classes"] == 10
+    assert cfg["prior"]["epochs"] == 1 and cfg["prior"]["classes"] == [str(i) for i in range(10)]
+    assert (run / "prior_metrics.jsonl").is_file()
+    assert from_pretrained(run).sample(3, condition=7).shape == (3, 1, 8, 8)
+
+
+def test_train_prior_parser_does_not_import_torch():
+    code = ("import argparse, sys; from vaelab.prior import add_train_prior_parser; "
+            "p = argparse.ArgumentParser(); add_train_prior_parser(p.add_subparsers()); "
+            "a = p.parse_args(['train-prior', 'runs/vq', '--epochs', '3']); "
+            "assert a.epochs == 3 and a.func.__name__ == 'run_train_prior'; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": ""}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from vaelab.data import load_dataset
+from vaelab.models import build_model
+from vaelab.models.quantizer import VectorQuantizer
+from vaelab.training import fit
+
+out = sys.argv[1]
+# (a) the quantizer alone: each rank sees its half of a batch; the all-reduced EMA equals one process's
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+x = torch.randn(64, 3, 4, 4)
+q = VectorQuantizer(8, 3, restart_after=0).train()
+q(x[rank::2])  # step 0: k-means on rank 0's half, broadcast
+save_file({k: v.contiguous() for k, v in q.state_dict().items()}, f"{out}/start{rank}.safetensors")
+for step in range(3):  # steps on the two halves of each batch
+    q(x[rank::2])
+save_file({k: v.contiguous() for k, v in q.state_dict().items()}, f"{out}/quantizer{rank}.safetensors")
+# (b) a VQ-VAE trained by the one loop under DDP
+torch.manual_seed(0)
+digits = load_dataset("digits")
+model = build_model(model="vqvae", channels=(8, 16), latent_dim=4, codebook_size=32, vq_restart_after=3,
+                    input_shape=digits.train.sample_shape)
+fit(model, digits.train, None, epochs=1, batch_size=100, progress=False)
+save_file({k: v.contiguous() for k, v in model.quantizer.state_dict().items()}, f"{out}/model{rank}.safetensors")
+"""
+
+
+def _env():
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def test_two_processes_hold_identical_codebooks(tmp_path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("quantizer", "model"):
+        a, b = load_file(str(tmp_path / f"{name}0.safetensors")), load_file(str(tmp_path / f"{name}1.safetensors"))
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs between the ranks"
+    assert load_file(str(tmp_path / "model0.safetensors"))["initialized"]
+    # the all-reduced EMA of the halves is one process's EMA of the whole batches
+    ref = VectorQuantizer(8, 3, restart_after=0).train()
+    ref.load_state_dict(load_file(str(tmp_path / "start0.safetensors")))
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 4, 4)
+    for _ in range(3):
+        ref(x)
+    q = load_file(str(tmp_path / "quantizer0.safetensors"))
+    for k in ("codebook", "cluster_size", "embed_sum"):
+        torch.testing.assert_close(q[k], ref.state_dict()[k], rtol=1e-5, atol=1e-5)
