@@ -292,3 +292,15 @@ def test_resume_continues_exactly(tmp_path):
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["epochs"] == 2
+
+
+def test_evaluate_with_the_likelihood_and_probes(run, tmp_path):
+    out = tmp_path / "ev.json"
+    proc = vaelab("evaluate", run, "--nll-samples", 10, "--binarize", "dynamic", "--probes", "--out", out,
+                  check=0)
+    metrics = json.loads(out.read_text())["metrics"] if "metrics" in json.loads(out.read_text()) \
+        else json.loads(out.read_text())
+    flat = json.dumps(metrics)
+    for key in ("nll", "nll_se", "linear_probe_accuracy", "knn5_accuracy", "active_units"):
+        assert f'"{key}"' in flat, key
+    assert "nll" in proc.stdout

@@ -16,7 +16,9 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
     (a training.distributed.Dist under torchrun) each rank evaluates its share and the means are global.
     """
     from vaelab.models import MODELS
-    from vaelab.training.loop import Meter, loss_weights
+    from vaelab.training.loop import Meter, keep_freed_memory, loss_weights
+
+    keep_freed_memory()  # no page faults per batch (see there): 1.0 -> 0.65 s for the seed AE on the 10k test images
 
     loss_fn = MODELS[model.config.model].loss
     weights = loss_weights(model)
