@@ -265,13 +265,18 @@ def main(argv=None) -> int:
         for kind, precision in jobs:
             name = {"keras": "Keras (tutorial)", "reference": "plain PyTorch loop"}.get(kind, f"vaelab {precision}")
             print(f"{preset}: {name}, {args.epochs} epochs ...", flush=True)
-            res = run_keras(args, preset) if kind == "keras" else run_child(args, kind, preset, precision or "fp32")
+            try:
+                res = run_keras(args, preset) if kind == "keras" else run_child(args, kind, preset, precision or "fp32")
+            except RuntimeError as e:  # one failed run (killed, out of memory) does not lose the others
+                print(f"  FAILED: {str(e)[:300]}", flush=True)
+                continue
             row = summarize(f"{preset} {name}", preset, res)
             row["kind"], row["precision"] = kind, precision
             if kind == "keras":
                 keras[preset] = row["steady_epoch_s"]
             rows.append(row)
-            print(f"  {row['steady_epoch_s']:.2f} s/epoch (epochs {row['epoch_s']}), test loss {row['test_loss']:.4g}, "
+            loss = row["test_bce"] if preset == "seed-conv-ae" and row.get("test_bce") is not None else row["test_loss"]
+            print(f"  {row['steady_epoch_s']:.2f} s/epoch (epochs {row['epoch_s']}), test loss {loss:.4g}, "
                   f"peak RSS {row['peak_rss_mb']} MB", flush=True)
     print()
     print_table(rows, keras)

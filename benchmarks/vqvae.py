@@ -55,7 +55,7 @@ from vaelab.models.vqvae import codebook_usage  # noqa: E402
 from vaelab.plotting import save_image_grid  # noqa: E402
 from vaelab.prior import encode_codes, fit_prior, prior_nll  # noqa: E402
 from vaelab.training import fit  # noqa: E402
-from vaelab.training.checkpoint import atomic_write_json  # noqa: E402
+from vaelab.training.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 
 PARTS = ("vqvae", "ablation", "priors", "samples")
 VQVAE = ModelConfig(model="vqvae", channels=(32, 64), latent_dim=16, codebook_size=64)
@@ -72,21 +72,34 @@ def _table(rows: list[list[str]]) -> None:
 
 def train_vqvae(cfg: ModelConfig, data, epochs: int, seed: int, threads: int, run: str | None = None) -> tuple:
     """(model, per-epoch rows with the quantizer's code usage, seconds): one epoch per fit call, resumed from
-    the run directory's checkpoint, so the rows can read the quantizer between epochs."""
+    the run directory's checkpoint, so the rows can read the quantizer between epochs. With a run directory
+    that already holds some of these epochs (an interrupted benchmark), it continues after them."""
     torch.manual_seed(seed)
     model = build_model(cfg, input_shape=data.train.sample_shape)
-    rows, seconds = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        run = run or tmp
-        for epoch in range(1, epochs + 1):
+        run = Path(run or tmp)
+        rows_file = run / "benchmark_rows.jsonl"
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+        if rows and (json.loads((run / "config.json").read_text())["model"] != model.config.to_dict()
+                     or not (run / "checkpoint.safetensors").is_file()):
+            rows = []  # another model's run: start over
+        seconds = sum(r["bench_s"] for r in rows)
+        if rows:  # continue an interrupted benchmark: the model as it was after its last finished epoch
+            fit(model, data.train, None, epochs=len(rows), batch_size=128, seed=seed, threads=threads,
+                progress=False, out=run, resume=True)
+            print(f"  continuing after epoch {len(rows)} in {run}", flush=True)
+        for epoch in range(len(rows) + 1, epochs + 1):
             t0 = time.perf_counter()
             history = fit(model, data.train, None, epochs=epoch, batch_size=128, seed=seed, threads=threads,
                           progress=False, out=run, resume=epoch > 1)
             seconds += time.perf_counter() - t0
-            rows.append({**history[-1], **{f"train_{k}": v for k, v in model.epoch_metrics().items()}})
+            rows.append({**history[-1], **{f"train_{k}": v for k, v in model.epoch_metrics().items()},
+                         "bench_s": round(time.perf_counter() - t0, 1)})
+            atomic_write_text(rows_file, "".join(json.dumps(r) + "\n" for r in rows))
             print(f"  epoch {epoch}: train loss {rows[-1]['train_loss']:.2f}, mse {rows[-1]['train_mse']:.5f}, "
                   f"perplexity {rows[-1]['train_perplexity']:.1f}, codes used {rows[-1]['train_codes_used']:.2f}, "
                   f"restarts {rows[-1]['train_code_restarts']} ({seconds:.0f} s)", flush=True)
+    model.eval()
     return model, rows, seconds
 
 
@@ -106,10 +119,12 @@ def run_vqvae(args, mnist) -> tuple[dict, object]:
     preset = get_preset("seed-conv-ae")
     torch.manual_seed(args.seed)
     ae = build_model(preset.model, input_shape=mnist.train.sample_shape)
-    t0 = time.perf_counter()
-    fit(ae, mnist.train, None, preset.train.replace(epochs=args.epochs, seed=args.seed, threads=args.threads,
-                                                     progress=False))
-    ae_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:  # a run directory, so an interrupted benchmark resumes
+        run = Path(f"{args.vqvae_run}-seed-conv-ae" if args.vqvae_run else tmp)
+        history = fit(ae, mnist.train, None, preset.train.replace(epochs=args.epochs, seed=args.seed,
+                                                                  threads=args.threads, progress=False),
+                      out=run, resume=(run / "checkpoint.safetensors").is_file())
+    ae_s = sum(r["time_s"] for r in history)
     terms = loss_terms(ae, mnist.test)
     seed_ae = {"epochs": args.epochs, "batch_size": preset.train.batch_size, "train_s": round(ae_s, 1),
                "test_mse": terms["mse"], "test_bce": terms["bce"]}
@@ -125,7 +140,8 @@ def run_vqvae(args, mnist) -> tuple[dict, object]:
 
 def run_ablation(args, mnist) -> dict:
     print(f"(b) the same VQ-VAE without k-means init and dead-code restarts, {args.epochs} epochs", flush=True)
-    model, rows, seconds = train_vqvae(ABLATED, mnist, args.epochs, args.seed, args.threads)
+    model, rows, seconds = train_vqvae(ABLATED, mnist, args.epochs, args.seed, args.threads,
+                                       f"{args.vqvae_run}-ablated" if args.vqvae_run else None)
     out = {"model": ABLATED.to_dict(), "train_s": round(seconds, 1), "per_epoch": rows, **_test_report(model, mnist)}
     print(f"  test: codes used {out['test_codes_used']:.2f}, perplexity {out['test_perplexity']:.1f}, dead codes "
           f"{out['test_dead_codes']}, MSE {out['test_mse']:.5f}")
@@ -293,30 +309,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     mnist = load_dataset("mnist", args.data_dir, progress=False)
-    report = {}
     t0 = time.perf_counter()
+
+    def save(part: str, result: dict) -> None:  # after every part, so an interrupted run keeps what it finished
+        saved = json.loads(out.read_text()) if out.is_file() else {}  # read now: another invocation may write too
+        saved[part] = result
+        saved["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "cpus": os.cpu_count(), "threads": args.threads}
+        atomic_write_json(out, saved)
+
     model = None
     if {"vqvae", "priors", "samples"} & set(parts):
         if "vqvae" in parts:
-            report["vqvae"], model = run_vqvae(args, mnist)
+            result, model = run_vqvae(args, mnist)
+            save("vqvae", result)
         elif args.vqvae_run and (Path(args.vqvae_run) / "model.safetensors").is_file():
             model = from_pretrained(args.vqvae_run)  # (a)'s model from an earlier invocation
         else:  # the priors and samples need a trained VQ-VAE
             model, _, _ = train_vqvae(VQVAE, mnist, args.epochs, args.seed, args.threads, args.vqvae_run)
     if "ablation" in parts:
-        report["ablation"] = run_ablation(args, mnist)
+        save("ablation", run_ablation(args, mnist))
     if "priors" in parts:
-        report["priors"] = run_priors(args, mnist, model)
+        save("priors", run_priors(args, mnist, model))
     if "samples" in parts:
-        report["samples"] = run_samples(args, mnist, model, out.parent)
-    seconds = round(time.perf_counter() - t0, 1)
-    saved = json.loads(out.read_text()) if out.is_file() else {}  # read now: another invocation may have written
-    saved.update(report)
-    saved["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                        "threads": args.threads}
-    saved.setdefault("seconds", {})[",".join(parts)] = seconds
-    atomic_write_json(out, saved)
-    print(f"wrote {out} ({seconds:.0f} s)")
+        save("samples", run_samples(args, mnist, model, out.parent))
+    print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from vaelab.config import TrainConfig
 from vaelab.data import load_dataset
 from vaelab.errors import ConfigError
 from vaelab.models import MODELS, build_model
-from vaelab.models.nets import UpsampleConv2d
+from vaelab.models.nets import ConvTranspose2d, UpsampleConv2d, _StridedConvBF16
 from vaelab.training import fit
 from vaelab.training.loop import keep_freed_memory
 
@@ -29,6 +29,29 @@ def test_upsample_conv_equals_upsample_then_conv(size):
     grads_ref = torch.autograd.grad(expected, (x, layer.weight, layer.bias), g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("size", [5, 6])
+def test_strided_conv_gradients_by_gemm_are_exact(size):
+    cl = torch.channels_last
+    x = torch.randn(2, 2, size, size, dtype=torch.double).contiguous(memory_format=cl).requires_grad_()
+    bias = torch.randn(3, dtype=torch.double, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.double).contiguous(memory_format=cl).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: _StridedConvBF16.apply(x, w, b, False, None), (x, w, bias))
+    wt = torch.randn(2, 3, 3, 3, dtype=torch.double).contiguous(memory_format=cl).requires_grad_()
+    for pad in [(1, 1), (0, 0), (1, 0)]:
+        assert torch.autograd.gradcheck(lambda x, w, b: _StridedConvBF16.apply(x, w, b, True, pad), (x, wt, bias))
+
+
+def test_the_gemm_weight_gradient_is_used_under_bf16_autocast_only():
+    conv = ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert type(y.grad_fn).__name__ == "_StridedConvBF16Backward" and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and conv.weight.grad.shape == conv.weight.shape
+    assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"  # fp32: oneDNN's own kernels
 
 
 def test_conv_pool_encoder_is_the_tutorials_conv_relu_pool():

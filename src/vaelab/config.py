@@ -35,6 +35,9 @@ class ModelConfig:
                      (channels[-1], H/4, W/4); the decoder mirrors it with upsampling (the tutorial's AE).
       - "mlp":       dense layers (`hidden`) on the flattened input.
       - "auto":      "conv" for images, "mlp" for vectors.
+    model="vqvae" builds its own conv networks for images (auto/conv: a stride-2 conv per `channels` entry
+    and residual blocks, a grid of codes of size `latent_dim`, 7x7 on MNIST) or the MLP with one code per
+    sample (mlp); the codebook_size / vq_* / prior_* fields are its own (models/vqvae.py).
     """
 
     model: str = "vae"
