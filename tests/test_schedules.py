@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from vaelab.training.corruption import corrupt
-from vaelab.training.schedules import beta_at, capacity_at
+from vaelab.config import TrainConfig
+from vaelab.data import load_dataset
+from vaelab.errors import ConfigError
+from vaelab.models import build_model
+from vaelab.training import fit
+from vaelab.training.schedules import beta_at, capacity_at, lr_at
 
 
 def test_constant():
@@ -30,6 +35,38 @@ def test_capacity_breakpoints():
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown KL schedule 'cosine'"):
         beta_at(0, beta=1.0, schedule="cosine")
+
+
+def test_cosine_learning_rate_breakpoints():
+    f = lambda s: lr_at(s, lr=1e-3, schedule="cosine", total_steps=100, lr_min=1e-5)  # noqa: E731
+    assert f(0) == 1e-3 and f(100) == 1e-5 and f(250) == 1e-5
+    assert f(50) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-12)
+    assert f(25) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + 2 ** -0.5) / 2, rel=1e-12)
+    assert lr_at(77, lr=3e-4) == 3e-4  # constant
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+        lr_at(0, lr=1.0, schedule="step", total_steps=10)
+
+
+def test_cosine_schedule_drives_the_optimizer():
+    data = load_dataset("digits").train.subset(torch.arange(200))
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=1e-2, progress=False)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = build_model(model="vae", input_shape=data.sample_shape, arch="mlp", hidden=(16,), latent_dim=2)
+        fit(model, data, None, cfg.replace(**kw))
+        return model.state_dict()["encoder.1.weight"]
+
+    constant = run()
+    assert torch.equal(run(lr_schedule="cosine", lr_min=1e-2), constant)  # a flat cosine is the constant rate
+    assert not torch.equal(run(lr_schedule="cosine", lr_min=1e-4), constant)
+
+
+def test_learning_rate_schedule_validation():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(lr=1e-3, lr_schedule="step", lr_min=0.1).validate()
+    assert "lr_schedule='step' is unknown; choose one of ['constant', 'cosine']" in str(e.value)
+    assert "lr_min=0.1 must be a number >= 0 and <= lr=0.001" in str(e.value)
 
 
 def test_corruptions():

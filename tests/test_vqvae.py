@@ -1,4 +1,6 @@
-"""The VQ-VAE: its quantizer, loss, codebook health, code round trips, the code prior, and distributed codebooks.
+"""The VQ-VAE: its quantizer, loss, codebook health, code round trips, the code prior and its command line.
+
+Distributed codebooks (torchrun) are tested in tests/test_distributed_vq.py.
 
 The contract every registered model keeps (tests/test_models.py) covers the VQ-VAE too; these tests check what
 is special to it, with closed forms where there are some.
@@ -313,71 +315,176 @@ def test_train_prior_parser_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-# ------------------------------------------------------------------------------------------ distributed
+# ----------------------------------------------------------------------------------------- code usage
 
 
-WORKER = """
-import sys
-import torch
-import torch.distributed as dist
-from safetensors.torch import save_file
-from vaelab.data import load_dataset
-from vaelab.models import build_model
-from vaelab.models.quantizer import VectorQuantizer
-from vaelab.training import fit
+def test_metrics_rows_carry_each_epochs_code_usage(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(input_shape=(1, 8, 8), vq_restart_after=2, **TINY)
+    data = _data()  # 64 samples: 4 steps of 16 per epoch
+    chosen = []  # the code indices of every training step, read off the quantizer's output
 
-out = sys.argv[1]
-# (a) the quantizer alone: each rank sees its half of a batch; the all-reduced EMA equals one process's
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.manual_seed(0)
-x = torch.randn(64, 3, 4, 4)
-q = VectorQuantizer(8, 3, restart_after=0).train()
-q(x[rank::2])  # step 0: k-means on rank 0's half, broadcast
-save_file({k: v.contiguous() for k, v in q.state_dict().items()}, f"{out}/start{rank}.safetensors")
-for step in range(3):  # steps on the two halves of each batch
-    q(x[rank::2])
-save_file({k: v.contiguous() for k, v in q.state_dict().items()}, f"{out}/quantizer{rank}.safetensors")
-# (b) a VQ-VAE trained by the one loop under DDP
-torch.manual_seed(0)
-digits = load_dataset("digits")
-model = build_model(model="vqvae", channels=(8, 16), latent_dim=4, codebook_size=32, vq_restart_after=3,
-                    input_shape=digits.train.sample_shape)
-fit(model, digits.train, None, epochs=1, batch_size=100, progress=False)
-save_file({k: v.contiguous() for k, v in model.quantizer.state_dict().items()}, f"{out}/model{rank}.safetensors")
-"""
+    def record(module, inputs, output):
+        if module.training and torch.is_grad_enabled():  # not the validation passes
+            chosen.append(output[1].flatten())
+
+    model.quantizer.register_forward_hook(record)
+    history = fit(model, data, data, epochs=2, batch_size=16, progress=False, out=tmp_path / "run")
+    assert len(chosen) == 8
+    for row, steps in zip(history, (chosen[:4], chosen[4:])):  # each epoch counts its own steps only
+        expected = usage_metrics(torch.bincount(torch.cat(steps), minlength=16))
+        assert row["train_perplexity"] == pytest.approx(expected["perplexity"])
+        assert row["train_codes_used"] == pytest.approx(expected["codes_used"])
+        assert row["train_dead_codes"] == expected["dead_codes"]
+        assert isinstance(row["train_code_restarts"], int) and row["train_code_restarts"] >= 0
+    saved = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_perplexity"] for r in saved] == [r["train_perplexity"] for r in history]
 
 
-def _env():
-    import os
+def test_evaluate_reports_code_usage_of_the_split():
+    from vaelab.evaluation import evaluate
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    torch.manual_seed(0)
+    model = build_model(input_shape=(1, 8, 8), **TINY)
+    data = _data()
+    fit(model, data, None, epochs=1, batch_size=16, progress=False)
+    report = evaluate(model, data)
+    used = model.encode_indices(data.batch(slice(0, len(data)))).unique()
+    assert report["dead_codes"] == 16 - len(used)
+    assert report["codes_used"] == pytest.approx(len(used) / 16)
+    assert 1.0 <= report["perplexity"] <= len(used)  # exp(entropy) of len(used) codes
+    assert report == {**report, **codebook_usage(model, data)}
+    vae = build_model(model="vae", arch="mlp", hidden=(8,), latent_dim=2, input_shape=(1, 8, 8))
+    assert not {"perplexity", "codes_used", "dead_codes"} & set(evaluate(vae, data))
 
 
-def test_two_processes_hold_identical_codebooks(tmp_path):
+# --------------------------------------------------------------------------------------- the command line
+
+
+def _vaelab(capsys, *args) -> tuple[int, str, str]:
+    """`vaelab ARGS` in this process: (exit status, stdout, stderr)."""
+    from vaelab.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory) -> Path:
+    """A tiny VQ-VAE run directory on digits (1 epoch, 2x2 code grids), as `vaelab train` leaves it."""
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model(model="vqvae", channels=(8, 16), latent_dim=4, codebook_size=16,
+                        input_shape=digits.train.sample_shape)
+    run = tmp_path_factory.mktemp("vq") / "run"
+    fit(model, digits.train, None, epochs=1, batch_size=128, progress=False, out=run,
+        run_info={"data": {"dataset": "digits", "data_dir": None}})
+    return run
+
+
+def _copy(run: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, to))
+
+
+def test_cli_train_prior_then_sample_with_labels_resume_and_retrain(tmp_path, capsys):
+    run = tmp_path / "vq"
+    code, _, err = _vaelab(capsys, "train", "--model", "vqvae", "--channels", "8,16", "--latent-dim", 4,
+                           "--codebook-size", 16, "--dataset", "digits", "--epochs", 1, "--no-progress",
+                           "--no-pictures", "--out", run)
+    assert code == 0, err
+    row = json.loads((run / "metrics.jsonl").read_text())
+    assert {"train_perplexity", "train_codes_used", "train_dead_codes", "train_code_restarts"} <= set(row)
+    report = json.loads((run / "evaluation.json").read_text())
+    assert report["dead_codes"] == round(16 * (1 - report["codes_used"])) and report["perplexity"] >= 1
+
+    code, _, err = _vaelab(capsys, "sample", run)  # no prior yet: say how to get one
+    assert code == 1 and err.startswith("vaelab: error: ") and f"`vaelab train-prior {run}`" in err
+
+    code, out, err = _vaelab(capsys, "train-prior", run, "--epochs", 1, "--layers", 2, "--channels", 8,
+                             "--no-progress")
+    assert code == 0, err
+    assert "epoch 1: train" in out and f"vaelab sample {run}" in out
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["prior_layers"] == 2 and cfg["model"]["prior_classes"] == 10  # digits are labelled
+    assert (run / "prior_checkpoint.safetensors").is_file() and not list(run.glob(".*.tmp"))
+
+    code, out, err = _vaelab(capsys, "sample", run, "--n", 12, "--label", 3, "--out", tmp_path / "threes.png")
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(tmp_path / "threes.png") as im:
+        assert im.format == "PNG"
+    code, _, err = _vaelab(capsys, "sample", run, "--n", 4, "--label", 10)
+    assert code == 1 and "--label 10 is out of range: the prior has 10 classes" in err
+    code, _, err = _vaelab(capsys, "sample", run, "--n", 4)  # classes in order
+    assert code == 0 and (run / "samples.png").is_file()
+
+    code, _, err = _vaelab(capsys, "train-prior", run, "--epochs", 2, "--no-progress")  # keeps what it has
+    assert code == 1 and "already has a code prior (1 epoch)" in err and "--resume" in err
+    code, _, err = _vaelab(capsys, "train-prior", run, "--epochs", 2, "--resume", "--layers", 3, "--no-progress")
+    assert code == 1 and "layers=3: the prior was fitted with layers=2" in err
+    code, _, err = _vaelab(capsys, "train-prior", run, "--epochs", 2, "--resume", "--no-progress")
+    assert code == 0, err
+    assert len((run / "prior_metrics.jsonl").read_text().splitlines()) == 2
+
+    # training the VQ-VAE further moves its codes: it continues without the prior, and says so
+    code, _, err = _vaelab(capsys, "train", "--resume", "--out", run, "--epochs", 2, "--no-progress",
+                           "--no-pictures")
+    assert code == 0 and "continues without its code prior" in err
+    assert json.loads((run / "config.json").read_text())["model"]["prior_layers"] == 0
+    code, _, err = _vaelab(capsys, "sample", run)
+    assert code == 1 and f"`vaelab train-prior {run}`" in err
+    code, _, err = _vaelab(capsys, "train-prior", run, "--epochs", 2, "--resume", "--no-progress")
+    assert code == 1 and "belongs to earlier VQ-VAE weights" in err
+    code, _, err = _vaelab(capsys, "train-prior", run, "--epochs", 1, "--layers", 2, "--channels", 8,
+                           "--no-progress")  # a stale prior is no reason to refuse a new one
+    assert code == 0, err
+
+
+def test_train_prior_resumes_exactly(vq_run, tmp_path):
     from safetensors.torch import load_file
 
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("quantizer", "model"):
-        a, b = load_file(str(tmp_path / f"{name}0.safetensors")), load_file(str(tmp_path / f"{name}1.safetensors"))
-        for k in a:
-            assert torch.equal(a[k], b[k]), f"{name}: {k} differs between the ranks"
-    assert load_file(str(tmp_path / "model0.safetensors"))["initialized"]
-    # the all-reduced EMA of the halves is one process's EMA of the whole batches
-    ref = VectorQuantizer(8, 3, restart_after=0).train()
-    ref.load_state_dict(load_file(str(tmp_path / "start0.safetensors")))
-    torch.manual_seed(0)
-    x = torch.randn(64, 3, 4, 4)
-    for _ in range(3):
-        ref(x)
-    q = load_file(str(tmp_path / "quantizer0.safetensors"))
-    for k in ("codebook", "cluster_size", "embed_sum"):
-        torch.testing.assert_close(q[k], ref.state_dict()[k], rtol=1e-5, atol=1e-5)
+    from vaelab.prior import train_prior
+
+    straight, resumed = _copy(vq_run, tmp_path / "a"), _copy(vq_run, tmp_path / "b")
+    small = dict(layers=2, channels=8, batch_size=64, progress=False)
+    train_prior(straight, epochs=2, **small)
+    train_prior(resumed, epochs=1, **small)
+    history = train_prior(resumed, epochs=2, resume=True, progress=False)  # the saved settings
+    assert [r["epoch"] for r in history] == [1, 2]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert any(k.startswith("prior.") for k in a) and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    bits = lambda run: [json.loads(line)["test_bits_per_code"]  # noqa: E731
+                        for line in (run / "prior_metrics.jsonl").read_text().splitlines()]
+    assert bits(straight) == bits(resumed)
+    with pytest.raises(VaelabError, match="already has 2 epochs"):
+        train_prior(resumed, epochs=2, resume=True, progress=False)
+
+
+def test_cli_encode_indices_round_trip_exactly(vq_run, tmp_path, capsys):
+    import numpy as np
+
+    run = _copy(vq_run, tmp_path / "run")
+    code, out, err = _vaelab(capsys, "encode", run, "--indices")
+    assert code == 0, err
+    codes, labels = np.load(run / "codes.npy"), np.load(run / "codes.labels.npy")
+    test = load_dataset("digits").test
+    model = from_pretrained(run)
+    assert codes.dtype == np.int64 and codes.shape == (len(test), *model.grid) and labels.shape == (len(test),)
+    assert codes.min() >= 0 and codes.max() < model.config.codebook_size
+    x = test.batch(slice(0, len(test)))
+    assert torch.equal(model.decode_indices(torch.from_numpy(codes)), model.reconstruct(x))  # bit for bit
+    code, _, err = _vaelab(capsys, "encode", run, "--indices", "--split", "all", "--out", tmp_path / "all.npy")
+    assert code == 0 and np.load(tmp_path / "all.npy").shape[0] == len(load_dataset("digits").train) + len(test)
+
+    vae = tmp_path / "vae"
+    code, _, err = _vaelab(capsys, "train", "--model", "vae", "--arch", "mlp", "--hidden", 8, "--latent-dim", 2,
+                           "--dataset", "digits", "--epochs", 1, "--no-progress", "--no-pictures", "--out", vae)
+    assert code == 0, err
+    code, _, err = _vaelab(capsys, "encode", vae, "--indices")
+    assert code == 1 and "--indices writes the discrete codes of a VQ-VAE" in err and "'vae'" in err

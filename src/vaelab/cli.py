@@ -30,12 +30,13 @@ BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist")  # as vaelab.data.DATASE
 # as vaelab.training.corruption.NOISES and .schedules.SCHEDULES (importing vaelab.training needs torch)
 NOISES = ("none", "gaussian", "masking", "salt-pepper")
 KL_SCHEDULES = ("constant", "linear", "cyclical")
+LR_SCHEDULES = ("constant", "cosine")
 
 # Help for the generated flags, keyed by field name. A field missing here still gets a flag.
 DIGITS_EPOCHS = 100  # the default --epochs on the small digits dataset
 
 FIELD_HELP = {
-    "model": "a registered model: vae, ae or cvae (`vaelab models` lists them); without --preset it starts "
+    "model": "a registered model: vae, ae, cvae or m2 (`vaelab models` lists them); without --preset it starts "
              "from the ModelConfig defaults",
     "arch": "network: conv (stride-2 convs, dense latent), conv-pool (conv + max-pool, spatial latent), "
             "mlp (dense layers), or auto (conv for images, mlp for vectors)",
@@ -46,16 +47,25 @@ FIELD_HELP = {
                   "or gaussian (squared error)",
     "gaussian_sigma": "fixed standard deviation of the gaussian likelihood",
     "beta": "weight of the KL term (a beta-VAE when != 1; plain autoencoders ignore it)",
+    "logvar_min": "lower bound of the posterior's log-variance (VAE family; values inside the bounds pass "
+                  "unchanged; may change on --resume)",
+    "logvar_max": "upper bound of the posterior's log-variance: lower it (e.g. 10) when a run stops on a "
+                  "non-finite loss (may change on --resume)",
     "condition_dim": "size of a conditional model's condition; for --model cvae it is the number of classes "
                      "of the training data unless given (0 for unconditional models)",
     "epochs": f"passes over the training set ({DIGITS_EPOCHS} on digits unless given)",
     "batch_size": "samples per optimizer step",
     "lr": "Adam's learning rate",
+    "lr_schedule": "learning-rate schedule: constant, or cosine (anneals from --lr to --lr-min over the "
+                   "run's --epochs; a resumed run continues on the same curve)",
+    "lr_min": "the final learning rate of --lr-schedule cosine",
     "seed": "random seed of the weights, data order and sampling noise (same seed, same run)",
     "binarize": "dynamic binarization: every batch is a fresh Bernoulli draw of the pixel intensities",
     "early_stopping": "stop after this many epochs without a lower test loss and keep the best "
                       "weights (0 = off)",
     "grad_clip": "clip the global gradient norm to this value (0 = off)",
+    "checkpoint_every": "also write the checkpoint every N optimizer steps, so a crash costs at most N steps; "
+                        "--resume then continues inside the epoch exactly (0 = at the end of each epoch only)",
     "threads": "torch CPU threads (0 = all cores)",
     "progress": "progress bars while training and downloading",
     "noise": "denoising: corrupt the inputs and train to reconstruct the clean ones: gaussian (add "
@@ -76,9 +86,17 @@ FIELD_HELP = {
     "iw_samples": "importance samples K per input: K > 1 trains on the IWAE bound of Burda et al. "
                   "(tighter than the ELBO, K times the decoder cost); 1 = the ELBO",
     "precision": "floating-point precision of training",
+    "labels": "semi-supervised training (--model m2): keep this many training labels, balanced over the "
+              "classes and chosen with --seed, and hide the rest; every batch mixes both kinds (0 = keep all)",
+    "alpha": "m2: weight of the classifier's -log q(y|x) on labelled images, in Kingma et al.'s units (the "
+             "term alpha * N * mean over the labelled images, N the training set's size; the paper uses 0.1)",
 }
-FIELD_CHOICES = {"arch": ARCHS, "likelihood": LIKELIHOODS, "noise": NOISES, "kl_schedule": KL_SCHEDULES}
-NOT_FLAGS = {"input_shape"}  # set from the data, never by hand
+FIELD_CHOICES = {"arch": ARCHS, "likelihood": LIKELIHOODS, "noise": NOISES, "kl_schedule": KL_SCHEDULES,
+                 "lr_schedule": LR_SCHEDULES}
+# model settings a resumed run may change: they bound values, they shape no weight
+RESUMABLE_MODEL_FIELDS = ("logvar_min", "logvar_max")
+NOT_FLAGS = {"input_shape",  # set from the data, never by hand
+             "prior_layers", "prior_channels", "prior_classes"}  # set by `vaelab train-prior` (its own flags)
 # config-file keys besides the ModelConfig/TrainConfig fields (the same names as the flags)
 RUN_KEYS = ("preset", "dataset", "data_dir", "out", "pictures")
 
@@ -97,6 +115,15 @@ TERM_MEANINGS = {
     "nll_bits_per_dim": "nll in bits per dimension",
     "active_units": "latent dimensions whose posterior mean varies with x (variance > 0.01)",
     "latent_dims": "latent dimensions in all",
+    "commitment": "a VQ-VAE's ||z_e - e||^2 per sample: how far the encoder's outputs lie from their codes",
+    "perplexity": "exp(entropy) of how often each code is chosen: K when all K codes are used equally, 1 when "
+                  "one code takes everything",
+    "codes_used": "fraction of the codebook chosen at least once",
+    "dead_codes": "codes never chosen",
+    "accuracy": "fraction of the split the classifier q(y|x) labels correctly (argmax)",
+    "error": "fraction of the split the classifier q(y|x) labels wrongly (1 - accuracy)",
+    "classifier_nll": "-log q(y|x) of the true label per sample, nats",
+    "entropy": "entropy of the classifier's q(y|x) per sample, nats",
 }
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors")
@@ -228,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
               vaelab train --model ae --noise gaussian --noise-level 0.5 --dataset fashion-mnist --out runs/dae
               vaelab train --model cvae --dataset mnist --out runs/cvae
               vaelab sample runs/cvae --label 3        # (without --label: one row per class)
+              vaelab train --model m2 --labels 100 --dataset mnist --out runs/m2   # semi-supervised, 100 labels
               vaelab train --model vae --iw-samples 5 --dataset mnist --out runs/iwae
+              vaelab train --model vqvae --codebook-size 64 --dataset mnist --out runs/vq
+              vaelab train-prior runs/vq               # a VQ-VAE generates through a prior over its codes
+              vaelab sample runs/vq --n 64
 
             `vaelab COMMAND --help` says what each command does and writes.""").strip())
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
@@ -239,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         Train a model and write a run directory (--out, default runs/<preset-or-model>-<dataset>):
           config.json             model, training and data settings (what the other commands read)
           metrics.jsonl           one JSON line of train and test loss terms per epoch
-          checkpoint.safetensors  weights and optimizer state after the last finished epoch (--resume)
+          checkpoint.safetensors  weights, optimizer and RNG state after the last finished epoch, or
+                                  the last --checkpoint-every step (--resume continues from it exactly)
           model.safetensors       the final weights (Python: vaelab.from_pretrained(RUN))
           evaluation.json         the test split's loss terms after training (also printed)
           reconstructions.png, samples.png, manifold.png, interpolation.png, traversal.png, latents.png
@@ -249,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 
         Models: vae (beta != 1 makes a beta-VAE; --kl-schedule, --capacity and --free-bits shape its KL
         term; --iw-samples K > 1 trains on the IWAE bound), ae (with --noise: a denoising autoencoder), and
-        cvae (a VAE conditioned on the class label; its --condition-dim is the data's number of classes).
+        cvae (a VAE conditioned on the class label; its --condition-dim is the data's number of classes), and
+        m2 (Kingma et al.'s semi-supervised VAE: a classifier q(y|x) beside a CVAE; --labels N hides all but
+        N training labels, evaluation.json reports the classifier's test accuracy and error, and the pictures
+        add analogies.png: test images' styles drawn as every class).
 
         Settings, later ones winning: the ModelConfig/TrainConfig defaults < --preset < --config FILE
         < explicit flags. Without --preset and --model the preset is seed-vae; the dataset is digits
@@ -315,23 +350,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     # --------------------------------------------------------------------------------------- sample
-    p = _sub(subs, "sample", "new images decoded from the prior (PNG, VAEs)", """
+    p = _sub(subs, "sample", "new images decoded from the prior (PNG; VAEs, VQ-VAEs after train-prior)", """
         Decode N draws z ~ N(0, I) from the prior into new images, in a square-ish grid. Needs a model
         with a prior (a VAE). Writes RUN/samples.png (or --out).
 
         A conditional model (cvae) draws N samples of class --label, or without --label a class-by-sample
-        grid: one row per class, N samples per row, each column decoding the same z for every class.""",
+        grid: one row per class, N samples per row, each column decoding the same z for every class. The
+        semi-supervised m2 then also writes RUN/analogies.png: test images (left) with each one's style z
+        decoded as every class along its row.
+
+        A VQ-VAE draws code grids from the prior that `vaelab train-prior RUN` fitted to its codes; a
+        class-conditional prior (labelled data) draws class --label, or without it the classes in order.""",
         """
         examples:
           vaelab sample runs/vae-mnist --n 100
           vaelab sample runs/cvae --label 3          # 64 samples of the digit 3
           vaelab sample runs/cvae-fashion --label Sneaker
-          vaelab sample runs/cvae --n 8               # 10 rows (classes) of 8 samples""")
+          vaelab sample runs/cvae --n 8               # 10 rows (classes) of 8 samples
+          vaelab train-prior runs/vq && vaelab sample runs/vq --label 7   # a VQ-VAE, through its code prior""")
     _add_run_arg(p, dataset=False)
     p.add_argument("--n", type=int, default=None, metavar="N",
                    help="how many samples [default 64; a conditional model's class grid: per class, default 10]")
     p.add_argument("--label", metavar="CLASS", default=None,
-                   help="conditional models: the class to draw, by index (0..K-1) or by name")
+                   help="conditional models (and a VQ-VAE's class-conditional prior): the class to draw, by "
+                        "index (0..K-1) or by name")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the draws [default 0]")
     p.add_argument("--out", metavar="FILE", default=None, help="PNG file to write instead")
     p.set_defaults(func=cmd_sample)
@@ -403,12 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
         .npy array (N, latent_size): RUN/latents.npy for the test split, RUN/latents-SPLIT.npy otherwise
         (or --out). Beside it: the labels as FILE.labels.npy (int64, when the data has labels) and a 2-D
         scatter plot FILE.png coloured by label (latents of more than 2 dimensions are projected on their
-        first two principal components).""")
+        first two principal components).
+
+        --indices (VQ-VAE runs): save the code indices instead, an int64 array (N, H, W) of the grid of
+        codes each sample is quantized to, as RUN/codes.npy (RUN/codes-SPLIT.npy; or --out), with the labels
+        beside it. model.decode_indices() decodes them to exactly the model's reconstructions.""")
     _add_run_arg(p)
     p.add_argument("--split", choices=("test", "train", "all"), default="test",
                    help="which samples; all = train then test [default test]")
     p.add_argument("--batch-size", type=int, default=512, metavar="N", help="encoding batch size [default 512]")
     p.add_argument("--out", metavar="FILE.npy", default=None, help=".npy file to write instead")
+    p.add_argument("--indices", action="store_true", help="VQ-VAE runs: write the code indices (N, H, W)")
     p.set_defaults(func=cmd_encode)
 
     # --------------------------------------------------------------------------------------- models
@@ -421,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_detect_parser(subs)
     add_one_class_parser(subs)
+
+    # ---------------------------------------------------------------------- a VQ-VAE's code prior
+    from vaelab.prior import add_train_prior_parser  # light: no torch at import
+
+    add_train_prior_parser(subs)
     return parser
 
 
@@ -549,7 +601,7 @@ def _plan(given: dict) -> dict:
         if preset is not None and preset != saved.get("preset"):
             conflicts.append(f"preset {preset!r}: the run was trained with preset {saved.get('preset')!r}")
         for k, v in sorted(m_over.items()):
-            if v != getattr(saved_m, k):
+            if v != getattr(saved_m, k) and k not in RESUMABLE_MODEL_FIELDS:
                 conflicts.append(f"{k}={_fmt_value(v)}: the run has {k}={_fmt_value(getattr(saved_m, k))}")
         if dataset is not None and saved_data.get("dataset") is not None \
                 and _dataset_id(dataset) != saved_data["dataset"]:
@@ -557,9 +609,15 @@ def _plan(given: dict) -> dict:
         if conflicts:
             raise ConfigError(conflicts + [f"drop these settings to resume {str(out)!r}, or start a new run "
                                            "with another --out"], "settings for --resume")
+        if saved_m.prior_layers:  # a VQ-VAE's code prior fits the codes of these weights; training moves them
+            saved_m = saved_m.replace(prior_layers=0, prior_classes=0)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"note: training {str(out)!r} further changes its codes, so it continues without its code "
+                      f"prior; fit a new one afterwards with `vaelab train-prior {out}`", file=sys.stderr)
         dataset = saved_data.get("dataset") or dataset or DEFAULT_DATASET
         data_dir = settings["data_dir"] if "data_dir" in settings else saved_data.get("data_dir")
         t_over.setdefault("progress", TrainConfig().progress)  # how this session looks, not a saved setting
+        saved_m = saved_m.replace(**{k: v for k, v in m_over.items() if k in RESUMABLE_MODEL_FIELDS})
         model_cfg, train_cfg, preset = saved_m, saved_t.replace(**t_over), saved.get("preset")
     else:
         if preset is None and "model" not in m_over:
@@ -686,9 +744,11 @@ def cmd_train(args) -> int:
         history = fit(model, data.train, data.test, tc, out=out, resume=plan["resume"], run_info=run_info)
     except KeyboardInterrupt:
         if (out / "checkpoint.safetensors").is_file():
-            raise _Interrupted(f"the checkpoint of the last finished epoch in {str(out)!r} is intact; continue "
-                               f"with: vaelab train --resume --out {out}") from None
-        raise _Interrupted("no epoch had finished, so there is no checkpoint to resume from") from None
+            raise _Interrupted(f"the last checkpoint (its epoch's end, or --checkpoint-every step) in "
+                               f"{str(out)!r} is intact; continue with: vaelab train --resume --out {out}") \
+                from None
+        raise _Interrupted("no checkpoint had been written yet (at an epoch's end, or every --checkpoint-every "
+                           "steps), so there is nothing to resume from") from None
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 alone reports, evaluates and draws; the other ranks are done
@@ -756,6 +816,8 @@ def _run_pictures(model, data, out: Path, name: str) -> list[str]:
         if model.has_prior:
             # a conditional model's samples.png is the class-by-sample grid
             written.append(draw_samples(model, out / "samples.png", seed=0, name=name, classes=classes))
+            if getattr(model, "semi_supervised", False) and len(test):
+                written.append(draw_analogies(model, test, out / "analogies.png", name=name, classes=classes))
             vector = len(model.latent_shape) == 1
             dims = (0, 1)
             if vector and model.latent_shape[0] > 2 and len(test):
@@ -837,6 +899,29 @@ def draw_samples(model, path, n: int | None = None, seed: int = 0, name: str = "
     what = "" if label is None else f" of class {_label_text(label, classes)}"
     return save_image_grid(images.cpu(), path, nrow=math.ceil(math.sqrt(n)),
                            title=_run_title(name, f"{n} samples{what} decoded from the prior N(0, I), seed {seed}"))
+
+
+def draw_analogies(model, ds, path, n: int = 8, name: str = "", classes: list[str] | None = None) -> str:
+    """The first n images of `ds` (left column), each one's style drawn as every class along its row: z fixed at
+    the image's posterior mean under its own label (the classifier's guess where `ds` has none), the label
+    varied (Kingma et al. 2014, fig. 1)."""
+    import torch
+
+    from vaelab.generation import analogies
+    from vaelab.plotting import save_image_grid
+
+    n = min(n, len(ds))
+    idx = torch.arange(n)
+    x = ds.batch(idx)
+    k = model.config.condition_dim
+    images = torch.cat([x[:, None], analogies(model, x, ds.labels(idx)).cpu()], dim=1)  # (n, 1 + K, ...)
+    rows = [f"test {i}" + ("" if ds.y is None else f" ({_label_text(int(ds.y[i]), classes)})") for i in range(n)]
+    how = "its label" if ds.y is not None else "the classifier's most probable class"
+    return save_image_grid(images.flatten(0, 1), path, nrow=k + 1, row_labels=rows,
+                           col_labels=["input"] + [_label_text(c, classes) for c in range(k)],
+                           title=_run_title(name, f"Analogies: each row keeps the style z of the test image on the "
+                                                  f"left (its posterior mean under {how}) and decodes it as every "
+                                                  "class"))
 
 
 def draw_manifold(model, ds, path, n: int = 15, limit: float = 4.0, dims=(0, 1), name: str = "",
@@ -1072,11 +1157,21 @@ def cmd_sample(args) -> int:
         _positive(args.n, "--n")
     cfg, model = _open_run(args.run)
     _need_images(model, "sample")
+    if getattr(model, "quantized", False):  # a VQ-VAE draws code grids from the prior `train-prior` fitted
+        from vaelab.prior import sample_run
+
+        print(f"wrote: {sample_run(args.run, cfg, model, n=args.n, label=args.label, seed=args.seed, out=args.out)}")
+        return 0
     classes = _run_classes(cfg, model)
     label = _parse_label(args.label, model, classes)
     path = draw_samples(model, _out(args, args.run, "samples.png"), n=args.n, seed=args.seed,
                         name=_run_name(cfg, model), label=label, classes=classes)
     print(f"wrote: {path}")
+    if getattr(model, "semi_supervised", False) and label is None:  # m2: also test images' styles as every class
+        where = Path(args.run) / "analogies.png" if args.out is None else Path(path).with_name(
+            f"{Path(path).stem}-analogies.png")
+        test = _run_data(cfg, args.run, model, args).test
+        print(f"wrote: {draw_analogies(model, test, where, name=_run_name(cfg, model), classes=classes)}")
     return 0
 
 
@@ -1135,10 +1230,15 @@ def cmd_encode(args) -> int:
 
     _positive(args.batch_size, "--batch-size")
     cfg, model = _open_run(args.run)
+    if args.indices and not hasattr(model, "encode_indices"):
+        raise VaelabError(f"--indices writes the discrete codes of a VQ-VAE, but {args.run!r} holds a "
+                          f"{model.config.model!r} model with continuous latents; drop --indices to save its latents")
     data = _run_data(cfg, args.run, model, args)
     parts = {"test": [data.test], "train": [data.train], "all": [data.train, data.test]}[args.split]
-    z = np.concatenate([encode_dataset(model, ds, args.batch_size) for ds in parts])
     has_labels = all(ds.y is not None for ds in parts)
+    if args.indices:
+        return _encode_indices(args, model, parts, has_labels)
+    z = np.concatenate([encode_dataset(model, ds, args.batch_size) for ds in parts])
     labels = np.concatenate([ds.y.numpy() for ds in parts]) if has_labels else None
 
     out = _out(args, args.run, "latents.npy" if args.split == "test" else f"latents-{args.split}.npy")
@@ -1151,6 +1251,29 @@ def cmd_encode(args) -> int:
                                 split=args.split, latents=z))
     which = "all samples" if args.split == "all" else f"the {args.split} split"
     print(f"encoded {which} ({len(z)} samples) to latent means of size {z.shape[1]}")
+    print("wrote:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+def _encode_indices(args, model, parts, has_labels: bool) -> int:
+    """`vaelab encode --indices`: a VQ-VAE's code indices (N, H, W) as int64 .npy, with the labels beside."""
+    import numpy as np
+    import torch
+
+    from vaelab.prior import encode_codes
+
+    codes = torch.cat([encode_codes(model, ds, args.batch_size) for ds in parts]).numpy()  # (N, H, W) int64
+    out = _out(args, args.run, "codes.npy" if args.split == "test" else f"codes-{args.split}.npy")
+    stem = out.name[:-4] if out.name.endswith(".npy") else out.name
+    written = [_write_npy(out, codes)]
+    if has_labels:
+        labels = np.concatenate([ds.y.numpy() for ds in parts]).astype(np.int64)
+        written.append(_write_npy(out.with_name(f"{stem}.labels.npy"), labels))
+    which = "all samples" if args.split == "all" else f"the {args.split} split"
+    print(f"encoded {which} ({len(codes)} samples) to code indices of shape {tuple(codes.shape[1:])}, in "
+          f"0..{model.config.codebook_size - 1}")
     print("wrote:")
     for path in written:
         print(f"  {path}")

@@ -12,7 +12,8 @@ probabilities in [0, 1] for a Bernoulli decoder). Drawing them is `vaelab.plotti
 
 Conditional models (`model.conditional`, the CVAE) take a `condition` in every function: integer class
 labels (B,) or float vectors (B, condition_dim), one per input; a single label (an int) stands for all of
-them. `class_grid(model, n)` draws n samples of every class, one row per class.
+them. `class_grid(model, n)` draws n samples of every class, one row per class; `analogies(model, x)` draws
+each input's style as every class.
 """
 
 from __future__ import annotations
@@ -117,6 +118,33 @@ def class_grid(model, n: int = 10, seed: int = 0, classes=None) -> torch.Tensor:
     out = model.decode(z.repeat(len(labels), *([1] * (z.dim() - 1))), labels.to(dev).repeat_interleave(n))
     model.train(was_training)
     return out
+
+
+@torch.inference_mode()
+def analogies(model, x: torch.Tensor, condition=None, classes=None) -> torch.Tensor:
+    """Each input's style decoded as every class (Kingma et al. 2014, fig. 1): z fixed at the posterior mean of
+    x under its own label, the label varied. (B, K, *sample_shape): row b is input b drawn as class classes[k]
+    in column k (default all condition_dim classes). A semi-supervised model (m2) takes no condition and then
+    encodes each input with its classifier's most probable class."""
+    _need_prior(model)
+    if not model.conditional:
+        raise VaelabError(f"model {model.config.model!r} is not conditional: analogies vary the class label of a "
+                          "model trained with labels (--model cvae or m2)")
+    k = model.config.condition_dim
+    labels = torch.arange(k) if classes is None else torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= k:
+        raise VaelabError(f"classes={labels.tolist()} must be class indices in [0, {k})")
+    dev = _device(model)
+    x = x.to(dev)
+    semi = getattr(model, "semi_supervised", False)
+    cond = None if condition is None and semi else _condition(model, condition, len(x))
+    was_training = model.training
+    model.eval()
+    z = model.encode(x, cond).mean  # (B, *latent): the style
+    n = len(labels)
+    out = model.decode(z.repeat_interleave(n, dim=0), labels.to(dev).repeat(len(x)))  # (B * n, ...)
+    model.train(was_training)
+    return out.reshape(len(x), n, *x.shape[1:])
 
 
 # ------------------------------------------------------------------------------------------ the manifold
@@ -383,6 +411,6 @@ def encode_dataset(model, data, batch_size: int = 512) -> np.ndarray:
     return torch.cat(parts).numpy()
 
 
-__all__ = ["INTERPOLATIONS", "GridAxes", "reconstruction_pairs", "prior_samples", "class_grid", "manifold_axes",
-           "grid_latents", "manifold_grid", "slerp", "lerp", "interpolate", "traversal_order", "traversal",
-           "encode_dataset"]
+__all__ = ["INTERPOLATIONS", "GridAxes", "reconstruction_pairs", "prior_samples", "class_grid", "analogies",
+           "manifold_axes", "grid_latents", "manifold_grid", "slerp", "lerp", "interpolate", "traversal_order",
+           "traversal", "encode_dataset"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:  # losses judge model outputs but must not import the models (they import the losses)
     from vaelab.models.base import ModelOutput
+    from vaelab.models.m2 import M2Output
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -124,6 +125,66 @@ def vae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float
         penalty = (penalty - capacity).abs()
     return {"loss": recon + beta * penalty, "recon": recon, "kl": kl, "elbo": -(recon + kl),
             **pixel_metrics(target, out.recon, likelihood)}
+
+
+def m2_loss(x, out: M2Output, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
+            alpha: float = 0.1, target: torch.Tensor | None = None, **_) -> dict[str, torch.Tensor]:
+    """The semi-supervised objective of M2 (Kingma et al. 2014, https://arxiv.org/abs/1406.5298, eqs. 6-9),
+    per sample, with -ELBO(x, y) = L(x, y) = recon + KL - log p(y) and p(y) uniform over the K classes:
+
+        labelled (x, y):   L(x, y) + alpha * (-log q(y|x))
+        hidden label:      U(x) = sum_y q(y|x) L(x, y) - H(q(y|x))
+
+    `out` (models.m2.M2Output) holds the decoding of every (sample, class) pair these need: a labelled sample's
+    once with its label, a hidden-label sample's once per class, with `pair_row` naming each pair's sample and
+    `pair_label` its class. The sum over classes is then one weighted scatter-add over the pairs (index_add),
+    not a loop over classes. `alpha` is the per-sample weight; the training loop derives it from the config's
+    alpha in the paper's units (data/semisupervised.py). `beta` weights the KL as in vae_loss; with K > 1
+    posterior samples per pair the IWAE bound replaces each pair's ELBO.
+
+    Terms (B,): loss; elbo (the bound on log p(x, y), or on log p(x) for a hidden label); recon, kl, bce, mse
+    (q-weighted over the classes for a hidden label); entropy of q(y|x); classifier_nll (-log q(y|x)) and error
+    (1 when argmax q(y|x) is not y) of the labelled samples, scaled by B / (labelled samples in the batch) and 0
+    for hidden labels, so that a batch's mean is the mean over its labelled samples: on a fully labelled split
+    they are the plain per-sample values and the mean of `error` is the classifier's error rate.
+    """
+    target = x if target is None else target
+    labels, row, cls = out.labels, out.pair_row, out.pair_label  # (B,) with -1 = hidden; (P,), (P,)
+    log_q = F.log_softmax(out.class_logits, dim=1)  # (B, K) log q(y|x)
+    q = log_q.exp()
+    b, k = log_q.shape
+    hidden = labels < 0
+    post = out.posterior
+    kl = post.kl()  # (P,)
+    xt = target[row]  # (P, ...) each pair's image
+    if out.recon.dim() == target.dim() + 1:  # K importance samples per pair: (K, P, ...)
+        n = out.recon.shape[0]
+        log_w = log_importance_weights(xt, out.recon, out.z, post.mean, post.logvar, likelihood, sigma)
+        objective = -iwae_bound(log_w)
+        recon = recon_nll(xt.expand(n, *xt.shape).flatten(0, 1), out.recon.flatten(0, 1), likelihood,
+                          sigma).view(n, -1).mean(0)
+        first = out.recon[0]
+    else:
+        recon = recon_nll(xt, out.recon, likelihood, sigma)
+        objective = recon + beta * kl
+        first = out.recon
+    log_py = -math.log(k)
+    # each pair's weight in its sample's sum: 1 for a labelled sample's pair, q(y|x) for a hidden label's
+    weight = torch.where(hidden[row], q[row, cls], torch.ones_like(kl))  # (P,)
+
+    def per_sample(v: torch.Tensor) -> torch.Tensor:  # (P,) -> (B,), the weighted sum over a sample's pairs
+        return torch.zeros(b, dtype=v.dtype, device=v.device).index_add(0, row, weight * v)
+
+    entropy = -(q * log_q).sum(1)  # H(q(y|x))
+    h = torch.where(hidden, entropy, 0.0)
+    nll_y = torch.where(hidden, 0.0, -log_q.gather(1, labels.clamp(min=0)[:, None])[:, 0])
+    scale = b / (~hidden).sum().clamp(min=1)  # reported terms: a batch's mean = its labelled samples' mean
+    wrong = (out.class_logits.argmax(1) != labels) & ~hidden
+    pixels = pixel_metrics(xt, first, likelihood)
+    return {"loss": per_sample(objective) - log_py - h + alpha * nll_y, "recon": per_sample(recon),
+            "kl": per_sample(kl), "elbo": -per_sample(recon + kl) + log_py + h, "bce": per_sample(pixels["bce"]),
+            "mse": per_sample(pixels["mse"]), "entropy": entropy, "classifier_nll": nll_y.detach() * scale,
+            "error": wrong.to(kl.dtype) * scale}
 
 
 def vqvae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, commitment: float = 0.25,

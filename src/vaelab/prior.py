@@ -1,14 +1,19 @@
 """`vaelab train-prior RUN`: fit the autoregressive prior over a trained VQ-VAE's codes, so the run can generate.
 
     vaelab train --model vqvae --codebook-size 64 --dataset mnist --out runs/vq
-    vaelab train-prior runs/vq
-    vaelab sample runs/vq --n 64
+    vaelab train-prior runs/vq                      # --resume continues an interrupted one
+    vaelab sample runs/vq --n 64                    # --label 3: a class-conditional prior's digit 3
 
 The training set is encoded once to grids of code indices; a gated PixelCNN (models/prior.py) learns
 p(codes | class) on them by maximum likelihood, class-conditional when the data has labels. The prior becomes part
 of the model: its weights go into RUN/model.safetensors and its size into config.json's model section
 (prior_layers, prior_channels, prior_classes), so `from_pretrained(RUN)` loads it with no extra step, and
 RUN/prior_metrics.jsonl records its per-epoch negative log-likelihood in bits per code.
+
+After every epoch the run directory is brought up to date (atomic writes): RUN/prior_checkpoint.safetensors
+(the prior, its optimizer state and history), the model with the prior so far, and the metrics. `--resume`
+continues from the checkpoint exactly as an uninterrupted fit would have gone on; the checkpoint records a
+fingerprint of the VQ-VAE's weights, so a prior is never resumed on codes that changed since.
 
 Building the argument parser imports neither torch nor numpy (`vaelab --help` stays instant).
 """
@@ -24,19 +29,30 @@ from pathlib import Path
 from vaelab.errors import VaelabError
 
 PRIOR_METRICS_FILE = "prior_metrics.jsonl"
-DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 1e-3, "layers": 8, "channels": 32}
+PRIOR_CHECKPOINT_FILE = "prior_checkpoint.safetensors"
+DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 1e-3, "layers": 8, "channels": 32, "seed": 0}
+# the settings a resumed fit takes from its checkpoint (the network's size, and what the data order and the
+# optimizer's steps depend on); only `epochs` may change
+RESUMED = ("batch_size", "lr", "layers", "channels", "seed")
 
 
 def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"],
               lr: float = DEFAULTS["lr"], layers: int = DEFAULTS["layers"], channels: int = DEFAULTS["channels"],
-              conditional: bool = True, seed: int = 0, progress: bool = False) -> list[dict]:
+              conditional: bool = True, seed: int = DEFAULTS["seed"], progress: bool = False,
+              checkpoint: str | Path | None = None, resume: bool = False, on_epoch=None) -> list[dict]:
     """Fit a code prior for `model` (a VQ-VAE) on the codes of `train` (an ArrayDataset), attach it to the model
     (model.prior, and prior_* in model.config) and return the per-epoch history: the training and test
-    negative log-likelihood in bits per code. Class-conditional when `conditional` and the data has labels."""
+    negative log-likelihood in bits per code. Class-conditional when `conditional` and the data has labels.
+
+    `checkpoint`: a file written after every epoch (prior, optimizer, history); with resume=True the fit
+    continues from it, up to `epochs` in all, with the checkpoint's settings. `on_epoch(history)` is called
+    after every epoch, with the prior attached to the model (train_prior saves the run there).
+    """
     import torch
     import torch.nn.functional as F
 
     from vaelab.models.prior import CodePrior
+    from vaelab.training.checkpoint import load_checkpoint, save_checkpoint
 
     _check(epochs >= 1 and batch_size >= 1 and lr > 0 and layers >= 1 and channels >= 1,
            f"epochs={epochs}, batch_size={batch_size}, lr={lr}, layers={layers} and channels={channels} must all "
@@ -46,27 +62,55 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
                           "(train one with --model vqvae)")
     if len(train) == 0:
         raise VaelabError("the training set is empty; the prior needs the codes of the training data")
+    if resume and checkpoint is None:
+        raise VaelabError("resume=True needs the checkpoint file of the fit to continue (checkpoint=...)")
+    settings = {"batch_size": batch_size, "lr": lr, "layers": layers, "channels": channels, "seed": seed}
+    saved = _read_prior_checkpoint(checkpoint) if resume else None
+    if resume and saved is None:
+        raise VaelabError(f"cannot resume: the prior checkpoint {str(checkpoint)!r} does not exist; fit without "
+                          "resuming")
+    if saved is not None:
+        settings = {k: saved["settings"][k] for k in RESUMED}
+        conditional = saved["settings"]["classes"] > 0
+        if saved["vqvae"] != vqvae_fingerprint(model):
+            raise VaelabError(f"cannot resume the prior in {str(checkpoint)!r}: it was fitted to the codes of other "
+                              "VQ-VAE weights (the model was trained further since); fit a new prior without "
+                              "resuming")
     classes = (train.num_classes or int(train.y.max()) + 1) if conditional and train.y is not None else 0
+    if saved is not None and classes != saved["settings"]["classes"]:
+        raise VaelabError(f"cannot resume the prior in {str(checkpoint)!r}: it models {saved['settings']['classes']} "
+                          f"classes, but the training data has {classes}; resume on the data it was fitted to")
     device = model._device()
     codes = encode_codes(model, train)  # (N, h, w) int64, on the CPU
     test_codes = encode_codes(model, test) if test is not None and len(test) else None
     labels = train.y.long() if classes else None
+    test_labels = test.y.long() if classes and test_codes is not None and test.y is not None else None
     positions = math.prod(codes.shape[1:])
 
-    torch.manual_seed(seed)
-    prior = CodePrior(model.config.codebook_size, codes.shape[1:], channels, layers, classes).to(device)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=lr)
+    torch.manual_seed(settings["seed"])
+    prior = CodePrior(model.config.codebook_size, codes.shape[1:], settings["channels"], settings["layers"],
+                      classes).to(device)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=settings["lr"])
+    history: list[dict] = []
+    if saved is not None:
+        state, _ = load_checkpoint(Path(checkpoint), prior, optimizer)
+        history = state["history"]
+    # the prior is part of the model from now on: an interrupted fit leaves the prior of its last epoch
+    model.prior = prior
+    model.config = model.config.replace(prior_layers=settings["layers"], prior_channels=settings["channels"],
+                                        prior_classes=classes)
+    trainer_state = {"settings": {**settings, "classes": classes}, "vqvae": vqvae_fingerprint(model)}
     bits = lambda nats: nats / (positions * math.log(2))  # noqa: E731  (nats per map -> bits per code)
-    history = []
-    for epoch in range(epochs):
+    bs = settings["batch_size"]
+    for epoch in range(len(history), epochs):
         t0 = time.perf_counter()
         prior.train()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + epoch)
         perm = torch.randperm(len(codes), generator=gen)
         total = 0.0
-        bar = _bar(progress, math.ceil(len(codes) / batch_size), f"prior epoch {epoch + 1}/{epochs}")
-        for start in range(0, len(codes), batch_size):
-            idx = perm[start:start + batch_size]
+        bar = _bar(progress, math.ceil(len(codes) / bs), f"prior epoch {epoch + 1}/{epochs}")
+        for start in range(0, len(codes), bs):
+            idx = perm[start:start + bs]
             k = codes[idx].to(device)  # (B, h, w)
             c = labels[idx].to(device) if classes else None
             nll = F.cross_entropy(prior(k, c), k, reduction="none").flatten(1).sum(1)  # (B,) nats per map
@@ -79,15 +123,16 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
         if bar is not None:
             bar.close()
         row = {"epoch": epoch + 1, "train_bits_per_code": bits(total / len(codes))}
-        if test_codes is not None:
-            test_labels = test.y.long() if classes and test.y is not None else None
-            if not classes or test_labels is not None:
-                row["test_bits_per_code"] = bits(prior_nll(prior, test_codes, test_labels))
+        if test_codes is not None and (not classes or test_labels is not None):
+            row["test_bits_per_code"] = bits(prior_nll(prior, test_codes, test_labels))
         row["time_s"] = round(time.perf_counter() - t0, 3)
         history.append(row)
+        prior.eval()
+        if checkpoint is not None:
+            save_checkpoint(Path(checkpoint), prior, optimizer, {**trainer_state, "history": history}, {})
+        if on_epoch is not None:
+            on_epoch(history)
     prior.eval()
-    model.prior = prior
-    model.config = model.config.replace(prior_layers=layers, prior_channels=channels, prior_classes=classes)
     return history
 
 
@@ -116,16 +161,54 @@ def prior_nll(prior, codes, labels=None, batch_size: int = 1000) -> float:
     return total / max(len(codes), 1)
 
 
+def vqvae_fingerprint(model) -> str:
+    """SHA-256 of the VQ-VAE's own weights (everything but the prior): what its codes depend on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith("prior."):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_prior_checkpoint(path) -> dict | None:
+    """The trainer state of a prior checkpoint (settings, fingerprint, history), or None if there is none."""
+    from vaelab.errors import CheckpointError
+    from vaelab.training.checkpoint import unpack
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    _, metadata = unpack(path)
+    try:
+        state = json.loads(metadata["vaelab"])["trainer"]
+        ours = all(k in state for k in ("settings", "vqvae", "history"))
+    except (KeyError, TypeError, json.JSONDecodeError):
+        ours = False
+    if not ours:
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint of `vaelab train-prior`; move it away or fit "
+                              "the prior with --overwrite")
+    return state
+
+
 def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS["epochs"],
-                batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"], layers: int = DEFAULTS["layers"],
-                channels: int = DEFAULTS["channels"], conditional: bool = True, seed: int = 0, threads: int = 0,
-                device: str = "auto", progress: bool = True) -> list[dict]:
+                batch_size: int | None = None, lr: float | None = None, layers: int | None = None,
+                channels: int | None = None, conditional: bool = True, seed: int | None = None, threads: int = 0,
+                device: str = "auto", progress: bool = True, resume: bool = False,
+                overwrite: bool = False) -> list[dict]:
     """Fit the code prior of the VQ-VAE in `run_dir` on the dataset it was trained on (or `dataset`), and save
-    it into the run (model.safetensors, config.json, prior_metrics.jsonl). Returns the per-epoch history."""
+    it into the run (model.safetensors, config.json, prior_metrics.jsonl, prior_checkpoint.safetensors) after
+    every epoch. Returns the per-epoch history.
+
+    A run that already has a prior of its current weights keeps it unless `resume` (continue it up to `epochs`,
+    with its saved settings; giving another value for one of them is an error) or `overwrite` (fit afresh).
+    Settings left at None take the defaults (DEFAULTS), or on resume the checkpoint's."""
     import torch
 
     from vaelab.data import load_dataset
-    from vaelab.errors import DataError
+    from vaelab.errors import ConfigError, DataError
     from vaelab.models import from_pretrained
     from vaelab.training.checkpoint import atomic_write_text, read_config, save_pretrained
     from vaelab.training.distributed import resolve_device
@@ -134,16 +217,43 @@ def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS[
     if not run_dir.is_dir():
         raise VaelabError(f"run directory {str(run_dir)!r} does not exist; give the --out directory of a "
                           "`vaelab train --model vqvae` run")
+    if resume and overwrite:
+        raise VaelabError("--resume and --overwrite contradict each other: continue the prior, or fit a new one")
     cfg = read_config(run_dir)
     model = from_pretrained(run_dir)
     if getattr(model, "quantizer", None) is None:
         raise VaelabError(f"{str(run_dir)!r} holds a {model.config.model!r} model; a code prior is for a VQ-VAE "
                           "run (vaelab train --model vqvae)")
-    saved = cfg.get("data") or {}
-    dataset = dataset or saved.get("dataset")
+    given = {"batch_size": batch_size, "lr": lr, "layers": layers, "channels": channels, "seed": seed}
+    checkpoint = run_dir / PRIOR_CHECKPOINT_FILE
+    saved = _read_prior_checkpoint(checkpoint)
+    current = saved is not None and saved["vqvae"] == vqvae_fingerprint(model)  # a prior of these weights
+    if resume:
+        if not current:
+            why = ("it has no prior checkpoint" if saved is None else
+                   "its prior checkpoint belongs to earlier VQ-VAE weights (the model was trained further since)")
+            raise VaelabError(f"cannot resume the prior of {str(run_dir)!r}: {why}; fit one without --resume")
+        clash = [f"{k}={v!r}: the prior was fitted with {k}={saved['settings'][k]!r}"
+                 for k, v in given.items() if v is not None and v != saved["settings"][k]]
+        if not conditional and saved["settings"]["classes"]:
+            clash.append(f"unconditional: the prior is conditioned on {saved['settings']['classes']} classes")
+        if clash:
+            raise ConfigError(clash + ["drop these settings to resume, or fit a new prior with --overwrite"],
+                              "settings for --resume")
+        if len(saved["history"]) >= epochs:
+            raise VaelabError(f"the prior of {str(run_dir)!r} already has {len(saved['history'])} epochs "
+                              f"(--epochs {epochs}); raise --epochs to continue it")
+    elif not overwrite and (current or model.config.prior_layers):
+        done = f" ({len(saved['history'])} epoch{'s' * (len(saved['history']) != 1)})" if current else ""
+        raise VaelabError(f"{str(run_dir)!r} already has a code prior{done}; continue it with --resume (and a "
+                          "larger --epochs), or fit a new one with --overwrite")
+    settings = {k: DEFAULTS[k] if v is None else v for k, v in given.items()}
+
+    saved_data = cfg.get("data") or {}
+    dataset = dataset or saved_data.get("dataset")
     if not dataset:
         raise VaelabError(f"{str(run_dir / 'config.json')!r} names no dataset; pass --dataset NAME_OR_PATH")
-    data = load_dataset(dataset, data_dir if data_dir is not None else saved.get("data_dir"), progress=progress)
+    data = load_dataset(dataset, data_dir if data_dir is not None else saved_data.get("data_dir"), progress=progress)
     if tuple(data.train.sample_shape) != tuple(model.config.input_shape):
         raise DataError(f"dataset {dataset!r} holds samples of shape {tuple(data.train.sample_shape)}, but the "
                         f"model in {str(run_dir)!r} takes {tuple(model.config.input_shape)}; use the dataset it "
@@ -152,19 +262,95 @@ def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS[
         torch.set_num_threads(threads)
     model.to(resolve_device(device))
     t0 = time.perf_counter()
-    history = fit_prior(model, data.train, data.test, epochs=epochs, batch_size=batch_size, lr=lr, layers=layers,
-                        channels=channels, conditional=conditional, seed=seed, progress=progress)
+    model_settings = {k: saved["settings"][k] for k in RESUMED} if resume else settings  # what fit_prior uses
+
+    def save(history: list[dict]) -> None:  # after every epoch: the model with the prior so far, and its metrics
+        last = history[-1]
+        record = {"epochs": last["epoch"], "batch_size": model_settings["batch_size"],
+                  "lr": model_settings["lr"], "seed": model_settings["seed"],
+                  "train_bits_per_code": last["train_bits_per_code"],
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        if "test_bits_per_code" in last:
+            record["test_bits_per_code"] = last["test_bits_per_code"]
+        if model.config.prior_classes:
+            record["classes"] = _class_names(data.train.classes, model.config.prior_classes)
+        save_pretrained(model, run_dir, extra={"prior": record})
+        atomic_write_text(run_dir / PRIOR_METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+
+    history = fit_prior(model, data.train, data.test, epochs=epochs, conditional=conditional, progress=progress,
+                        checkpoint=checkpoint, resume=resume, on_epoch=save, **settings)
     model.to("cpu")
-    last = history[-1]
-    record = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-              "train_bits_per_code": last["train_bits_per_code"], "seconds": round(time.perf_counter() - t0, 1)}
-    if "test_bits_per_code" in last:
-        record["test_bits_per_code"] = last["test_bits_per_code"]
-    if model.config.prior_classes:
-        record["classes"] = data.train.classes
-    save_pretrained(model, run_dir, extra={"prior": record})
-    atomic_write_text(run_dir / PRIOR_METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
     return history
+
+
+def _class_names(classes, k: int) -> list[str]:
+    """Names of labels 0..k-1: the data's class names, or the indices themselves."""
+    names = [str(c) for c in classes] if classes else []
+    return (names + [str(i) for i in range(len(names), k)])[:k]
+
+
+# ============================================================================================ generation
+
+
+def sample_run(run: str, cfg: dict, model, *, n: int | None = None, label: str | None = None, seed: int = 0,
+               out: str | Path | None = None) -> str:
+    """`vaelab sample RUN` for a VQ-VAE run: n code grids drawn from its prior and decoded, as a PNG grid
+    (RUN/samples.png or `out`); returns the path. A class-conditional prior draws class `label` (an index or a
+    class name), or without one the classes in order, an equal share each."""
+    import torch
+
+    from vaelab.plotting import save_image_grid
+
+    if model.prior is None:
+        raise VaelabError(f"the VQ-VAE of {run!r} has no code prior yet: a VQ-VAE generates by drawing code grids "
+                          f"from an autoregressive prior fitted to its codes. Fit one with `vaelab train-prior "
+                          f"{run}`, then sample again")
+    n = 64 if n is None else n
+    if n < 1:
+        raise VaelabError(f"--n must be a positive integer, got {n}")
+    k = model.config.prior_classes
+    classes = _class_names((cfg.get("prior") or {}).get("classes"), k)
+    name = cfg.get("preset") or model.config.model
+    if label is not None:
+        wanted = _prior_label(label, k, classes, run)
+        labels = torch.full((n,), wanted, dtype=torch.long)
+        what = f"{n} samples of class {_label_text(wanted, classes)}"
+    elif k:
+        labels = torch.arange(n) * k // n  # (n,) classes 0..k-1 in order, n/k each
+        what = f"{n} samples, classes {classes[0]}..{classes[-1]} in reading order"
+    else:
+        labels, what = None, f"{n} samples"
+    images = model.sample(n, generator=torch.Generator().manual_seed(int(seed)), condition=labels)
+    title = f"{name}: {what} decoded from code grids drawn from the gated PixelCNN prior, seed {seed}"
+    path = Path(out) if out else Path(run) / "samples.png"
+    return save_image_grid(images.cpu(), path, nrow=math.ceil(math.sqrt(n)), title=title)
+
+
+def _prior_label(text: str, k: int, classes: list[str], run: str) -> int:
+    """--label as a class index of the prior: an integer in 0..k-1 or a class name (any case)."""
+    if not k:
+        raise VaelabError(f"--label needs a class-conditional prior, but the prior of {run!r} is unconditional "
+                          "(fitted with --unconditional, or on unlabelled data); drop --label, or fit a "
+                          f"conditional one on labelled data: `vaelab train-prior {run} --overwrite`")
+    text = str(text).strip()
+    names = [c.lower() for c in classes]
+    if text.lower() in names:
+        return names.index(text.lower())
+    try:
+        label = int(text)
+    except ValueError:
+        named = any(c != str(i) for i, c in enumerate(classes))
+        known = f" or a class name ({', '.join(classes)})" if named else ""
+        raise VaelabError(f"--label {text!r} is not a class of this prior: give an index in 0..{k - 1}"
+                          f"{known}") from None
+    if not 0 <= label < k:
+        raise VaelabError(f"--label {label} is out of range: the prior has {k} classes, labels 0..{k - 1}")
+    return label
+
+
+def _label_text(label: int, classes: list[str]) -> str:
+    name = classes[label]
+    return name if name == str(label) else f"{label}: {name}"
 
 
 # ================================================================================================ the CLI
@@ -175,23 +361,29 @@ def add_train_prior_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train-prior", help="fit the code prior of a VQ-VAE run, so that `vaelab sample` can generate",
         description="Fit an autoregressive prior (a gated PixelCNN) over the code grids of a trained VQ-VAE run "
-                    "and store it in the run directory (model.safetensors, config.json, prior_metrics.jsonl). "
-                    "On labelled data the prior is class-conditional: `vaelab sample RUN --label 3`.")
+                    "and store it in the run directory (model.safetensors, config.json, prior_metrics.jsonl, "
+                    "prior_checkpoint.safetensors), after every epoch. On labelled data the prior is "
+                    "class-conditional: `vaelab sample RUN --label 3`. --resume continues an interrupted fit "
+                    "(or extends a finished one to a larger --epochs) with its saved settings.")
     p.add_argument("run", help="the run directory of a `vaelab train --model vqvae` run")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="passes over the training codes "
                    f"(default {DEFAULTS['epochs']})")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+    p.add_argument("--batch-size", type=int, default=None,
                    help=f"code grids per optimizer step (default {DEFAULTS['batch_size']})")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"Adam's learning rate (default {DEFAULTS['lr']})")
-    p.add_argument("--layers", type=int, default=DEFAULTS["layers"],
+    p.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--layers", type=int, default=None,
                    help=f"gated PixelCNN layers (default {DEFAULTS['layers']})")
-    p.add_argument("--channels", type=int, default=DEFAULTS["channels"],
+    p.add_argument("--channels", type=int, default=None,
                    help=f"channels of each layer (default {DEFAULTS['channels']})")
     p.add_argument("--unconditional", action="store_true",
                    help="ignore the data's labels: one prior for all classes")
     p.add_argument("--dataset", default=None, help="the data to encode (default: the run's training dataset)")
     p.add_argument("--data-dir", default=None, help="folder of the built-in datasets (default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the prior's weights and data order")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"random seed of the prior's weights and data order (default {DEFAULTS['seed']})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run's prior from prior_checkpoint.safetensors up to --epochs")
+    p.add_argument("--overwrite", action="store_true", help="replace a prior the run already has")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
@@ -201,20 +393,33 @@ def add_train_prior_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_train_prior(args) -> int:
     for flag in ("epochs", "batch_size", "layers", "channels"):
-        if getattr(args, flag) < 1:
-            raise VaelabError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise VaelabError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise VaelabError(f"--lr must be a positive number, got {args.lr}")
-    history = train_prior(args.run, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr, layers=args.layers, channels=args.channels,
-                          conditional=not args.unconditional, seed=args.seed, threads=args.threads,
-                          device=args.device, progress=args.progress)
+    if args.seed is not None and args.seed < 0:
+        raise VaelabError(f"--seed must be an integer >= 0, got {args.seed}")
+    run = Path(args.run)
+    try:
+        history = train_prior(args.run, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, layers=args.layers, channels=args.channels,
+                              conditional=not args.unconditional, seed=args.seed, threads=args.threads,
+                              device=args.device, progress=args.progress, resume=args.resume,
+                              overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        from vaelab.cli import _Interrupted
+
+        if (run / PRIOR_CHECKPOINT_FILE).is_file():
+            raise _Interrupted(f"the prior's checkpoint of its last finished epoch is intact; continue with: "
+                               f"vaelab train-prior {args.run} --resume") from None
+        raise
     for row in history:
         test = f", test {row['test_bits_per_code']:.4f}" if "test_bits_per_code" in row else ""
         print(f"epoch {row['epoch']}: train {row['train_bits_per_code']:.4f} bits per code{test} "
               f"({row['time_s']:.1f} s)")
-    run = Path(args.run)
-    print(f"wrote: {run / 'model.safetensors'}, {run / 'config.json'}, {run / PRIOR_METRICS_FILE}")
+    print(f"wrote: {run / 'model.safetensors'}, {run / 'config.json'}, {run / PRIOR_METRICS_FILE}, "
+          f"{run / PRIOR_CHECKPOINT_FILE}")
     print(f"sample with: vaelab sample {args.run} --n 64")
     return 0
 

@@ -21,6 +21,13 @@ from vaelab.errors import DataError
 from vaelab.data.arrays import ArrayDataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Pillow decoders an image folder may use: by content, not by name, so an EPS file named .png never reaches
+# the EPS plugin (which runs Ghostscript) nor a TIFF one libtiff
+IMAGE_FORMATS = ("PNG", "JPEG")
+# Pixels an image's header may claim (4096x4096): checked after the header is parsed and before the pixels are
+# allocated, so a decompression bomb (a small file claiming a gigantic size) costs nothing. Pillow's own limit
+# (89 million pixels, an error only past twice that) is far above any image an autoencoder trains on.
+MAX_IMAGE_PIXELS = 2**24
 LABEL_COLUMNS = ("label", "y")
 
 # ---------------------------------------------------------------------------------------- arrays
@@ -234,7 +241,16 @@ def _read_images(files: list[Path]) -> torch.Tensor:
     arrays = []
     for path in files:
         try:
-            with Image.open(path) as img:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by size
+                img = Image.open(path, formats=IMAGE_FORMATS)
+            with img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: its header claims {w}x{h} pixels, more than the "
+                                    f"{MAX_IMAGE_PIXELS:,} vaelab reads (4096x4096): a decompression bomb, or an "
+                                    "image far larger than an autoencoder trains on. Resize it first (e.g. to "
+                                    "64x64)")
                 if first_size is None:
                     first_size = (path, img.size)
                 elif img.size != first_size[1]:
@@ -245,7 +261,8 @@ def _read_images(files: list[Path]) -> torch.Tensor:
                 arrays.append(_to_array(img, path))
         except DataError:
             raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+            # UnidentifiedImageError (an OSError) also covers other formats: IMAGE_FORMATS alone are tried
             raise DataError(f"{path}: cannot read this image ({type(e).__name__}: {e}); expected a valid "
                             "PNG or JPEG file. Fix or remove it") from e
     # A folder mixing grayscale and colour images is loaded as colour (lossless for the grayscale ones).

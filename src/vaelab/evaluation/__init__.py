@@ -55,13 +55,21 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
       per-pixel means `bce`, `mse`; `elbo_bits_per_dim`; `psnr` (dB, of the posterior-mean reconstruction);
     - `nll`, `nll_se`, `nll_bits_per_dim` with nll_samples = K > 0: the importance-sampled -log p(x);
     - latent health (VAEs, latent=True): `kl_per_dim`, `active_units`, and `warning` on posterior collapse;
-    - with labelled data and `train_data` given: `linear_probe_accuracy` and `knn5_accuracy` on the latents.
+    - with labelled data and `train_data` given: `linear_probe_accuracy` and `knn5_accuracy` on the latents;
+    - a model with a classifier (m2) on labelled data: its `accuracy` and `error` (the fraction misclassified);
+    - a VQ-VAE's code usage: `perplexity` of the chosen codes, `codes_used` (fraction of the codebook) and
+      `dead_codes` (codes no sample chose).
     """
     import math
 
     from vaelab.evaluation.metrics import latent_health, posterior_stats, probe_accuracy, psnr
 
     out = loss_terms(model, data, batch_size=batch_size, binarize=binarize, seed=seed)
+    if "error" in out:  # a model with a classifier q(y|x) (m2): judged on the labels of `data`
+        if data.y is None:
+            out.pop("error"), out.pop("classifier_nll", None)  # no labels to judge it by
+        else:
+            out["accuracy"] = 1.0 - out["error"]
     out["n"] = len(data)
     dims = math.prod(data.sample_shape)
     if "elbo" in out:
@@ -85,6 +93,10 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
         if train_data is not None and data.y is not None and train_data.y is not None:
             z_train, _ = posterior_stats(model, train_data, batch_size)
             out.update(probe_accuracy(z_train.numpy(), train_data.y.numpy(), means.numpy(), data.y.numpy()))
+    if getattr(model, "quantized", False):  # a VQ-VAE: how evenly this data uses the codebook
+        from vaelab.models.vqvae import codebook_usage
+
+        out.update(codebook_usage(model, data, batch_size))
     return out
 
 

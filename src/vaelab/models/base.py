@@ -9,11 +9,15 @@ from torch import nn
 
 
 class DiagonalGaussian:
-    """q(z|x) = N(mean, diag(exp(logvar))). Owns sampling and its KL to the standard-normal prior."""
+    """q(z|x) = N(mean, diag(exp(logvar))). Owns sampling and its KL to the standard-normal prior.
 
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+    clamp=(low, high) bounds logvar (ModelConfig.logvar_min / logvar_max): values inside are kept bit for bit;
+    beyond, exp(logvar) would overflow (past ±88 in fp32) and turn the KL and the samples into Inf/NaN.
+    """
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor, clamp: tuple[float, float] | None = None):
         self.mean = mean  # (B, *latent_shape)
-        self.logvar = logvar
+        self.logvar = logvar if clamp is None else logvar.clamp(*clamp)
 
     @property
     def std(self) -> torch.Tensor:

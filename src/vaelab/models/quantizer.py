@@ -17,8 +17,10 @@ How the codebook moves, and what keeps it healthy:
   https://arxiv.org/abs/2005.00341).
 - distances and the codebook in fp32 even inside a bf16 autocast region: bf16 keeps 8 bits of mantissa, too
   few to tell nearby codes apart or to accumulate a 0.99-decay average.
-- distributed training: the per-step counts and sums are all-reduced before the EMA update, and the k-means
-  result and the restart vectors are broadcast from rank 0, so every rank holds the same codebook.
+- distributed training: the per-step counts and sums are all-reduced before the EMA update; k-means and the
+  restarts work on the global batch, gathered from every rank's shard back into its one-process order, and
+  their result is broadcast from rank 0. So every rank holds the same codebook, and a run on W processes
+  moves it as one process does on the same global batch (tests/test_distributed_vq.py checks both).
 
 The codebook moves only in training mode; evaluation (model.eval()) reads it and changes nothing.
 """
@@ -74,12 +76,13 @@ class VectorQuantizer(nn.Module):
         grid = z_e.shape[2:]
         with torch.autocast(z_e.device.type, enabled=False):  # fp32 whatever the caller's precision
             flat = z_e.float().movedim(1, -1).reshape(-1, self.dim)  # (N, D), N = B * prod(grid)
+            per_sample = math.prod(grid)  # rows of flat per sample
             if update and not bool(self.initialized):
-                self._kmeans_init(flat.detach())
+                self._kmeans_init(_global_batch(flat.detach(), per_sample))
             indices = self.nearest(flat.detach())  # (N,)
             z_q = F.embedding(indices, self.codebook.float())  # (N, D): gathered before any update below
             if update:
-                self._update(flat.detach(), indices)
+                self._update(flat.detach(), indices, per_sample)
         z_q = z_q.view(z_e.shape[0], *grid, self.dim).movedim(-1, 1)  # (B, D, *grid)
         return z_q, indices.view(z_e.shape[0], *grid)
 
@@ -104,7 +107,7 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+    def _update(self, flat: torch.Tensor, indices: torch.Tensor, per_sample: int = 1) -> None:
         counts = torch.bincount(indices, minlength=self.codebook_size).float()  # (K,)
         if self.ema:
             sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)  # (K, D)
@@ -123,12 +126,12 @@ class VectorQuantizer(nn.Module):
         if self.restart_after:
             dead = self.unused_steps >= self.restart_after  # the same on every rank: global counts
             if bool(dead.any()):
-                self._restart(dead, flat)
+                self._restart(dead, _global_batch(flat, per_sample))
 
     def _restart(self, dead: torch.Tensor, flat: torch.Tensor) -> None:
-        """Move the dead codes onto random encoder outputs of this batch (rank 0's, on every rank)."""
+        """Move the dead codes onto random encoder outputs of the (global) batch flat (N, D)."""
         picks = torch.randint(len(flat), (int(dead.sum()),), device=flat.device)
-        fresh = _broadcast(flat[picks].contiguous())  # (n_dead, D)
+        fresh = _broadcast(flat[picks].contiguous())  # (n_dead, D), rank 0's draw on every rank
         self.codebook.data[dead] = fresh
         if self.ema:
             self.cluster_size[dead] = 1.0  # a young code: its first assignments move it quickly
@@ -198,6 +201,29 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
     if _distributed():
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
+
+
+def _global_batch(flat: torch.Tensor, per_sample: int) -> torch.Tensor:
+    """The rows (N, D) of the whole global batch, in the order one process would see them, from this rank's
+    shard flat (n, D) of them, per_sample rows per sample; flat itself when not distributed.
+
+    The training loop gives rank r the samples r, r + W, r + 2W, ... of each global batch (Dist.shard), so
+    sample j of the global batch is sample j // W of rank j % W. Every rank returns the same tensor."""
+    if not _distributed():
+        return flat
+    world, dim = tdist.get_world_size(), flat.shape[1]
+    size = torch.tensor([len(flat) // per_sample], device=flat.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    tdist.all_gather(sizes, size)  # samples per rank: the shards differ by one when W does not divide B
+    sizes = [int(n) for n in sizes]
+    padded = flat.new_zeros(max(sizes) * per_sample, dim)  # all_gather needs equal sizes
+    padded[:len(flat)] = flat
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    tdist.all_gather(parts, padded.contiguous())
+    out = flat.new_empty(sum(sizes), per_sample, dim)
+    for rank, (part, n) in enumerate(zip(parts, sizes)):
+        out[rank::world] = part[:n * per_sample].view(n, per_sample, dim)
+    return out.view(-1, dim)
 
 
 def _broadcast(t: torch.Tensor) -> torch.Tensor:

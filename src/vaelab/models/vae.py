@@ -15,4 +15,4 @@ class VAE(Autoencoder):
         self._check_condition(condition)
         h = self.encoder(x)  # (B, 2 * latent_dim) or (B, 2 * C, h, w)
         mean, logvar = h.chunk(2, dim=1)
-        return DiagonalGaussian(mean, logvar)
+        return DiagonalGaussian(mean, logvar, clamp=(self.config.logvar_min, self.config.logvar_max))

@@ -2,9 +2,10 @@
 
 A pretrained directory (and every run directory) holds `config.json` ({"format_version", "model": {...}})
 and `model.safetensors`. A training checkpoint is one safetensors file whose tensors are the model weights,
-the optimizer state and the RNG states, and whose metadata holds the JSON trainer state. Every write goes to
-a temporary file in the same directory, is fsynced, then renamed over the old file, so a crash or a full
-disk leaves the previous file intact.
+the optimizer state and the RNG states (with a step checkpoint, also the epoch's partial metrics), and whose
+metadata holds the JSON trainer state. SHA-256 digests of the data and of the header make any bit flip an
+error on load. Every write goes to a temporary file in the same directory, is fsynced, then renamed over the
+old file, so a crash or a full disk leaves the previous file intact.
 """
 
 from __future__ import annotations
@@ -75,16 +76,32 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def pack(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """safetensors bytes whose metadata carries the SHA-256 of the data section, so that a bit flip
-    anywhere in the tensors is detected on load (the header itself is checked by its JSON parse)."""
+    """safetensors bytes whose metadata carries two SHA-256 digests: "sha256" of the data section (the
+    tensors' bytes) and "header_sha256" of the header (tensor names, dtypes, shapes, offsets and the other
+    metadata, such as a checkpoint's trainer state), so that a bit flip anywhere is detected on load."""
+    if set(metadata or {}) - {"vaelab"}:
+        raise ValueError(f"metadata keys {sorted(metadata)}: vaelab files carry 'vaelab' (and the digests)")
     plain = st_save(tensors, metadata=metadata)
-    digest = hashlib.sha256(_data_section(plain)).hexdigest()
-    return st_save(tensors, metadata={**(metadata or {}), "sha256": digest})
+    digests = {"sha256": hashlib.sha256(_data_section(plain)).hexdigest(),
+               "header_sha256": _header_digest(_header(plain))}
+    return st_save(tensors, metadata={**(metadata or {}), **digests})
+
+
+def _header(blob: bytes) -> dict:
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8:8 + n])
 
 
 def _data_section(blob: bytes) -> bytes:
     (n,) = struct.unpack("<Q", blob[:8])
     return blob[8 + n:]
+
+
+def _header_digest(header: dict) -> str:
+    """SHA-256 of the header in a canonical form, without the digests themselves."""
+    meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k not in ("sha256", "header_sha256")}
+    canonical = {**header, "__metadata__": meta}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def unpack(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -95,17 +112,25 @@ def unpack(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     blob = path.read_bytes()
     try:
         tensors = st_load(blob)
-        (n,) = struct.unpack("<Q", blob[:8])
-        metadata = json.loads(blob[8:8 + n]).get("__metadata__") or {}
+        header = _header(blob)
+        metadata = header.get("__metadata__") or {}
     except (SafetensorError, ValueError, OSError, RuntimeError, struct.error, AttributeError) as e:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); it is truncated or "
                               "corrupt: restore it or retrain") from None
     expected = metadata.get("sha256")
     if expected is None:
         raise CheckpointError(f"{str(path)!r} carries no checksum; it was not written by vaelab")
+    unknown = sorted(set(metadata) - {"sha256", "header_sha256", "vaelab"})
+    if unknown:  # e.g. a digest's name with a flipped bit, which would otherwise skip its check
+        raise CheckpointError(f"{str(path)!r} has unexpected metadata {unknown[:3]}; it changed after it was "
+                              "written or was not written by vaelab: restore it or retrain")
     if hashlib.sha256(_data_section(blob)).hexdigest() != expected:
         raise CheckpointError(f"{str(path)!r} fails its SHA-256 check: the tensor data changed after it was "
                               "written (a bit flip or a partial copy); restore it or retrain")
+    # files written before the header got its digest carry none: their header is checked by its parse alone
+    if "header_sha256" in metadata and _header_digest(header) != metadata["header_sha256"]:
+        raise CheckpointError(f"{str(path)!r} fails its SHA-256 check: its header (tensor names, shapes or "
+                              "saved state) changed after it was written (a bit flip); restore it or retrain")
     return tensors, metadata
 
 
@@ -193,11 +218,20 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where) ->
 
 
 def save_checkpoint(path: Path, model, optimizer, trainer_state: dict,
-                    rng: dict[str, torch.Tensor]) -> None:
-    """model weights + optimizer state + RNG states + trainer state in one safetensors file."""
+                    extra: dict[str, torch.Tensor] | None = None) -> None:
+    """model weights + optimizer state + trainer state (JSON) in one safetensors file, with `extra` tensors
+    (RNG states, an epoch's partial sums, ...) stored under their own names, e.g. "rng.torch".
+
+    The model's non-persistent buffers are saved too ("buffers.NAME"): state a model keeps for itself across
+    training steps but not in its weights (a VQ-VAE's code counts of the running epoch), so that a run resumed
+    inside an epoch reports what an uninterrupted one would."""
     tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
+    state = model.state_dict()
+    for k, v in state.items():
         tensors["model." + k] = v.detach().contiguous().cpu()
+    for k, v in model.named_buffers():
+        if k not in state:
+            tensors["buffers." + k] = v.detach().contiguous().cpu()
     opt = optimizer.state_dict()
     opt_meta = {"param_groups": opt["param_groups"], "state": {}}
     for pid, st in opt["state"].items():
@@ -209,27 +243,41 @@ def save_checkpoint(path: Path, model, optimizer, trainer_state: dict,
             else:
                 entry[k] = v
         opt_meta["state"][str(pid)] = entry
-    for k, v in rng.items():
-        tensors["rng." + k] = v
+    for k, v in (extra or {}).items():
+        if k.split(".")[0] in _OWN_PREFIXES:
+            raise ValueError(f"extra tensor {k!r}: names under {'.*, '.join(_OWN_PREFIXES)}.* are taken")
+        tensors[k] = v.detach().contiguous().cpu()
     meta = {"format_version": FORMAT_VERSION, "trainer": trainer_state, "optimizer": opt_meta}
     atomic_write_bytes(path, pack(tensors, {"vaelab": json.dumps(meta)}))
 
 
+_OWN_PREFIXES = ("model", "buffers", "optim")
+
+
 def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore model and optimizer in place; returns (trainer_state, rng_states)."""
+    """Restore model (weights and non-persistent buffers) and optimizer in place; returns (trainer_state,
+    extra tensors by name)."""
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {str(path)!r} not found (the run wrote no checkpoint yet); "
                               "start without --resume")
     tensors, metadata = unpack(path)
     try:
         meta = json.loads(metadata["vaelab"])
-    except (KeyError, json.JSONDecodeError) as e:
+        if not (isinstance(meta, dict) and isinstance(meta.get("trainer"), dict)
+                and isinstance(meta.get("optimizer"), dict)):
+            raise ValueError("expected an object with 'trainer' and 'optimizer'")
+    except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{str(path)!r} has no valid vaelab metadata ({e}); it is not a vaelab "
                               "checkpoint or it is corrupt") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} has format_version={meta.get('format_version')!r}; this vaelab "
                               f"reads version {FORMAT_VERSION}")
     load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    buffers = dict(model.named_buffers())
+    for k, v in tensors.items():  # absent from older checkpoints: then the buffers keep their start values
+        name = k[len("buffers."):]
+        if k.startswith("buffers.") and name in buffers and buffers[name].shape == v.shape:
+            buffers[name].copy_(v)
     opt_meta = meta["optimizer"]
     state = {}
     for pid, entry in opt_meta["state"].items():
@@ -238,5 +286,5 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict[str, torch
         optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{str(path)!r}: optimizer state does not fit this model ({e})") from None
-    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
-    return meta["trainer"], rng
+    extra = {k: v for k, v in tensors.items() if k.split(".")[0] not in _OWN_PREFIXES}
+    return meta["trainer"], extra

@@ -70,7 +70,7 @@ class Dist:
         """True on every rank when `flag` is true on any rank (so all stop together, none hangs)."""
         if not self.active:
             return flag
-        return bool(self.all_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+        return bool(self.all_sum(torch.tensor([1.0 if flag else 0.0], device=self.device)).item() > 0)
 
     def barrier(self) -> None:
         if self.active:

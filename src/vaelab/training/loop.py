@@ -1,8 +1,9 @@
 """The one training loop. Every registered model trains here; read it top to bottom.
 
 Reproducibility: the data order and the model's noise of epoch e come from seeds derived from (seed, e),
-and a checkpoint is written at the end of every epoch, so `resume=True` continues exactly where an
-uninterrupted run would be.
+and a checkpoint is written at the end of every epoch (and every `checkpoint_every` steps: then with the RNG
+states, the step within the epoch and the epoch's partial metrics), so `resume=True` continues exactly where
+an uninterrupted run would be: the same weights, bit for bit on a CPU.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 import torch
 
 from vaelab.config import TrainConfig
+from vaelab.data.semisupervised import mixed_batches
 from vaelab.errors import DataError, TrainingError
 from vaelab.training.checkpoint import (CHECKPOINT_FILE, atomic_write_json, atomic_write_text,
                                         load_checkpoint, save_checkpoint, save_pretrained)
 from vaelab.training.corruption import corrupt
 from vaelab.training.distributed import Dist
-from vaelab.training.schedules import beta_at, capacity_at
+from vaelab.training.schedules import beta_at, capacity_at, lr_at
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -35,12 +37,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def loss_weights(model) -> dict:
     """The loss function's keyword weights, from the model's config."""
     c = model.config
-    return {"likelihood": c.likelihood, "sigma": c.gaussian_sigma, "beta": c.beta}
+    return {"likelihood": c.likelihood, "sigma": c.gaussian_sigma, "beta": c.beta, "alpha": c.alpha}
 
 
-def objective_weights(model, cfg: TrainConfig, step: int, steps_per_epoch: int) -> dict:
-    """The loss weights at optimizer step `step`: β from its schedule, the capacity target, free bits."""
+def objective_weights(model, cfg: TrainConfig, step: int, steps_per_epoch: int, semi=None) -> dict:
+    """The loss weights at optimizer step `step`: β from its schedule, the capacity target, free bits; with
+    hidden labels (`semi`, data.semisupervised.MixedBatches) M2's α as a per-sample weight for the batch mix."""
     w = loss_weights(model)
+    if semi is not None:
+        w["alpha"] = semi.classifier_weight(w["alpha"])
     epochs = lambda e: round(e * steps_per_epoch)  # noqa: E731  (schedules are set in epochs, run in steps)
     w["beta"] = beta_at(step, beta=w["beta"], schedule=cfg.kl_schedule, warmup_steps=epochs(cfg.kl_warmup),
                         cycle_steps=epochs(cfg.kl_warmup))
@@ -111,6 +116,8 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
                                            ("free_bits", cfg.free_bits, 0.0)) if value != off]
         if clash:
             raise ConfigError(clash, "training configuration")
+    # --labels N (semi-supervised): N labels kept, the rest hidden (-1), both kinds in every batch; else None
+    semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     keep_freed_memory()
@@ -118,54 +125,74 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
     model.to(dist.device)
     loss_fn = MODELS[model.config.model].loss
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
+    params = list(model.parameters())
     run_dir = Path(out) if out is not None else None
     main = dist.is_main  # only rank 0 writes files and shows progress
 
     history: list[dict] = []
     start_epoch, global_step = 0, 0
     best_loss, best_state, bad_epochs = math.inf, None, 0
+    position, saved = None, {}  # where a checkpoint written inside an epoch left off
     if resume:
         if run_dir is None:
             raise TrainingError("resume=True needs the run directory (out=...) holding the checkpoint")
-        state, _ = load_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer)
+        state, saved = load_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer)
         start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
         best_loss, bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
+        position = state.get("position")
+        if cfg.early_stopping and any(k.startswith("best.") for k in saved):
+            best_state = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
         if start_epoch >= cfg.epochs:
+            if best_state is not None:  # done already: end as the run did, on its best weights
+                model.load_state_dict(best_state)
             return history
     if run_dir is not None and main:
         _write_run_config(run_dir, model, cfg, run_info)
     writer = _tensorboard(run_dir) if main else None
     net = dist.wrap(model)  # DistributedDataParallel under torchrun: all-reduces the gradients
 
-    n, bs = len(train), cfg.batch_size
+    n, bs = semi.epoch_length if semi else len(train), cfg.batch_size
     steps = math.ceil(n / bs)  # the last batch may be partial, as in Keras
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # the model's noise (reparameterization) this epoch
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1)  # data order, binarization
-        perm = torch.randperm(n, generator=gen)
+        perm = semi.epoch_order(gen) if semi else torch.randperm(n, generator=gen)
         model.train()
         meter = Meter()
-        bar = _progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}") if main else None
-        for i in range(steps):
+        first = 0  # the epoch's first step: past 0 when resuming from a checkpoint written inside it
+        if position is not None:
+            first = _restore_position(position, saved, meter, gen, dist, steps, bs, n)
+            position = None
+        bar = _progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}", first) if main else None
+        for i in range(first, steps):
             batch_idx = perm[i * bs:(i + 1) * bs]  # the global batch, the same on every rank
             idx = dist.shard(batch_idx)  # this rank's samples of it
             x = train.batch(idx, binarize=cfg.binarize, generator=gen).to(dist.device)  # (B, C, H, W) / (B, D)
             x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
-            cond = train.labels(idx).to(dist.device) if model.conditional else None
+            cond = (semi.labels[idx] if semi else train.labels(idx)).to(dist.device) if model.conditional else None
             with autocast(cfg.precision, x):  # bf16 mixed precision when asked for; weights stay fp32
                 out = net(x_in, cond, n_samples=cfg.iw_samples)
             # per-sample terms in fp32, (B,) each; the clean x is the target
-            terms = loss_fn(x_in, out.float(), target=x, **objective_weights(model, cfg, global_step, steps))
+            terms = loss_fn(x_in, out.float(), target=x, **objective_weights(model, cfg, global_step, steps, semi))
             # the global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its sum
             # by world / global batch size (exact for any split; for one process this is the mean)
             loss = terms["loss"].sum() / len(batch_idx) * dist.world
-            if dist.any(not torch.isfinite(loss)):  # every rank stops together
-                raise _nonfinite(terms, epoch, global_step, run_dir)
             optimizer.zero_grad(set_to_none=True)
+            if cfg.lr_schedule != "constant":  # a pure function of the step: resumes exactly
+                lr = lr_at(global_step, lr=cfg.lr, schedule=cfg.lr_schedule, total_steps=cfg.epochs * steps,
+                           lr_min=cfg.lr_min)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # the gradients' global L2 norm in one fused pass, (); Inf/NaN when any entry is. One check (and one
+            # sync) for loss and gradients, before the weights move; every rank stops together
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            if dist.any(not bool(torch.isfinite(loss) & torch.isfinite(norm))):
+                raise _nonfinite(terms, loss, norm, model, epoch, global_step, run_dir)
+            if cfg.grad_clip:  # torch.nn.utils.clip_grad_norm_'s arithmetic, on the norm already computed
+                torch._foreach_mul_(grads, (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
             optimizer.step()
             global_step += 1
             meter.add(terms)
@@ -173,8 +200,18 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
                 bar.update(1)
                 if i % 20 == 0 or i == steps - 1:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in meter.means().items() if k in _SHOWN})
+            if run_dir is not None and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 \
+                    and i + 1 < steps:  # a step checkpoint (the epoch's last step writes the epoch's own)
+                state = {"epoch": epoch, "step": global_step, "history": history, "best_loss": best_loss,
+                         "bad_epochs": bad_epochs}
+                state["position"], extra = _position(i + 1, steps, bs, n, meter, gen, dist)
+                if main:
+                    save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, state,
+                                    {**extra, **_prefixed("best.", best_state)})
         row = {"epoch": epoch + 1, "step": global_step}
         row.update({f"train_{k}": v for k, v in meter.reduce(dist).means().items()})
+        if hasattr(model, "epoch_metrics"):  # the model's own numbers of this epoch (a VQ-VAE's code usage)
+            row.update({f"train_{k}": v for k, v in model.epoch_metrics().items()})
         if val is not None and len(val):
             row.update({f"val_{k}": v for k, v in
                         loss_terms(model, val, batch_size=max(bs, 256), binarize=cfg.binarize, dist=dist).items()})
@@ -196,7 +233,8 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
         if run_dir is not None and main:
             state = {"epoch": epoch + 1, "step": global_step, "history": history, "best_loss": best_loss,
                      "bad_epochs": bad_epochs}
-            save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, state, {"torch": torch.get_rng_state()})
+            save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, state,
+                            {"rng.torch": torch.get_rng_state(), **_prefixed("best.", best_state)})
             save_pretrained(model, run_dir)
             atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
         if writer is not None:
@@ -251,22 +289,87 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def _progress(cfg: TrainConfig, total: int, desc: str):
+def _progress(cfg: TrainConfig, total: int, desc: str, initial: int = 0):
     if not cfg.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=True)
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=True, initial=initial)
 
 
-def _nonfinite(terms: dict, epoch: int, step: int, run_dir) -> TrainingError:
-    bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+def _prefixed(prefix: str, tensors: dict | None) -> dict:
+    return {prefix + k: v for k, v in (tensors or {}).items()}
+
+
+def _gather(dist: Dist, t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` stacked, (world, *t.shape), on every rank, in t's dtype. A sum of zero-padded float64
+    rows, so it works on any backend and is exact for bytes (RNG states), counts and float32/64 sums."""
+    rows = torch.zeros(dist.world, t.numel(), dtype=torch.float64, device=dist.device)
+    rows[dist.rank] = t.detach().flatten().to(dist.device, torch.float64)
+    return dist.all_sum(rows).cpu().to(t.dtype).view(dist.world, *t.shape)
+
+
+def _position(epoch_step: int, steps: int, batch_size: int, samples: int, meter: Meter, gen: torch.Generator,
+              dist: Dist) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Where the run stands inside an epoch, for a step checkpoint: (JSON part, tensors). The tensors hold
+    every rank's RNG states (the model's noise, and the data generator's: order, binarization, corruption)
+    and its partial sums of the epoch's metrics, (world, ...) each. Every rank calls it at the same step."""
+    keys = list(meter.sums)  # in the order the loss returns them (the same on every rank)
+    mine = {"rng.torch": torch.get_rng_state(), "rng.data": gen.get_state(),
+            "meter.sums": torch.stack([meter.sums[k].detach() for k in keys]),
+            "meter.count": torch.tensor([meter.count], dtype=torch.int64)}
+    if dist.device.type == "cuda":
+        mine["rng.cuda"] = torch.cuda.get_rng_state(dist.device)
+    position = {"epoch_step": epoch_step, "steps": steps, "batch_size": batch_size, "samples": samples,
+                "world": dist.world, "meter_keys": keys}
+    return position, {k: _gather(dist, v) for k, v in mine.items()}
+
+
+def _restore_position(position: dict, saved: dict[str, torch.Tensor], meter: Meter, gen: torch.Generator,
+                      dist: Dist, steps: int, batch_size: int, samples: int) -> int:
+    """Put this rank back where a step checkpoint left it (see `_position`); returns the next step."""
+    now = {"batch_size": batch_size, "samples": samples, "steps": steps, "world": dist.world}
+    changed = [f"{k}={position.get(k)!r} then, {v!r} now" for k, v in now.items() if position.get(k) != v]
+    if changed:
+        raise TrainingError(
+            f"the checkpoint was written after step {position.get('epoch_step')} of an epoch, and continuing "
+            "that epoch needs the same batch size, training data and number of processes "
+            f"({'; '.join(changed)}); resume with --batch-size {position.get('batch_size')} on the same data "
+            f"and {position.get('world')} process(es)")
+    r = dist.rank
+    torch.set_rng_state(saved["rng.torch"][r].clone())
+    gen.set_state(saved["rng.data"][r].clone())
+    if dist.device.type == "cuda" and "rng.cuda" in saved:
+        torch.cuda.set_rng_state(saved["rng.cuda"][r].clone(), dist.device)
+    meter.sums = {k: v.to(dist.device) for k, v in zip(position["meter_keys"], saved["meter.sums"][r])}
+    meter.count = int(saved["meter.count"][r, 0])
+    return position["epoch_step"]
+
+
+def _nonfinite(terms: dict, loss: torch.Tensor, norm: torch.Tensor, model, epoch: int, step: int,
+               run_dir) -> TrainingError:
+    """The error for a non-finite loss or gradient: which step, which terms or parameters, and what to do."""
+    where = f"epoch {epoch + 1}, step {step + 1}"
+    if not torch.isfinite(loss):
+        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        what = f"non-finite loss at {where} (terms: {', '.join(bad) or 'loss'})"
+    else:
+        bad = [name for name, p in model.named_parameters()
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            what = (f"non-finite gradient at {where}: NaN/Inf in the gradient of {len(bad)} parameter(s) "
+                    f"({', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}), with a finite loss "
+                    f"{float(loss.detach()):.6g}")
+        elif not torch.isfinite(norm):
+            what = (f"gradient norm overflow at {where}: every gradient entry is finite but their norm "
+                    "exceeds float32's range (about 3.4e38)")
+        else:
+            what = f"non-finite loss or gradient on another process at {where}"
     kept = (f"; the last good checkpoint is kept in {str(run_dir / CHECKPOINT_FILE)!r} (resume with --resume "
             "after changing the settings)") if run_dir is not None else ""
     return TrainingError(
-        f"non-finite loss at epoch {epoch + 1}, step {step + 1} (terms: {', '.join(bad) or 'loss'}){kept}. "
-        "Usual fixes: lower the learning rate (--lr), clip gradients (--grad-clip 1.0), or check the data "
-        "for extreme values")
+        f"{what}{kept}. Usual fixes: lower the learning rate (--lr), clip gradients (--grad-clip 1.0), clamp "
+        "the log-variance tighter (--logvar-max 10, --logvar-min -10), or check the data for extreme values")
 
 
 def _write_run_config(run_dir: Path, model, cfg: TrainConfig, run_info: dict | None) -> None:

@@ -12,7 +12,10 @@ recon + β·|KL − C|.
 
 from __future__ import annotations
 
+import math
+
 SCHEDULES = ("constant", "linear", "cyclical")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def beta_at(step: int, *, beta: float, schedule: str = "constant", warmup_steps: int = 0,
@@ -37,3 +40,15 @@ def capacity_at(step: int, *, capacity_max: float, capacity_steps: int) -> float
     if capacity_steps <= 0:
         return float(capacity_max)
     return float(capacity_max) * min(1.0, step / capacity_steps)
+
+
+def lr_at(step: int, *, lr: float, schedule: str = "constant", total_steps: int = 0, lr_min: float = 0.0) -> float:
+    """The learning rate for optimizer step `step` (0-based): constant, or cosine annealing (Loshchilov &
+    Hutter 2017, without restarts) from lr at step 0 to lr_min at step total_steps. A pure function of the
+    step, so a resumed run continues on the same curve with no scheduler state to save."""
+    if schedule == "constant" or total_steps <= 0:
+        return float(lr)
+    if schedule == "cosine":
+        t = min(1.0, step / total_steps)
+        return float(lr_min) + 0.5 * (float(lr) - float(lr_min)) * (1.0 + math.cos(math.pi * t))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {list(LR_SCHEDULES)}")

@@ -1,0 +1,179 @@
+"""M2, the semi-supervised VAE of Kingma, Rezende, Mohamed and Welling (2014), "Semi-supervised learning with
+deep generative models", https://arxiv.org/abs/1406.5298.
+
+Generative model: y ~ Cat(1/K), z ~ N(0, I), x ~ p(x | y, z) (the decoder). Inference: the classifier q(y|x)
+and the encoder q(z | x, y). A sample with a label trains the ELBO of (x, y) and the classifier's -log q(y|x);
+a sample whose label is hidden sums the ELBO over every class, weighted by q(y|x), plus the entropy of q(y|x)
+(losses.m2_loss). So the classifier learns from the unlabelled images too: through the generative model, it is
+pulled toward the classes under which the decoder explains an image best.
+
+Labels are class indices, -1 where a label is hidden; `forward(x)` without labels treats every label as hidden.
+`encode`, `embed` and `reconstruct` without a label use the classifier's most probable class. The networks are
+MLPs with `hidden` layers (ReLU): the classifier, the encoder on [x, one-hot y] and the decoder on
+[z, one-hot y], as in the paper and Pyro's SS-VAE example.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vaelab.errors import VaelabError
+from vaelab.losses import m2_loss
+from vaelab.models.base import DiagonalGaussian, ModelOutput
+from vaelab.models.cvae import CVAE
+from vaelab.models.nets import _dense, _init_like_keras
+from vaelab.models.registry import register
+
+
+@dataclass
+class M2Output(ModelOutput):
+    """The record of `M2.forward`: the ModelOutput of every (sample, class) pair the objective needs, and the
+    classifier's logits.
+
+    A labelled sample makes one pair (itself, its label); a sample whose label is hidden makes K pairs, one per
+    class. recon (P, ...) / (n, P, ...), z and posterior are over the P pairs: the labelled samples in batch
+    order, then the hidden-label samples once per class, class-major. With every label given P = B and the
+    pairs are the batch itself, in order: the record of any conditional VAE.
+    """
+
+    class_logits: torch.Tensor  # (B, K) logits of q(y|x)
+    labels: torch.Tensor  # (B,) the class indices given, -1 where hidden
+    pair_row: torch.Tensor  # (P,) the sample of each pair
+    pair_label: torch.Tensor  # (P,) the class of each pair
+
+    def float(self) -> M2Output:
+        return M2Output(recon=self.recon.float(), z=self.z.float(), posterior=self.posterior.float(),
+                        class_logits=self.class_logits.float(), labels=self.labels, pair_row=self.pair_row,
+                        pair_label=self.pair_label)
+
+
+class PairEncoder(nn.Module):
+    """The network of q(z | x, y) over (sample, class) pairs: an MLP on [x, one-hot y].
+
+    Its first layer is linear in x and y, W [x; y] + b = (W_x x + b) + W_y y, so the image's part is computed
+    once per sample and the class's column of W_y (an embedding of y) added per pair: a hidden label's K pairs
+    cost one image-sized product, not K (on MNIST with 500 hidden units that is most of the encoder's work)."""
+
+    def __init__(self, d: int, k: int, hidden: list[int], out: int):
+        super().__init__()
+        sizes = [*hidden, out]
+        self.x = nn.Linear(d, sizes[0])
+        self.y = nn.Embedding(k, sizes[0])  # W_y^T: one row per class
+        nn.init.xavier_uniform_(self.y.weight)  # Glorot, as the Linear layers (Keras' default)
+        self.rest = nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.ReLU(), nn.Linear(a, b))])
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """x (B, ...), rows (P,) indices into x, condition (P,) class indices or (P, K) vectors -> (P, out)."""
+        h = self.x(x.flatten(1))[rows]  # (P, H)
+        if condition.is_floating_point():  # (P, K) vectors: W_y c
+            return self.rest(h + condition.to(self.y.weight.dtype) @ self.y.weight)
+        return self.rest(h + self.y(condition))  # a one-hot y picks its class's column of W_y
+
+
+@register("m2", loss=m2_loss,
+          description="Semi-supervised VAE (Kingma et al. 2014's M2): a classifier q(y|x), q(z|x,y) and "
+                      "p(x|y,z), trained on partly labelled data (--labels N keeps N labels).")
+class M2(CVAE):
+    semi_supervised = True  # learns from samples whose label is hidden (-1)
+    archs = ("auto", "mlp")
+    auto_arch = "mlp"
+
+    def __init__(self, config):
+        nn.Module.__init__(self)  # its own networks (see PairEncoder), not models/nets.py's
+        self.config = config
+        shape = tuple(config.input_shape)
+        d, k, latent = math.prod(shape), config.condition_dim, config.latent_dim
+        hidden = list(config.hidden)
+        self.latent_shape = (latent,)
+        self.classifier = nn.Sequential(nn.Flatten(), *_dense([d, *hidden]), nn.Linear(hidden[-1] if hidden else d, k))
+        self.encoder = PairEncoder(d, k, hidden, 2 * latent)  # mean and log-variance
+        rev = hidden[::-1]
+        self.decoder = nn.Sequential(*_dense([latent + k, *rev]), nn.Linear(rev[-1] if rev else latent + k, d),
+                                     nn.Unflatten(1, shape))
+        for net in (self.classifier, self.encoder, self.decoder):
+            _init_like_keras(net)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.condition_dim
+
+    # ----------------------------------------------------------------------------------------- training
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, n_samples: int = 1) -> M2Output:
+        """q(y|x) for every sample, and q(z|x,y), z and p(x|y,z)'s logits for every pair (see M2Output).
+        condition: (B,) class indices, -1 where a label is hidden; None = every label hidden."""
+        labels = self._labels(condition, len(x))
+        logits = self.classifier(x)  # (B, K)
+        k, hidden = self.num_classes, labels < 0
+        rows = torch.arange(len(x), device=x.device)
+        known, unknown = rows[~hidden], rows[hidden]
+        # the enumeration over y, vectorized: every hidden-label sample once per class, class-major (K * U,)
+        pair_row = torch.cat([known, unknown.repeat(k)])
+        pair_label = torch.cat([labels[known], torch.arange(k, device=x.device).repeat_interleave(len(unknown))])
+        post = self._gaussian(self.encoder(x, pair_row, pair_label))  # q(z|x,y) of every pair, (P, L)
+        if n_samples == 1:
+            z = post.sample()  # (P, L)
+            recon = self.decode_raw(z, pair_label)
+        else:  # K importance samples per pair (the IWAE bound)
+            z = post.sample(n=n_samples)  # (n, P, L)
+            recon = self.decode_raw(z.flatten(0, 1), pair_label.repeat(n_samples))
+            recon = recon.view(n_samples, len(pair_row), *x.shape[1:])
+        return M2Output(recon=recon, z=z, posterior=post, class_logits=logits, labels=labels, pair_row=pair_row,
+                        pair_label=pair_label)
+
+    def _labels(self, condition, n: int) -> torch.Tensor:
+        """(n,) class indices, -1 where hidden, from None (all hidden) or a 1-D integer tensor."""
+        k = self.num_classes
+        if condition is None:
+            return torch.full((n,), -1, dtype=torch.long, device=self._device())
+        c = torch.as_tensor(condition, device=self._device())
+        if c.is_floating_point() or c.dim() != 1 or len(c) != n:
+            raise VaelabError(f"model 'm2' takes labels as a 1-D tensor of {n} class indices in [0, {k}) (-1 where "
+                              f"a label is hidden); got shape {tuple(c.shape)} and dtype {c.dtype}")
+        if len(c) and (c.min() < -1 or c.max() >= k):
+            raise VaelabError(f"labels must be class indices in [0, {k}), or -1 for a hidden label; got values "
+                              f"{c.unique()[:10].tolist()}")
+        return c.long()
+
+    # -------------------------------------------------------------------------------------------- using
+
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
+        """q(z | x, y) with y the given labels (or (B, K) vectors); a hidden label (-1) or no condition takes
+        the classifier's most probable class."""
+        if condition is not None and torch.as_tensor(condition).is_floating_point():
+            c = self.condition_vector(condition)  # (B, K) vectors
+        else:
+            c = self._labels(condition, len(x))
+            if (c < 0).any():
+                c = torch.where(c < 0, self.classifier(x).argmax(1), c)
+        return self._gaussian(self.encoder(x, torch.arange(len(x), device=x.device), c))
+
+    def _gaussian(self, h: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = h.chunk(2, dim=1)  # (P, L) each, as the VAE's
+        return DiagonalGaussian(mean, logvar, clamp=(self.config.logvar_min, self.config.logvar_max))
+
+    def condition_vector(self, condition) -> torch.Tensor:
+        if condition is None:
+            k = self.num_classes
+            raise VaelabError(f"model 'm2' decodes a given class: pass labels in [0, {k}) or vectors of {k} values "
+                              "(e.g. `vaelab sample RUN --label 3`)")
+        return super().condition_vector(condition)
+
+    @torch.inference_mode()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """q(y|x): the class probabilities of each input, (B, K)."""
+        return torch.softmax(self.classifier(x.to(self._device())), dim=1)
+
+    @torch.inference_mode()
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               condition: torch.Tensor | None = None) -> torch.Tensor:
+        """n draws of the generative model, decoded: y given (one class for all n, or n of them), or drawn from
+        p(y) (uniform), and z ~ N(0, I)."""
+        if condition is None:
+            device = generator.device if generator is not None else self._device()
+            condition = torch.randint(self.num_classes, (n,), generator=generator, device=device)
+        return super().sample(n, generator=generator, condition=condition)
