@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vaelab.errors import VaelabError
-from vaelab.plotting import save_image_grid, save_manifold, save_scatter
+from vaelab.plotting import project_2d, save_image_grid, save_manifold, save_scatter
 
 
 def png_size(path) -> tuple[int, int]:
@@ -57,6 +57,21 @@ def test_scatter_of_any_latent_size(tmp_path, dim, labelled):
     path = save_scatter(z, labels, tmp_path / "s.png", classes=[str(i) for i in range(10)], title="latents")
     w, h = png_size(path)
     assert w > 400 and h > 300
+
+
+def test_projections_keep_clusters_apart():
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    z = rng.normal(size=(120, 10)) + 8 * np.eye(10)[labels]  # three clusters, far apart in 10-D
+    for projection in ("pca", "tsne"):
+        xy, xlabel, _ = project_2d(z, projection)
+        assert xy.shape == (120, 2) and xlabel.startswith("PC 1" if projection == "pca" else "t-SNE 1")
+        assert silhouette_score(xy, labels) > 0.7  # the clusters stay separate in 2-D
+    assert silhouette_score(z[:, 3:5], labels) < 0.1  # (two other coordinates would mix them)
+    with pytest.raises(VaelabError, match=r"projection='umap' is unknown; choose one of \['pca', 'tsne'\]"):
+        project_2d(z, "umap")
 
 
 def test_scatter_with_many_classes_uses_a_colour_scale(tmp_path):

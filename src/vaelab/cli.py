@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
               vaelab train --model ae --noise gaussian --noise-level 0.5 --dataset fashion-mnist --out runs/dae
               vaelab train --model cvae --dataset mnist --out runs/cvae
               vaelab sample runs/cvae --label 3        # (without --label: one row per class)
-              vaelab train --model m2 --labels 100 --dataset mnist --out runs/m2   # semi-supervised, 100 labels
+              vaelab train --preset m2 --labels 100 --dataset mnist --out runs/m2   # semi-supervised: 100 labels
               vaelab train --model vae --iw-samples 5 --dataset mnist --out runs/iwae
               vaelab train --model vqvae --codebook-size 64 --dataset mnist --out runs/vq
               vaelab train-prior runs/vq               # a VQ-VAE generates through a prior over its codes
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         cvae (a VAE conditioned on the class label; its --condition-dim is the data's number of classes), and
         m2 (Kingma et al.'s semi-supervised VAE: a classifier q(y|x) beside a CVAE; --labels N hides all but
         N training labels, evaluation.json reports the classifier's test accuracy and error, and the pictures
-        add analogies.png: test images' styles drawn as every class).
+        add analogies.png: test images' styles drawn as every class; --preset m2 is a recipe for MNIST).
 
         Settings, later ones winning: the ModelConfig/TrainConfig defaults < --preset < --config FILE
         < explicit flags. Without --preset and --model the preset is seed-vae; the dataset is digits
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         .npy array (N, latent_size): RUN/latents.npy for the test split, RUN/latents-SPLIT.npy otherwise
         (or --out). Beside it: the labels as FILE.labels.npy (int64, when the data has labels) and a 2-D
         scatter plot FILE.png coloured by label (latents of more than 2 dimensions are projected on their
-        first two principal components).
+        first two principal components, or embedded by t-SNE with --projection tsne).
 
         --indices (VQ-VAE runs): save the code indices instead, an int64 array (N, H, W) of the grid of
         codes each sample is quantized to, as RUN/codes.npy (RUN/codes-SPLIT.npy; or --out), with the labels
@@ -456,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512, metavar="N", help="encoding batch size [default 512]")
     p.add_argument("--out", metavar="FILE.npy", default=None, help=".npy file to write instead")
     p.add_argument("--indices", action="store_true", help="VQ-VAE runs: write the code indices (N, H, W)")
+    p.add_argument("--projection", choices=("pca", "tsne"), default="pca",
+                   help="how latents of more than 2 dimensions are drawn in 2-D: their first two principal "
+                        "components, or a t-SNE embedding (slower: about a minute for 10,000 samples) [default pca]")
     p.set_defaults(func=cmd_encode)
 
     # --------------------------------------------------------------------------------------- models
@@ -1024,7 +1027,8 @@ def _pick_pairs(ds, pairs: int, seed: int):
     return torch.tensor(a), torch.tensor(b)
 
 
-def draw_latents(model, ds, path, name: str = "", split: str = "test", latents=None) -> str:
+def draw_latents(model, ds, path, name: str = "", split: str = "test", latents=None,
+                 projection: str = "pca") -> str:
     from vaelab.generation import encode_dataset
     from vaelab.plotting import save_scatter
 
@@ -1035,7 +1039,8 @@ def draw_latents(model, ds, path, name: str = "", split: str = "test", latents=N
     labels = None if ds.y is None else ds.y.numpy()
     if labels is not None:
         title += ", coloured by class"
-    return save_scatter(z, labels, path, classes=ds.classes, title=_run_title(name, title))
+    return save_scatter(z, labels, path, classes=ds.classes, title=_run_title(name, title),
+                        projection=projection)
 
 
 # ================================================================================== run-taking commands
@@ -1168,6 +1173,9 @@ def cmd_sample(args) -> int:
                         name=_run_name(cfg, model), label=label, classes=classes)
     print(f"wrote: {path}")
     if getattr(model, "semi_supervised", False) and label is None:  # m2: also test images' styles as every class
+        if not (cfg.get("data") or {}).get("dataset"):  # a run of the Python API's fit: no dataset recorded
+            print("note: no analogies.png, as the run names no dataset (vaelab.generation.analogies draws them)")
+            return 0
         where = Path(args.run) / "analogies.png" if args.out is None else Path(path).with_name(
             f"{Path(path).stem}-analogies.png")
         test = _run_data(cfg, args.run, model, args).test
@@ -1248,7 +1256,7 @@ def cmd_encode(args) -> int:
         written.append(_write_npy(out.with_name(f"{stem}.labels.npy"), labels.astype(np.int64)))
     scatter_ds = parts[0] if len(parts) == 1 else _Labelled(labels, data.test.classes)
     written.append(draw_latents(model, scatter_ds, out.with_name(f"{stem}.png"), name=_run_name(cfg, model),
-                                split=args.split, latents=z))
+                                split=args.split, latents=z, projection=args.projection))
     which = "all samples" if args.split == "all" else f"the {args.split} split"
     print(f"encoded {which} ({len(z)} samples) to latent means of size {z.shape[1]}")
     print("wrote:")

@@ -166,23 +166,27 @@ def save_manifold(images, xs, ys, path, dims=(0, 1), title: str | None = None) -
     return _save(fig, path)
 
 
-def save_scatter(z, labels, path, classes: list[str] | None = None, title: str = "Latent space") -> str:
-    """Save a 2-D scatter plot of latent vectors z (N, D), coloured by integer `labels` (N,) when given.
+PROJECTIONS = ("pca", "tsne")
 
-    D = 2 is drawn as is; D > 2 is projected on its first two principal components (the axes say so and
-    give the share of variance each explains); D = 1 is drawn against a small random jitter.
-    """
+
+def project_2d(z: np.ndarray, projection: str = "pca") -> tuple[np.ndarray, str, str]:
+    """(N, 2) coordinates of latent vectors z (N, D) for a scatter plot, with the two axis labels (see
+    `save_scatter`)."""
+    if projection not in PROJECTIONS:
+        raise VaelabError(f"projection={projection!r} is unknown; choose one of {list(PROJECTIONS)}")
     z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
-    if z.shape[0] == 0:
-        raise VaelabError("no latent vectors to plot (the dataset is empty)")
-    if not np.isfinite(z).all():
-        raise VaelabError("the latent vectors hold non-finite values; the model is broken (retrain it)")
     d = z.shape[1]
     if d == 2:
         xy, xlabel, ylabel = z, "z[0]", "z[1]"
     elif d == 1:
         jitter = np.random.default_rng(0).uniform(-1, 1, size=len(z))
         xy, xlabel, ylabel = np.column_stack([z[:, 0], jitter]), "z[0]", "random jitter (no meaning)"
+    elif projection == "tsne" and len(z) > 3:
+        from sklearn.manifold import TSNE
+
+        tsne = TSNE(n_components=2, perplexity=min(30.0, (len(z) - 1) / 3), init="pca", random_state=0)
+        xy = tsne.fit_transform(z)
+        xlabel, ylabel = f"t-SNE 1 of the {d}-D latent", "t-SNE 2"
     else:
         from sklearn.decomposition import PCA
 
@@ -194,6 +198,25 @@ def save_scatter(z, labels, path, classes: list[str] | None = None, title: str =
         var = list(pca.explained_variance_ratio_) + [0.0] * (2 - k)
         xlabel = f"PC 1 of the {d}-D latent ({100 * var[0]:.0f}% of variance)"
         ylabel = f"PC 2 ({100 * var[1]:.0f}% of variance)"
+    return xy, xlabel, ylabel
+
+
+def save_scatter(z, labels, path, classes: list[str] | None = None, title: str = "Latent space",
+                 projection: str = "pca") -> str:
+    """Save a 2-D scatter plot of latent vectors z (N, D), coloured by integer `labels` (N,) when given.
+
+    D = 2 is drawn as is; D > 2 is projected on its first two principal components (projection="pca"; the
+    axes say so and give the share of variance each explains) or embedded by t-SNE (projection="tsne",
+    scikit-learn's, perplexity 30, PCA-initialised, seed 0: neighbourhoods, not distances, are meaningful);
+    D = 1 is drawn against a small random jitter.
+    """
+    z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+    if z.shape[0] == 0:
+        raise VaelabError("no latent vectors to plot (the dataset is empty)")
+    if not np.isfinite(z).all():
+        raise VaelabError("the latent vectors hold non-finite values; the model is broken (retrain it)")
+    d = z.shape[1]
+    xy, xlabel, ylabel = project_2d(z, projection)
 
     fig = _figure(7.5, 6.2)
     ax = fig.add_subplot(1, 1, 1)

@@ -71,7 +71,7 @@ class PairEncoder(nn.Module):
         h = self.x(x.flatten(1))[rows]  # (P, H)
         if condition.is_floating_point():  # (P, K) vectors: W_y c
             return self.rest(h + condition.to(self.y.weight.dtype) @ self.y.weight)
-        return self.rest(h + self.y(condition))  # a one-hot y picks its class's column of W_y
+        return self.rest(h + self.y(condition))  # a one-hot y picks its class's row of the table
 
 
 @register("m2", loss=m2_loss,
