@@ -12,6 +12,7 @@ gradient of the global batch's mean loss exactly, whatever the split.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ class Dist:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             tdist.init_process_group(backend=backend)
+            # leave the group before the interpreter tears down: a rank that exits with its gloo connections
+            # open can abort ("terminate called without an active exception") when its peer closes first
+            atexit.register(_leave)
         return cls(rank=rank, world=world, local_rank=local_rank, device=dev)
 
     @property
@@ -82,6 +86,11 @@ class Dist:
         box = [obj]
         tdist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _leave() -> None:
+    if tdist.is_initialized():  # (no barrier: a rank leaving after an error must not wait on the others)
+        tdist.destroy_process_group()
 
 
 def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
