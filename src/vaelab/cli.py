@@ -1140,7 +1140,12 @@ def _parse_label(text: str | None, model, classes) -> int | None:
     if not model.conditional:
         raise VaelabError(f"--label is for conditional models, but model {model.config.model!r} takes no "
                           "condition; train one with --model cvae")
-    k = model.config.condition_dim
+    return _class_index(text, model.config.condition_dim, classes, "this model", "this model")
+
+
+def _class_index(text, k: int, classes, this: str, the: str) -> int:
+    """A --label given as an integer in 0..k-1 or a class name (any case), as a class index; `this` and `the`
+    name the model or prior in the errors."""
     names = [c.lower() for c in classes or []]
     text = str(text).strip()
     if text.lower() in names:
@@ -1150,10 +1155,10 @@ def _parse_label(text: str | None, model, classes) -> int | None:
     except ValueError:
         named = classes and any(c != str(i) for i, c in enumerate(classes))
         known = f" or a class name ({', '.join(classes)})" if named else ""
-        raise VaelabError(f"--label {text!r} is not a class of this model: give an index in 0..{k - 1}"
+        raise VaelabError(f"--label {text!r} is not a class of {this}: give an index in 0..{k - 1}"
                           f"{known}") from None
     if not 0 <= label < k:
-        raise VaelabError(f"--label {label} is out of range: this model has {k} classes, labels 0..{k - 1}")
+        raise VaelabError(f"--label {label} is out of range: {the} has {k} classes, labels 0..{k - 1}")
     return label
 
 

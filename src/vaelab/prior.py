@@ -314,6 +314,8 @@ def sample_run(run: str, cfg: dict, model, *, n: int | None = None, label: str |
     if label is not None:
         wanted = _prior_label(label, k, classes, run)
         labels = torch.full((n,), wanted, dtype=torch.long)
+        from vaelab.cli import _label_text
+
         what = f"{n} samples of class {_label_text(wanted, classes)}"
     elif k:
         labels = torch.arange(n) * k // n  # (n,) classes 0..k-1 in order, n/k each
@@ -332,25 +334,9 @@ def _prior_label(text: str, k: int, classes: list[str], run: str) -> int:
         raise VaelabError(f"--label needs a class-conditional prior, but the prior of {run!r} is unconditional "
                           "(fitted with --unconditional, or on unlabelled data); drop --label, or fit a "
                           f"conditional one on labelled data: `vaelab train-prior {run} --overwrite`")
-    text = str(text).strip()
-    names = [c.lower() for c in classes]
-    if text.lower() in names:
-        return names.index(text.lower())
-    try:
-        label = int(text)
-    except ValueError:
-        named = any(c != str(i) for i, c in enumerate(classes))
-        known = f" or a class name ({', '.join(classes)})" if named else ""
-        raise VaelabError(f"--label {text!r} is not a class of this prior: give an index in 0..{k - 1}"
-                          f"{known}") from None
-    if not 0 <= label < k:
-        raise VaelabError(f"--label {label} is out of range: the prior has {k} classes, labels 0..{k - 1}")
-    return label
+    from vaelab.cli import _class_index
 
-
-def _label_text(label: int, classes: list[str]) -> str:
-    name = classes[label]
-    return name if name == str(label) else f"{label}: {name}"
+    return _class_index(text, k, classes, "this prior", "the prior")
 
 
 # ================================================================================================ the CLI
