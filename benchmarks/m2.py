@@ -3,6 +3,7 @@
     python benchmarks/m2.py                                        # 100 and 1000 labels, seeds 0 1 2 (hours)
     python benchmarks/m2.py --labels 100 --seeds 0 --epochs 3      # a short check
     python benchmarks/m2.py --threads 2 --data-dir ../shared/data
+    python benchmarks/m2.py --labels 1000 --seeds 0 --alpha 3 --out alpha3.json   # another α, its own run folders
 
 For every label count and seed (the seed draws the labelled images, balanced over the classes, and the initial
 weights): M2 trained with `vaelab.fit` on the kept labels and the other 59,900 (59,000) images unlabelled, with
@@ -66,7 +67,8 @@ def train_m2(mnist, labels: int, seed: int, args, run_dir: Path) -> dict:
     cfg = preset.train.replace(epochs=args.epochs or preset.train.epochs, labels=labels, seed=seed,
                                threads=args.threads, precision=args.precision, progress=False)
     torch.manual_seed(seed)
-    model = build_model(preset.model.replace(condition_dim=10), input_shape=mnist.train.sample_shape)
+    model = build_model(preset.model.replace(condition_dim=10, alpha=args.alpha or preset.model.alpha),
+                        input_shape=mnist.train.sample_shape)
     resume = (run_dir / "checkpoint.safetensors").is_file()
     if resume:
         print(f"  resuming {run_dir}", flush=True)
@@ -139,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--labels", type=_ints, default=[100, 1000], help="label counts [default 100,1000]")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds: label draws and weights [default 0,1,2]")
     p.add_argument("--epochs", type=int, default=0, help="M2 epochs [default: the preset m2's]")
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="weight of the labelled images' classification loss, in the paper's units of the training set's "
+                        "size [default: the preset m2's, 10]")
     p.add_argument("--threads", type=int, default=0, help="torch threads [default 0 = all cores]")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="bf16: mixed precision, 1.5-2x faster on CPUs with AVX-512 BF16 [default bf16]")
@@ -153,7 +158,9 @@ def main(argv=None) -> int:
     mnist = load_dataset("mnist", args.data_dir, download=False)
     preset = get_preset("m2")
     epochs = args.epochs or preset.train.epochs
-    recipe = {"preset": "m2", "model": preset.model.to_dict(), "train": preset.train.replace(epochs=epochs).to_dict(),
+    model_cfg = preset.model.replace(alpha=args.alpha or preset.model.alpha)
+    train_cfg = preset.train.replace(epochs=epochs)
+    recipe = {"preset": "m2", "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
               "precision": args.precision, "baseline_steps": args.baseline_steps}
     out = Path(args.out)
     done = []
@@ -161,7 +168,8 @@ def main(argv=None) -> int:
         old = json.loads(out.read_text())
         if old.get("recipe") == recipe:
             done = old.get("runs", [])
-    print(f"M2 on MNIST: preset m2, {epochs} epochs, {args.precision}, threads {args.threads or torch.get_num_threads()}"
+    print(f"M2 on MNIST: preset m2, alpha {model_cfg.alpha:g}, {epochs} epochs, {args.precision}, "
+          f"threads {args.threads or torch.get_num_threads()}"
           f"; labels {args.labels}, seeds {args.seeds}" + (f"; {len(done)} runs already done" if done else ""),
           flush=True)
 
@@ -174,7 +182,8 @@ def main(argv=None) -> int:
     runs = list(done)
     for labels in args.labels:
         for seed in args.seeds:
-            run_dir = Path(args.run_dir) / f"m2-{labels}-s{seed}-{epochs}ep-{args.precision}"
+            variant = "" if model_cfg.alpha == preset.model.alpha else f"-alpha{model_cfg.alpha:g}"
+            run_dir = Path(args.run_dir) / f"m2-{labels}-s{seed}-{epochs}ep-{args.precision}{variant}"
             jobs = [("m2", lambda: train_m2(mnist, labels, seed, args, run_dir))]
             if args.baseline:
                 jobs.append(("supervised", lambda: train_baseline(mnist, labels, seed, args)))

@@ -10,7 +10,7 @@ from vaelab.config import TrainConfig
 from vaelab.data import load_dataset
 from vaelab.errors import ConfigError
 from vaelab.models import MODELS, build_model
-from vaelab.models.nets import ConvTranspose2d, UpsampleConv2d, _StridedConvBF16
+from vaelab.models.nets import ConvTranspose2d, UpsampleConv2d, _NarrowConvTranspose, _StridedConvBF16, _tap_product
 from vaelab.training import fit
 from vaelab.training.loop import keep_freed_memory
 
@@ -41,6 +41,57 @@ def test_strided_conv_gradients_by_gemm_are_exact(size):
     wt = torch.randn(2, 3, 3, 3, dtype=torch.double).contiguous(memory_format=cl).requires_grad_()
     for pad in [(1, 1), (0, 0), (1, 0)]:
         assert torch.autograd.gradcheck(lambda x, w, b: _StridedConvBF16.apply(x, w, b, True, pad), (x, wt, bias))
+
+
+@pytest.mark.parametrize("out_channels, size", [(1, (28, 28)), (3, (5, 8)), (4, (1, 1))])
+def test_narrow_output_layer_is_the_transposed_convolution(out_channels, size):
+    torch.manual_seed(0)
+    ref = nn.ConvTranspose2d(6, out_channels, 3, stride=1, padding=1).double()
+    x = torch.randn(3, 6, *size, dtype=torch.double, requires_grad=True)
+    w, b = ref.weight.detach().requires_grad_(), ref.bias.detach().requires_grad_()
+    expected = F.conv_transpose2d(x, w, b, 1, 1)
+    got = _NarrowConvTranspose.apply(x, w, b)
+    assert got.shape == (3, out_channels, *size)
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-6)  # fp32 accumulation
+    g = torch.randn_like(expected)
+    for a, r in zip(torch.autograd.grad(got, (x, w, b), g.float()), torch.autograd.grad(expected, (x, w, b), g)):
+        torch.testing.assert_close(a.double(), r, rtol=0, atol=1e-5)
+
+
+def test_narrow_output_layer_serves_fp32_and_bf16_and_leaves_wide_layers_to_onednn():
+    torch.manual_seed(0)
+    layer = ConvTranspose2d(8, 1, 3, stride=1, padding=1)
+    x = torch.rand(2, 8, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected = F.conv_transpose2d(x, layer.weight, layer.bias, 1, 1)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_NarrowConvTransposeBackward" and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
+    g = torch.randn_like(y)  # fp32: oneDNN's backward on the GEMM forward's saved tensors
+    for a, r in zip(torch.autograd.grad(y, (x, layer.weight, layer.bias), g),
+                    torch.autograd.grad(expected, (x, layer.weight, layer.bias), g)):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x)
+    assert y16.dtype == torch.float32  # logits accumulated in fp32 from bf16 products
+    torch.testing.assert_close(y16, expected, rtol=0, atol=0.05)
+    layer.zero_grad()
+    y16.sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.weight.grad.shape == layer.weight.shape
+    wide = ConvTranspose2d(8, 5, 3, stride=1, padding=1)
+    assert type(wide(x).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+@pytest.mark.parametrize("big, small, channels", [(6, 3, 3), (5, 3, 3), (7, 4, 3), (64, 32, 24)])
+def test_tap_product_is_the_strided_convolutions_weight_gradient(big, small, channels):
+    # the last case is cut into chunks of 2 images (of 3): 32 * 32 * 9 taps * 24 channels * 8 bytes > 4 MiB / 3
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, big, big, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 4, small, small, dtype=torch.double)
+    w = torch.zeros(4, channels, 3, 3, dtype=torch.double, requires_grad=True)
+    (F.conv2d(x, w, None, 2, 1) * g).sum().backward()
+    got = _tap_product(g, x).view(4, 3, 3, channels).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, w.grad)
 
 
 def test_the_gemm_weight_gradient_is_used_under_bf16_autocast_only():
@@ -94,7 +145,8 @@ def test_model_output_float_upcasts_every_tensor():
     model = build_model("seed-vae", input_shape=(1, 8, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.rand(2, 1, 8, 8))
-    assert out.recon.dtype == torch.bfloat16
+    assert out.posterior.mean.dtype == torch.bfloat16
+    assert out.recon.dtype == torch.float32  # the GEMM output layer accumulates the logits in fp32
     f = out.float()
     assert {f.recon.dtype, f.z.dtype, f.posterior.mean.dtype, f.posterior.logvar.dtype} == {torch.float32}
 

@@ -141,3 +141,17 @@ def test_iwae_refuses_the_kl_weights_it_would_ignore(digits):
     model = build_model("seed-vae", input_shape=(1, 8, 8), beta=4.0)
     with pytest.raises(ConfigError, match=r"(?s)2 problems.*beta=4.0 does not apply.*free_bits=0.5"):
         fit(model, digits.train, None, epochs=1, iw_samples=5, free_bits=0.5, progress=False)
+
+
+def test_adam_is_fused_where_torch_has_the_kernel_and_its_state_loads_either_way():
+    from vaelab.training.loop import make_adam
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    fused = make_adam(model.parameters(), 1e-3)
+    assert fused.defaults["fused"] is True  # the CPU kernel exists in every torch this project pins
+    model(torch.randn(8, 4)).square().sum().backward()
+    fused.step()
+    plain = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    plain.load_state_dict(fused.state_dict())  # checkpoints written either way resume either way
+    assert torch.equal(plain.state[model.weight]["exp_avg"], fused.state[model.weight]["exp_avg"])

@@ -279,9 +279,16 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict[str, torch
         if k.startswith("buffers.") and name in buffers and buffers[name].shape == v.shape:
             buffers[name].copy_(v)
     opt_meta = meta["optimizer"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # a state dict's ids, in order
     state = {}
     for pid, entry in opt_meta["state"].items():
         state[int(pid)] = {k: (tensors[f"optim.{pid}.{k}"] if v is None else v) for k, v in entry.items()}
+        param = params[int(pid)] if int(pid) < len(params) else None
+        for k, v in state[int(pid)].items():
+            # a moment buffer takes its parameter's memory layout (channels-last conv weights): the fused Adam
+            # kernel walks parameter and buffers as flat memory, so a contiguous copy would pair wrong entries
+            if param is not None and torch.is_tensor(v) and v.shape == param.shape:
+                state[int(pid)][k] = torch.empty_like(param, dtype=v.dtype).copy_(v)
     try:
         optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
     except (ValueError, KeyError) as e:
