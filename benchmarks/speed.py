@@ -16,7 +16,10 @@ The table reports steady seconds per epoch (the median of the epochs after the f
 Keras counts an epoch), images/s (70,000 per epoch), the fraction of the fp32 peak (the epoch's FLOPs at the
 measured 200 GFLOP/s 2-core fp32 matmul peak over the measured time), the last epoch's test loss, peak RSS, and
 the speed-up over Keras. A last row times encoding all 70,000 images with the trained VAE (`model.embed`).
-Results go to benchmarks/results/speed.json. The machine is shared and noisy: compare runs of one sitting.
+Results go to benchmarks/results/speed.json. The machine is shared and noisy: compare runs of one sitting, and with
+`--rounds N` run Keras and vaelab alternately N times and read the median of the N per-round speed-ups:
+
+    python benchmarks/speed.py --epochs 4 --rounds 3 --tf-python /tmp/venv-tf/bin/python
 """
 
 from __future__ import annotations
@@ -217,20 +220,50 @@ def summarize(name: str, preset: str, res: dict) -> dict:
     return row
 
 
-def print_table(rows: list[dict], keras: dict[str, float]) -> None:
+def combine(raw: list[dict]) -> list[dict]:
+    """One row per (preset, run) over the rounds: the median steady s/epoch, each round's speed-up over the
+    Keras run of the same round (`vs_keras_by_round`) and their median (`vs_keras`)."""
+    keras = {(r["preset"], r["round"]): r["steady_epoch_s"] for r in raw if r["kind"] == "keras"}
+    rows = []
+    for name in dict.fromkeys(r["run"] for r in raw):
+        runs = [r for r in raw if r["run"] == name]
+        row = dict(runs[-1])  # the last round's losses, epochs, encode timing
+        preset = row["preset"]
+        steady = statistics.median(r["steady_epoch_s"] for r in runs)
+        row.update(steady_epoch_s=round(steady, 2), images_per_s=round((N_TRAIN + N_TEST) / steady),
+                   peak_fraction=round(epoch_bound_s(preset) / steady, 3),
+                   peak_rss_mb=max(r["peak_rss_mb"] for r in runs), rounds=len(runs),
+                   steady_by_round=[r["steady_epoch_s"] for r in runs])
+        row.pop("round")
+        ratios = [round(keras[preset, r["round"]] / r["steady_epoch_s"], 2) for r in runs
+                  if (preset, r["round"]) in keras]
+        if ratios:
+            row["vs_keras_by_round"], row["vs_keras"] = ratios, round(statistics.median(ratios), 2)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
     head = ["run", "s/epoch", "images/s", "% of fp32 peak", "test loss", "peak RSS MB", "vs Keras"]
+    many = any(len(r.get("vs_keras_by_round", ())) > 1 for r in rows)
+    if many:
+        head.append("vs Keras by round")
     table = [head]
     for r in rows:
-        k = keras.get(r["preset"])
         loss = r["test_bce"] if r["preset"] == "seed-conv-ae" and r.get("test_bce") is not None else r["test_loss"]
-        table.append([r["run"], f"{r['steady_epoch_s']:.2f}", f"{r['images_per_s']:,}",
-                      f"{100 * r['peak_fraction']:.0f}%", f"{loss:.4g}" if loss is not None else "-",
-                      f"{r['peak_rss_mb']:,}", f"{k / r['steady_epoch_s']:.2f}x" if k else "-"])
+        line = [r["run"], f"{r['steady_epoch_s']:.2f}", f"{r['images_per_s']:,}", f"{100 * r['peak_fraction']:.0f}%",
+                f"{loss:.4g}" if loss is not None else "-", f"{r['peak_rss_mb']:,}",
+                f"{r['vs_keras']:.2f}x" if "vs_keras" in r else "-"]
+        if many:
+            line.append(" ".join(f"{v:.2f}" for v in r.get("vs_keras_by_round", ())) or "-")
+        table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     print("  (test loss: BCE per pixel for the AE, negative ELBO in nats for the VAE; vs Keras = Keras s/epoch / "
-          "this run's; % of peak = the fp32 FLOP bound of an epoch / its time)")
+          "this run's, in the same round; % of peak = the fp32 FLOP bound of an epoch / its time)")
+    if many:
+        print("  (with --rounds: s/epoch is the median over the rounds, vs Keras the median of the rounds' ratios)")
 
 
 def main(argv=None) -> int:
@@ -241,6 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="fp32,bf16", help="vaelab precisions to run [default fp32,bf16]")
     p.add_argument("--tf-python", default=None, help="python of a venv with tensorflow-cpu: adds the Keras runs")
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the Keras and vaelab runs this many times, alternating, and compare each vaelab run "
+                        "with the Keras run of its round (the plain loop runs in the first round only) [default 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
     p.add_argument("--child", choices=["vaelab", "reference"], help=argparse.SUPPRESS)
@@ -258,28 +294,33 @@ def main(argv=None) -> int:
         runs = [r for r in runs if r != "keras"]
     elif not TF_SCRIPT.is_file():
         p.error(f"--tf-python needs {TF_SCRIPT}")
-    rows, keras = [], {}
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: give 1 or more")
+    raw = []
     for preset in presets:
-        jobs = [("keras", None)] * ("keras" in runs) + [("reference", None)] * ("reference" in runs) + \
-               [("vaelab", prec) for prec in args.precisions.split(",") if prec] * ("vaelab" in runs)
-        for kind, precision in jobs:
-            name = {"keras": "Keras (tutorial)", "reference": "plain PyTorch loop"}.get(kind, f"vaelab {precision}")
-            print(f"{preset}: {name}, {args.epochs} epochs ...", flush=True)
-            try:
-                res = run_keras(args, preset) if kind == "keras" else run_child(args, kind, preset, precision or "fp32")
-            except RuntimeError as e:  # one failed run (killed, out of memory) does not lose the others
-                print(f"  FAILED: {str(e)[:300]}", flush=True)
-                continue
-            row = summarize(f"{preset} {name}", preset, res)
-            row["kind"], row["precision"] = kind, precision
-            if kind == "keras":
-                keras[preset] = row["steady_epoch_s"]
-            rows.append(row)
-            loss = row["test_bce"] if preset == "seed-conv-ae" and row.get("test_bce") is not None else row["test_loss"]
-            print(f"  {row['steady_epoch_s']:.2f} s/epoch (epochs {row['epoch_s']}), test loss {loss:.4g}, "
-                  f"peak RSS {row['peak_rss_mb']} MB", flush=True)
+        for rnd in range(1, args.rounds + 1):
+            jobs = [("keras", None)] * ("keras" in runs) + [("reference", None)] * ("reference" in runs and rnd == 1) \
+                + [("vaelab", prec) for prec in args.precisions.split(",") if prec] * ("vaelab" in runs)
+            for kind, precision in jobs:
+                name = {"keras": "Keras (tutorial)", "reference": "plain PyTorch loop"}.get(kind, f"vaelab {precision}")
+                print(f"{preset}: {name}, {args.epochs} epochs" + (f", round {rnd}" if args.rounds > 1 else "") + " ...",
+                      flush=True)
+                try:
+                    res = run_keras(args, preset) if kind == "keras" else run_child(args, kind, preset,
+                                                                                       precision or "fp32")
+                except RuntimeError as e:  # one failed run (killed, out of memory) does not lose the others
+                    print(f"  FAILED: {str(e)[:300]}", flush=True)
+                    continue
+                row = summarize(f"{preset} {name}", preset, res)
+                row["kind"], row["precision"], row["round"] = kind, precision, rnd
+                raw.append(row)
+                loss = row["test_bce"] if preset == "seed-conv-ae" and row.get("test_bce") is not None \
+                    else row["test_loss"]
+                print(f"  {row['steady_epoch_s']:.2f} s/epoch (epochs {row['epoch_s']}), test loss {loss:.4g}, "
+                      f"peak RSS {row['peak_rss_mb']} MB", flush=True)
+    rows = combine(raw)
     print()
-    print_table(rows, keras)
+    print_table(rows)
     for r in rows:
         if "encode_s" in r:
             print(f"  {r['run']}: encoded {r['encode_images']:,} images in {r['encode_s']:.2f} s = "
@@ -290,10 +331,10 @@ def main(argv=None) -> int:
 
     payload = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                            "cpu": platform.processor() or platform.machine()},
-               "epochs": args.epochs, "peak_flops": PEAK_FLOPS, "train_flops_per_image": TRAIN_FLOPS,
-               "rows": rows, "keras_steady_epoch_s": keras,
-               "speedup_vs_keras": {r["run"]: round(keras[r["preset"]] / r["steady_epoch_s"], 2)
-                                    for r in rows if r["preset"] in keras}}
+               "epochs": args.epochs, "rounds": args.rounds, "peak_flops": PEAK_FLOPS,
+               "train_flops_per_image": TRAIN_FLOPS, "rows": rows, "runs": raw,
+               "keras_steady_epoch_s": {r["preset"]: r["steady_epoch_s"] for r in rows if r["kind"] == "keras"},
+               "speedup_vs_keras": {r["run"]: r["vs_keras"] for r in rows if "vs_keras" in r}}
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
