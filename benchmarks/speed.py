@@ -15,7 +15,9 @@ subprocess (so its peak RSS is its own):
 The table reports steady seconds per epoch (the median of the epochs after the first, training + validation as
 Keras counts an epoch), images/s (70,000 per epoch), the fraction of the fp32 peak (the epoch's FLOPs at the
 measured 200 GFLOP/s 2-core fp32 matmul peak over the measured time), the last epoch's test loss, peak RSS, and
-the speed-up over Keras. A last row times encoding all 70,000 images with the trained VAE (`model.embed`).
+the speed-up over Keras. The last rows time encoding all 70,000 images with the trained VAE (`model.embed`) and
+the K=5000 importance-sampled NLL of the fp32 VAE on the first 100 test images (`--nll-images`), in decoder
+passes per second.
 Results go to benchmarks/results/speed.json. The machine is shared and noisy: compare runs of one sitting, and with
 `--rounds N` run Keras and vaelab alternately N times and read the median of the N per-round speed-ups:
 
@@ -44,6 +46,7 @@ BATCH = {"seed-conv-ae": 256, "seed-vae": 128}  # the tutorial's batch sizes
 TRAIN_FLOPS = {"seed-conv-ae": 13.8e6, "seed-vae": 39.9e6}
 PEAK_FLOPS = 200e9  # measured fp32 matmul peak of the 2-core reference machine
 N_TRAIN, N_TEST = 60_000, 10_000
+NLL_SAMPLES = 5000  # importance samples per image of the NLL timing
 
 
 def epoch_bound_s(preset: str) -> float:
@@ -82,6 +85,15 @@ def child_vaelab(args) -> dict:
             model.embed(images[start:start + 1000].float() / 255)
         result["encode_s"] = time.perf_counter() - t0
         result["encode_images"] = len(images)
+    if model.has_prior and args.nll_images and args.precision == "fp32":
+        # the literature's NLL protocol (K=5000 importance samples, as `vaelab evaluate --nll-samples 5000`) on the
+        # first test images: its throughput in decoder passes per second
+        from vaelab.evaluation.nll import importance_nll
+
+        test = data.test.subset(torch.arange(min(args.nll_images, len(data.test))))
+        t0 = time.perf_counter()
+        nll = importance_nll(model, test, n_samples=NLL_SAMPLES)
+        result.update(nll_s=time.perf_counter() - t0, nll_images=nll["n"], nll_samples=NLL_SAMPLES, nll=nll["nll"])
     return result
 
 
@@ -200,7 +212,8 @@ def _run(cmd: list[str], env=None) -> tuple[str, float]:
 
 def run_child(args, kind: str, preset: str, precision: str = "fp32") -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--preset", preset, "--precision", precision,
-           "--epochs", str(args.epochs), "--seed", str(args.seed), "--data-dir", args.data_dir]
+           "--epochs", str(args.epochs), "--seed", str(args.seed), "--data-dir", args.data_dir,
+           "--nll-images", str(args.nll_images)]
     out, rss_mb = _run(cmd)
     res = json.loads(out.strip().splitlines()[-1])
     res["peak_rss_mb"] = rss_mb
@@ -214,7 +227,7 @@ def summarize(name: str, preset: str, res: dict) -> dict:
            "images_per_s": round((N_TRAIN + N_TEST) / steady), "peak_fraction": round(epoch_bound_s(preset) / steady, 3),
            "test_loss": res.get("test_loss"), "test_bce": res.get("test_bce"),
            "peak_rss_mb": round(res["peak_rss_mb"]), "epoch_s": [round(e, 2) for e in epochs]}
-    for k in ("fit_wall_s", "encode_s", "encode_images", "tf"):
+    for k in ("fit_wall_s", "encode_s", "encode_images", "nll_s", "nll_images", "nll_samples", "nll", "tf"):
         if k in res:
             row[k] = res[k]
     return row
@@ -277,6 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the Keras and vaelab runs this many times, alternating, and compare each vaelab run "
                         "with the Keras run of its round (the plain loop runs in the first round only) [default 1]")
+    p.add_argument("--nll-images", type=int, default=100,
+                   help=f"time the K={NLL_SAMPLES} importance-sampled NLL of the fp32 VAE on this many test images "
+                        "(0: skip) [default 100]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
     p.add_argument("--child", choices=["vaelab", "reference"], help=argparse.SUPPRESS)
@@ -325,6 +341,11 @@ def main(argv=None) -> int:
         if "encode_s" in r:
             print(f"  {r['run']}: encoded {r['encode_images']:,} images in {r['encode_s']:.2f} s = "
                   f"{r['encode_images'] / r['encode_s']:,.0f} images/s (inference)")
+        if "nll_s" in r:
+            passes = r["nll_images"] * r["nll_samples"] / r["nll_s"]
+            print(f"  {r['run']}: importance-sampled NLL, K={r['nll_samples']}, of {r['nll_images']} test images in "
+                  f"{r['nll_s']:.1f} s = {passes:,.0f} decoder passes/s (the 10,000 test images: "
+                  f"{N_TEST * r['nll_samples'] / passes / 60:.0f} min)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import torch

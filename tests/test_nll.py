@@ -11,7 +11,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from vaelab.data import ArrayDataset
-from vaelab.evaluation.nll import importance_nll, log_likelihood
+from vaelab.evaluation.nll import _chunk_size, _decoder_width, importance_nll, log_likelihood
 from vaelab.models import build_model
 
 D, L, S = 6, 2, 0.5
@@ -64,8 +64,22 @@ def test_estimate_converges_to_the_closed_form_as_k_grows():
 def test_chunking_does_not_change_the_estimate():
     model, x, _ = _ppca(posterior_scale=1.5)
     a = log_likelihood(model, x, n_samples=64, generator=torch.Generator().manual_seed(2), chunk=64)
-    b = log_likelihood(model, x, n_samples=64, generator=torch.Generator().manual_seed(2), chunk=64)
-    torch.testing.assert_close(a, b)
+    for chunk in (1, 5, 63, None):  # None: the decoder-width rule
+        b = log_likelihood(model, x, n_samples=64, generator=torch.Generator().manual_seed(2), chunk=chunk)
+        # the same samples; only the grouping of the log-sum-exp differs (float64 rounding)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    c = log_likelihood(model, x, n_samples=64, generator=torch.Generator().manual_seed(3), chunk=64)
+    assert (a - c).abs().max() > 1e-3  # another seed, other samples
+
+
+def test_decode_calls_are_sized_by_the_decoders_widest_layer():
+    conv = build_model("seed-vae", input_shape=(1, 28, 28)).eval()  # widest: 32 x 28 x 28 after the last ConvT
+    mlp = build_model(model="vae", arch="mlp", hidden=(512, 512), latent_dim=32, input_shape=(1, 28, 28)).eval()
+    z = torch.zeros(100, 2)
+    assert _decoder_width(conv, z, None) == 32 * 28 * 28
+    assert _decoder_width(mlp, torch.zeros(100, 32), None) == 784
+    assert _chunk_size(100, 32 * 28 * 28) == 2 and _chunk_size(100, 784) == 80  # 6 Mi values per decode call
+    assert _chunk_size(100_000, 784) == 1 and _chunk_size(1, 1) == 10_000
 
 
 def test_dataset_report():
