@@ -61,12 +61,10 @@ def _table(rows: list[list[str]]) -> None:
         print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))), flush=True)
 
 
-def train_m2(mnist, model_cfg, labels: int, seed: int, args, run_dir: Path) -> dict:
-    """M2 with the preset's recipe (its model as `model_cfg`) on `labels` kept labels; resumes from run_dir's
+def train_m2(mnist, model_cfg, train_cfg, labels: int, seed: int, args, run_dir: Path) -> dict:
+    """M2 with the recipe's model and training configs on `labels` kept labels; resumes from run_dir's
     checkpoint."""
-    preset = get_preset("m2")
-    cfg = preset.train.replace(epochs=args.epochs or preset.train.epochs, labels=labels, seed=seed,
-                               threads=args.threads, precision=args.precision, progress=False)
+    cfg = train_cfg.replace(labels=labels, seed=seed, threads=args.threads, precision=args.precision, progress=False)
     torch.manual_seed(seed)
     model = build_model(model_cfg.replace(condition_dim=10), input_shape=mnist.train.sample_shape)
     resume = (run_dir / "checkpoint.safetensors").is_file()
@@ -184,7 +182,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             variant = "" if model_cfg.alpha == preset.model.alpha else f"-alpha{model_cfg.alpha:g}"
             run_dir = Path(args.run_dir) / f"m2-{labels}-s{seed}-{epochs}ep-{args.precision}{variant}"
-            jobs = [("m2", lambda: train_m2(mnist, model_cfg, labels, seed, args, run_dir))]
+            jobs = [("m2", lambda: train_m2(mnist, model_cfg, train_cfg, labels, seed, args, run_dir))]
             if args.baseline:
                 jobs.append(("supervised", lambda: train_baseline(mnist, labels, seed, args)))
             for model, job in jobs:

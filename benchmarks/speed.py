@@ -233,6 +233,11 @@ def summarize(name: str, preset: str, res: dict) -> dict:
     return row
 
 
+def _loss(row: dict):
+    """The loss a row reports: BCE per pixel for the AE, the negative ELBO for the VAE."""
+    return row["test_bce"] if row["preset"] == "seed-conv-ae" and row.get("test_bce") is not None else row["test_loss"]
+
+
 def combine(raw: list[dict]) -> list[dict]:
     """One row per (preset, run) over the rounds: the median steady s/epoch, each round's speed-up over the
     Keras run of the same round (`vs_keras_by_round`) and their median (`vs_keras`)."""
@@ -263,7 +268,7 @@ def print_table(rows: list[dict]) -> None:
         head.append("vs Keras by round")
     table = [head]
     for r in rows:
-        loss = r["test_bce"] if r["preset"] == "seed-conv-ae" and r.get("test_bce") is not None else r["test_loss"]
+        loss = _loss(r)
         line = [r["run"], f"{r['steady_epoch_s']:.2f}", f"{r['images_per_s']:,}", f"{100 * r['peak_fraction']:.0f}%",
                 f"{loss:.4g}" if loss is not None else "-", f"{r['peak_rss_mb']:,}",
                 f"{r['vs_keras']:.2f}x" if "vs_keras" in r else "-"]
@@ -330,9 +335,7 @@ def main(argv=None) -> int:
                 row = summarize(f"{preset} {name}", preset, res)
                 row["kind"], row["precision"], row["round"] = kind, precision, rnd
                 raw.append(row)
-                loss = row["test_bce"] if preset == "seed-conv-ae" and row.get("test_bce") is not None \
-                    else row["test_loss"]
-                print(f"  {row['steady_epoch_s']:.2f} s/epoch (epochs {row['epoch_s']}), test loss {loss:.4g}, "
+                print(f"  {row['steady_epoch_s']:.2f} s/epoch (epochs {row['epoch_s']}), test loss {_loss(row):.4g}, "
                       f"peak RSS {row['peak_rss_mb']} MB", flush=True)
     rows = combine(raw)
     print()

@@ -61,8 +61,9 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int, generator: torch.Gene
     done = 0
     while done < n_samples:
         k = min(chunk, n_samples - done)
-        eps = torch.stack([torch.randn(post.mean.shape, generator=generator, dtype=post.mean.dtype,
-                                       device=post.mean.device) for _ in range(k)])
+        eps = post.mean.new_empty((k, *post.mean.shape))
+        for sample in eps:  # one (B, *latent) draw at a time: the same stream whatever the chunk
+            sample.normal_(generator=generator)
         z = post.mean + post.std * eps  # (k, B, *latent)
         cond = None if condition is None else condition.expand(k, *condition.shape).flatten(0, 1)
         recon = model.decode_raw(z.flatten(0, 1), cond).view(k, *x.shape)  # (k, B, *x)

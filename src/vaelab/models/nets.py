@@ -134,11 +134,15 @@ _NARROW = 4  # the most output channels _NarrowConvTranspose computes (measured:
 # seed AE's sub-pixel output layer (4 channels at 14x14) is 2 ms slower that way than oneDNN's: not used there
 
 
+def _plain_3x3(conv, stride: tuple[int, int]) -> bool:
+    """A 3x3 (transposed) convolution with this stride, padding 1, no dilation or groups, and a bias."""
+    return (conv.kernel_size == (3, 3) and conv.stride == stride and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None)
+
+
 def _narrow(conv, x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dim() == 4 and conv.out_channels <= _NARROW and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.output_padding == (0, 0) and conv.bias is not None
-            and x.dtype in (torch.float32, torch.bfloat16))
+    return (x.device.type == "cpu" and x.dim() == 4 and conv.out_channels <= _NARROW and _plain_3x3(conv, (1, 1))
+            and conv.output_padding == (0, 0) and x.dtype in (torch.float32, torch.bfloat16))
 
 
 class _NarrowConvTranspose(torch.autograd.Function):
@@ -200,9 +204,8 @@ class _NarrowConvTranspose(torch.autograd.Function):
 
 
 def _gemm_weight_grad(conv, x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and conv.stride == (2, 2)
-            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.bias is not None and torch.is_grad_enabled())
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and _plain_3x3(conv, (2, 2))
+            and torch.is_grad_enabled())
 
 
 def _bf16(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -254,6 +254,14 @@ def save_checkpoint(path: Path, model, optimizer, trainer_state: dict,
 _OWN_PREFIXES = ("model", "buffers", "optim")
 
 
+def _like(param, v: torch.Tensor) -> torch.Tensor:
+    """A moment buffer in its parameter's memory layout (channels-last conv weights): the fused Adam kernel walks
+    parameter and buffers as flat memory, so a contiguous copy would pair the wrong entries."""
+    if param is None or v.shape != param.shape:
+        return v
+    return torch.empty_like(param, dtype=v.dtype).copy_(v)
+
+
 def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model (weights and non-persistent buffers) and optimizer in place; returns (trainer_state,
     extra tensors by name)."""
@@ -282,13 +290,9 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict[str, torch
     params = [p for group in optimizer.param_groups for p in group["params"]]  # a state dict's ids, in order
     state = {}
     for pid, entry in opt_meta["state"].items():
-        state[int(pid)] = {k: (tensors[f"optim.{pid}.{k}"] if v is None else v) for k, v in entry.items()}
         param = params[int(pid)] if int(pid) < len(params) else None
-        for k, v in state[int(pid)].items():
-            # a moment buffer takes its parameter's memory layout (channels-last conv weights): the fused Adam
-            # kernel walks parameter and buffers as flat memory, so a contiguous copy would pair wrong entries
-            if param is not None and torch.is_tensor(v) and v.shape == param.shape:
-                state[int(pid)][k] = torch.empty_like(param, dtype=v.dtype).copy_(v)
+        state[int(pid)] = {k: (v if v is not None else _like(param, tensors[f"optim.{pid}.{k}"]))
+                           for k, v in entry.items()}
     try:
         optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
     except (ValueError, KeyError) as e:
