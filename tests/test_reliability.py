@@ -441,8 +441,9 @@ if mode == "nan":  # one image holds a NaN: the loss of the one rank whose shard
     x[700, 0, 3, 3] = float("nan")
     try:
         fit(model, ArrayDataset(x, scale=1.0), None, **{**kw, "binarize": False})
-    except TrainingError as e:
-        print(f"rank {os.environ['RANK']} stopped: {e}", flush=True)
+    except TrainingError as e:  # one write of the whole line: the two ranks share the pipe, and a line
+        # printed as text + newline in two writes could merge with the other rank's
+        os.write(1, f"rank {os.environ['RANK']} stopped: {e}\\n".encode())
         sys.exit(3)
     sys.exit(0)
 if mode == "crash":  # every rank dies at the same forward pass (step 23), as under a kill of the job
