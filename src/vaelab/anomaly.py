@@ -124,12 +124,14 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
     array (N,) per requested kind in `kinds` (see SCORES). One pass over the data serves all kinds.
 
     `latent_stats` = (mean, precision) of the training codes (from `latent_statistics`) is needed for
-    "latent". The reconstruction terms come from the model's own registry loss, so every likelihood and
-    every registered model is scored the way it was trained.
+    "latent". The reconstruction term is the negative log-likelihood of the model's own likelihood, and the
+    sampled scores use its own importance weights (both stochastic layers of an hvae), so every registered model
+    is scored the way it was trained.
     """
     import numpy as np
     import torch
 
+    from vaelab.losses import iwae_bound, recon_nll
     from vaelab.models import MODELS, ModelOutput
     from vaelab.training.loop import loss_weights
 
@@ -151,6 +153,10 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
     # common random numbers: the same K draws for every row, so a row's score depends on that row alone
     eps = torch.randn((n_samples, *model.latent_shape), generator=torch.Generator().manual_seed(int(seed)),
                       dtype=torch.float64).to(dtype)  # (K, *latent)
+    hierarchical = hasattr(model, "bottom_shape")  # its noise drives both layers: (K, L1 + L2)
+    if hierarchical:
+        noise = torch.randn((n_samples, model.bottom_shape[0] + model.latent_shape[0]),
+                            generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64).to(dtype)
     step = max(1, batch_size // n_samples) if any(k in SAMPLED for k in kinds) else batch_size
     parts: dict[str, list] = {k: [] for k in kinds}
     with torch.inference_mode():
@@ -158,9 +164,15 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
             x = data.batch(slice(start, start + step)).to(dtype)  # (B, *sample_shape)
             post = model.encode(x)
             if "recon" in kinds:
-                recon = model.decode_raw(post.mean)
-                parts["recon"].append(loss_fn(x, ModelOutput(recon, post.mean, post), **weights)["recon"])
-            if any(k in SAMPLED for k in kinds):
+                parts["recon"].append(recon_nll(x, model.reconstruct_raw(x), weights["likelihood"], weights["sigma"]))
+            if hierarchical and any(k in SAMPLED for k in kinds):  # more than one stochastic layer (hvae)
+                _, log_weights = model.importance_sampler(x)
+                log_w = log_weights(noise[:, None].expand(-1, len(x), -1))  # (K, B), the same draws for every row
+                if "elbo" in kinds:
+                    parts["elbo"].append(-log_w.mean(0))
+                if "iwae" in kinds:
+                    parts["iwae"].append(-iwae_bound(log_w))
+            elif any(k in SAMPLED for k in kinds):
                 z = post.mean + post.std * eps[:, None]  # (K, B, *latent)
                 raw = model.decode_raw(z.flatten(0, 1)).unflatten(0, (n_samples, len(x)))  # (K, B, *sample)
                 terms = loss_fn(x, ModelOutput(raw, z, post), **weights)

@@ -36,8 +36,8 @@ LR_SCHEDULES = ("constant", "cosine")
 DIGITS_EPOCHS = 100  # the default --epochs on the small digits dataset
 
 FIELD_HELP = {
-    "model": "a registered model: vae, ae, cvae or m2 (`vaelab models` lists them); without --preset it starts "
-             "from the ModelConfig defaults",
+    "model": "a registered model: vae, ae, cvae, hvae, m2 or vqvae (`vaelab models` lists them); without "
+             "--preset it starts from the ModelConfig defaults",
     "arch": "network: conv (stride-2 convs, dense latent), conv-pool (conv + max-pool, spatial latent), "
             "mlp (dense layers), or auto (conv for images, mlp for vectors)",
     "latent_dim": "size of the latent vector (arch conv and mlp)",
@@ -88,6 +88,10 @@ FIELD_HELP = {
     "precision": "floating-point precision of training",
     "labels": "semi-supervised training (--model m2): keep this many training labels, balanced over the "
               "classes and chosen with --seed, and hide the rest; every batch mixes both kinds (0 = keep all)",
+    "latent2_dim": "hvae: size of the second (top) stochastic layer z2, the one with the N(0, I) prior "
+                   "(0 = half of --latent-dim)",
+    "hidden2": "hvae: dense layer sizes of q(z2|z1) and p(z1|z2), comma-separated (e.g. 256,256; '' for linear "
+               "maps)",
     "alpha": "m2: weight of the classifier's -log q(y|x) on labelled images, in Kingma et al.'s units (the "
              "term alpha * N * mean over the labelled images, N the training set's size; the paper uses 0.1)",
 }
@@ -103,7 +107,8 @@ RUN_KEYS = ("preset", "dataset", "data_dir", "out", "pictures")
 TERM_MEANINGS = {
     "loss": "training objective per sample (recon + beta*KL for a VAE), nats",
     "recon": "reconstruction negative log-likelihood per sample, nats",
-    "kl": "KL(q(z|x) || N(0, I)) per sample, nats",
+    "kl": "KL(q(z|x) || N(0, I)) per sample, nats (hvae: of both layers, KL(q(z1,z2|x) || p(z1,z2)))",
+    "kl_top": "hvae: KL(q(z2|z1) || N(0, I)) of the top layer per sample, nats",
     "elbo": "evidence lower bound, -(recon + KL), nats",
     "bce": "binary cross-entropy per pixel (Keras' binary_crossentropy)",
     "mse": "squared error per pixel",
@@ -115,6 +120,8 @@ TERM_MEANINGS = {
     "nll_bits_per_dim": "nll in bits per dimension",
     "active_units": "latent dimensions whose posterior mean varies with x (variance > 0.01)",
     "latent_dims": "latent dimensions in all",
+    "bottom_active_units": "hvae: active dimensions of the bottom layer z1 (the rows above are the top layer z2's)",
+    "bottom_latent_dims": "hvae: dimensions of the bottom layer z1",
     "commitment": "a VQ-VAE's ||z_e - e||^2 per sample: how far the encoder's outputs lie from their codes",
     "perplexity": "exp(entropy) of how often each code is chosen: K when all K codes are used equally, 1 when "
                   "one code takes everything",

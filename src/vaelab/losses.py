@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:  # losses judge model outputs but must not import the models (they import the losses)
     from vaelab.models.base import ModelOutput
+    from vaelab.models.hvae import HVAEOutput
     from vaelab.models.m2 import M2Output
 
 LOG_2PI = math.log(2 * math.pi)
@@ -125,6 +126,71 @@ def vae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float
         penalty = (penalty - capacity).abs()
     return {"loss": recon + beta * penalty, "recon": recon, "kl": kl, "elbo": -(recon + kl),
             **pixel_metrics(target, out.recon, likelihood)}
+
+
+def _log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """log N(z | mean, diag(exp(logvar))) over the last dim of vectors, broadcasting the leading ones (N(0, I)
+    when mean is 0 and logvar None)."""
+    sq = (z - mean) ** 2
+    if logvar is None:
+        return (-0.5 * (LOG_2PI + sq)).sum(-1)
+    return (-0.5 * (LOG_2PI + logvar + sq * torch.exp(-logvar))).sum(-1)
+
+
+def hvae_log_parts(x: torch.Tensor, out: HVAEOutput, likelihood: str, sigma: float = 1.0) -> dict[str, torch.Tensor]:
+    """The log-densities of a two-layer VAE's samples, (K, B) each: log p(x|z1), log p(z1|z2), log p(z2),
+    log q(z1|x), log q(z2|z1). out.recon is (K, B, ...); z1, z2 and the Gaussians over them carry the same
+    leading (K, B) (q(z1|x) only (B, ...): it is shared by the K samples)."""
+    k = out.recon.shape[0]
+    log_px = -recon_nll(x.expand(k, *x.shape).flatten(0, 1), out.recon.flatten(0, 1), likelihood, sigma).view(k, -1)
+    q1, q2, p1 = out.posterior, out.top, out.prior1
+    return {"log_px": log_px, "log_p1": _log_normal(out.z1, p1.mean, p1.logvar), "log_p2": _log_normal(out.z, 0.0),
+            "log_q1": _log_normal(out.z1, q1.mean, q1.logvar), "log_q2": _log_normal(out.z, q2.mean, q2.logvar)}
+
+
+def hvae_log_weights(x: torch.Tensor, out: HVAEOutput, likelihood: str, sigma: float = 1.0) -> torch.Tensor:
+    """log w_k = log p(x, z1_k, z2_k) - log q(z1_k, z2_k | x), (K, B): the IWAE bound's and the importance-sampled
+    likelihood's building block for the two-layer model."""
+    return _joint_minus_proposal(hvae_log_parts(x, out, likelihood, sigma))
+
+
+def _joint_minus_proposal(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return t["log_px"] + t["log_p1"] + t["log_p2"] - t["log_q1"] - t["log_q2"]
+
+
+def hvae_loss(x, out: HVAEOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
+              target: torch.Tensor | None = None, **_) -> dict[str, torch.Tensor]:
+    """The two-stochastic-layer VAE (models/hvae.py): p(z2) p(z1|z2) p(x|z1) with q(z1|x) q(z2|z1), per sample.
+
+    - one sample: the negative ELBO recon + β·KL, with KL = E_q[log q(z1|x) - log p(z1|z2)] + KL(q(z2|z1) || N(0, I)),
+      the first term by its one-sample estimate and the second in closed form (it has one given z1);
+    - K > 1 samples (out.recon is (K, B, ...)): the IWAE bound -log (1/K) Σ_k w_k (Burda et al. 2015, whose
+      two-layer MNIST model this is); `recon` and `kl` are then the means of their one-sample estimates. A β < 1
+      (`--kl-schedule linear`: a warm-up) weights log p(z1, z2) - log q(z1, z2 | x) in every log w_k by β; without
+      a warm-up the top layer of a wide model closes in the first epoch (its KL stays below 0.004 nats).
+    """
+    target = x if target is None else target
+    single = out.recon.dim() == target.dim()
+    if single:  # the K = 1 record: give it its leading sample dim
+        out = out.unsqueezed()
+    t = hvae_log_parts(target, out, likelihood, sigma)
+    recon = -t["log_px"].mean(0)
+    pixels = pixel_metrics(target, out.recon[0], likelihood)
+    if single:
+        q2 = out.top
+        kl_top = kl_standard_normal(q2.mean[0], q2.logvar[0])
+        kl = (t["log_q1"] - t["log_p1"])[0] + kl_top
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl, "kl_top": kl_top, "elbo": -(recon + kl),
+                **pixels}
+    bound = iwae_bound(_joint_minus_proposal(t))
+    kl_k = t["log_q1"] + t["log_q2"] - t["log_p1"] - t["log_p2"]  # (K, B)
+    kl = kl_k.mean(0)
+    # β < 1 (a KL warm-up) tempers each weight's prior-over-posterior part: log p(x|z1) - β·kl_k; β = 1 is the bound
+    loss = -bound if beta == 1 else -iwae_bound(t["log_px"] - beta * kl_k)
+    return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), "iwae": bound, **pixels}
+
+
+hvae_loss.tempers_iwae = True  # the training loop lets β and its warm-up schedule act on the IWAE bound
 
 
 def m2_loss(x, out: M2Output, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,

@@ -55,6 +55,7 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
       per-pixel means `bce`, `mse`; `elbo_bits_per_dim`; `psnr` (dB, of the posterior-mean reconstruction);
     - `nll`, `nll_se`, `nll_bits_per_dim` with nll_samples = K > 0: the importance-sampled -log p(x);
     - latent health (VAEs, latent=True): `kl_per_dim`, `active_units`, and `warning` on posterior collapse;
+      for two stochastic layers (hvae) these are the top layer's, and `bottom_active_units` counts z1's;
     - with labelled data and `train_data` given: `linear_probe_accuracy` and `knn5_accuracy` on the latents;
     - a model with a classifier (m2) on labelled data: its `accuracy` and `error` (the fraction misclassified);
     - a VQ-VAE's code usage: `perplexity` of the chosen codes, `codes_used` (fraction of the codebook) and
@@ -90,6 +91,10 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
     if latent and model.has_prior:
         means, logvars = posterior_stats(model, data, batch_size)
         out.update(latent_health(means, logvars))
+        if hasattr(model, "encode_bottom"):  # two stochastic layers (hvae): the top one above, the bottom here
+            bottom, _ = posterior_stats(model, data, batch_size, bottom=True)
+            activity = bottom.var(0, unbiased=True) if len(bottom) > 1 else torch.zeros(bottom.shape[1])
+            out["bottom_active_units"], out["bottom_latent_dims"] = int((activity > 0.01).sum()), bottom.shape[1]
         if train_data is not None and data.y is not None and train_data.y is not None:
             z_train, _ = posterior_stats(model, train_data, batch_size)
             out.update(probe_accuracy(z_train.numpy(), train_data.y.numpy(), means.numpy(), data.y.numpy()))

@@ -15,14 +15,16 @@ def psnr(x: torch.Tensor, x_hat: torch.Tensor, peak: float = 1.0) -> torch.Tenso
 
 
 @torch.inference_mode()
-def posterior_stats(model, data, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means and log-variances over a dataset, flattened: (N, latent_size) each."""
+def posterior_stats(model, data, batch_size: int = 1000, bottom: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and log-variances over a dataset, flattened: (N, latent_size) each; with bottom=True those
+    of a two-layer model's q(z1|x)."""
+    encode = model.encode_bottom if bottom else model.encode
     means, logvars = [], []
     model.eval()
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
         cond = data.labels(idx) if model.conditional else None
-        post = model.encode(data.batch(idx), cond)
+        post = encode(data.batch(idx), cond)
         means.append(post.mean.flatten(1))
         logvars.append(post.logvar.flatten(1) if hasattr(post, "logvar") else torch.zeros_like(means[-1]))
     return torch.cat(means), torch.cat(logvars)

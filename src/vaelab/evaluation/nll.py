@@ -14,7 +14,6 @@ import math
 import torch
 
 from vaelab.errors import VaelabError
-from vaelab.losses import log_importance_weights
 
 
 # values in the decoder's widest layer output per decode call (24 MB in fp32): decode batches that stay in cache.
@@ -51,24 +50,19 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int, generator: torch.Gene
                    chunk: int | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
     """Importance-sampled log p(x) per sample, (B,), in nats (log p(x | c) for a conditional model). The noise is
     drawn one sample of the batch's latents at a time, so the estimate does not depend on `chunk`."""
-    post = model.encode(x, condition)
-    if not hasattr(post, "logvar"):
-        raise VaelabError(f"the importance-sampled likelihood needs a model with a stochastic encoder (a VAE); "
-                          f"model {model.config.model!r} has a deterministic one")
+    noise_shape, log_weights = model.importance_sampler(x, condition)
     b = x.shape[0]
-    chunk = chunk or _chunk_size(b, _decoder_width(model, post.mean, condition))
+    if chunk is None:
+        probe = torch.zeros((1, *model.latent_shape), dtype=x.dtype, device=x.device)
+        chunk = _chunk_size(b, _decoder_width(model, probe, condition))
     running = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
     done = 0
     while done < n_samples:
         k = min(chunk, n_samples - done)
-        eps = post.mean.new_empty((k, *post.mean.shape))
-        for sample in eps:  # one (B, *latent) draw at a time: the same stream whatever the chunk
+        eps = x.new_empty((k, b, *noise_shape))
+        for sample in eps:  # one (B, *noise) draw at a time: the same stream whatever the chunk
             sample.normal_(generator=generator)
-        z = post.mean + post.std * eps  # (k, B, *latent)
-        cond = None if condition is None else condition.expand(k, *condition.shape).flatten(0, 1)
-        recon = model.decode_raw(z.flatten(0, 1), cond).view(k, *x.shape)  # (k, B, *x)
-        log_w = log_importance_weights(x, recon, z, post.mean, post.logvar, model.config.likelihood,
-                                       model.config.gaussian_sigma).double()  # (k, B)
+        log_w = log_weights(eps).double()  # (k, B)
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
         done += k
     return (running - math.log(n_samples)).to(x.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vaelab.models.registry import MODELS, ModelSpec, register
 from vaelab.models.base import Autoencoder, DiagonalGaussian, ModelOutput, PointMass
-from vaelab.models import ae, cvae, m2, vae, vqvae  # noqa: F401  (registers the models)
+from vaelab.models import ae, cvae, hvae, m2, vae, vqvae  # noqa: F401  (registers the models)
 
 
 def build_model(config=None, *, input_shape=None, **overrides) -> Autoencoder:

@@ -114,6 +114,28 @@ class Autoencoder(nn.Module):
         recon = self.decode_raw(z.flatten(0, 1), cond)
         return ModelOutput(recon=recon.view(n_samples, *x.shape), z=z, posterior=posterior)
 
+    def importance_sampler(self, x: torch.Tensor, condition: torch.Tensor | None = None):
+        """(noise shape per sample, log_weights) for importance sampling from q(z|x): log_weights(eps) maps
+        standard-normal noise (K, B, *noise shape) to the log importance weights log p(x, z_k) - log q(z_k|x),
+        (K, B), of the samples z_k it makes. A model with more stochastic layers overrides it (models/hvae.py)."""
+        from vaelab.errors import VaelabError
+        from vaelab.losses import log_importance_weights
+
+        post = self.encode(x, condition)
+        if not hasattr(post, "logvar"):
+            raise VaelabError(f"the importance-sampled likelihood needs a model with a stochastic encoder (a VAE); "
+                              f"model {self.config.model!r} has a deterministic one")
+
+        def log_weights(eps: torch.Tensor) -> torch.Tensor:
+            k = eps.shape[0]
+            z = post.mean + post.std * eps  # (K, B, *latent)
+            cond = None if condition is None else condition.expand(k, *condition.shape).flatten(0, 1)
+            recon = self.decode_raw(z.flatten(0, 1), cond).view(k, *x.shape)  # (K, B, *x)
+            return log_importance_weights(x, recon, z, post.mean, post.logvar, self.config.likelihood,
+                                          self.config.gaussian_sigma)
+
+        return tuple(post.mean.shape[1:]), log_weights
+
     def _check_condition(self, condition) -> None:
         if condition is not None and not self.conditional:
             from vaelab.errors import VaelabError
@@ -129,7 +151,13 @@ class Autoencoder(nn.Module):
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the posterior mean: the deterministic reconstruction, in data space."""
-        return self.decode(self.encode(x, condition).mean, condition)
+        raw = self.reconstruct_raw(x, condition)
+        return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
+
+    def reconstruct_raw(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's raw output (logits for Bernoulli) at the posterior mean: what the reconstruction error
+        scores."""
+        return self.decode_raw(self.encode(x, condition).mean, condition)
 
     @torch.inference_mode()
     def sample(self, n: int, generator: torch.Generator | None = None,

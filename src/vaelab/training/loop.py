@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import math
 import os
@@ -108,14 +109,28 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
 
         clash = [f"iw_samples={cfg.iw_samples} needs a model with a stochastic encoder (a VAE); model "
                  f"{model.config.model!r} is deterministic"] if not model.has_prior else []
-        # the IWAE bound has no separate KL term to weight: refuse what it would silently ignore
+        # the IWAE bound has no separate KL term to weight: refuse what it would silently ignore (a loss that
+        # tempers its importance weights by β, hvae's, takes β and its warm-up)
+        tempers = getattr(MODELS[model.config.model].loss, "tempers_iwae", False)
         clash += [f"{name}={value!r} does not apply to the IWAE bound (iw_samples={cfg.iw_samples}); drop it "
                   "or train the ELBO (iw_samples=1)"
                   for name, value, off in (("beta", model.config.beta, 1.0), ("kl_schedule", cfg.kl_schedule,
                                            "constant"), ("capacity", cfg.capacity, 0.0),
-                                           ("free_bits", cfg.free_bits, 0.0)) if value != off]
+                                           ("free_bits", cfg.free_bits, 0.0))
+                  if value != off and not (tempers and name in ("beta", "kl_schedule"))]
         if clash:
             raise ConfigError(clash, "training configuration")
+    # a loss that has no use for a KL shaping option would ignore it silently: refuse it instead
+    loss_of_model = MODELS[model.config.model].loss
+    takes = inspect.signature(loss_of_model).parameters
+    unused = [f"{name}={value!r} does not apply to model {model.config.model!r}: its loss "
+              f"({loss_of_model.__name__}) does not use it; drop it"
+              for name, value in (("capacity", cfg.capacity), ("free_bits", cfg.free_bits))
+              if value and name not in takes]
+    if unused:
+        from vaelab.errors import ConfigError
+
+        raise ConfigError(unused, "training configuration")
     # --labels N (semi-supervised): N labels kept, the rest hidden (-1), both kinds in every batch; else None
     semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size)
     if cfg.threads:
