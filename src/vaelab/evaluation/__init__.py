@@ -92,9 +92,8 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
         means, logvars = posterior_stats(model, data, batch_size)
         out.update(latent_health(means, logvars))
         if hasattr(model, "encode_bottom"):  # two stochastic layers (hvae): the top one above, the bottom here
-            bottom, _ = posterior_stats(model, data, batch_size, bottom=True)
-            activity = bottom.var(0, unbiased=True) if len(bottom) > 1 else torch.zeros(bottom.shape[1])
-            out["bottom_active_units"], out["bottom_latent_dims"] = int((activity > 0.01).sum()), bottom.shape[1]
+            bottom = latent_health(*posterior_stats(model, data, batch_size, bottom=True))  # its KL is not to N(0, I)
+            out["bottom_active_units"], out["bottom_latent_dims"] = bottom["active_units"], bottom["latent_dims"]
         if train_data is not None and data.y is not None and train_data.y is not None:
             z_train, _ = posterior_stats(model, train_data, batch_size)
             out.update(probe_accuracy(z_train.numpy(), train_data.y.numpy(), means.numpy(), data.y.numpy()))
