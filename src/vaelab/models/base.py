@@ -136,6 +136,12 @@ class Autoencoder(nn.Module):
 
         return tuple(post.mean.shape[1:]), log_weights
 
+    def _gaussian(self, h: torch.Tensor, dim: int = 1) -> DiagonalGaussian:
+        """The Gaussian whose mean and log-variance are the two halves of `h` along `dim`, log-variance clamped to
+        the config's bounds."""
+        mean, logvar = h.chunk(2, dim=dim)
+        return DiagonalGaussian(mean, logvar, clamp=(self.config.logvar_min, self.config.logvar_max))
+
     def _check_condition(self, condition) -> None:
         if condition is not None and not self.conditional:
             from vaelab.errors import VaelabError

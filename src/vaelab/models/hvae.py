@@ -71,13 +71,9 @@ class HVAE(Autoencoder):
         self.latent_shape = (l2,)  # the top layer: the prior's, what sampling and latent walks use
         self.bottom_shape = (l1,)
 
-    def _gaussian(self, h: torch.Tensor) -> DiagonalGaussian:
-        mean, logvar = h.chunk(2, dim=-1)
-        return DiagonalGaussian(mean, logvar, clamp=(self.config.logvar_min, self.config.logvar_max))
-
     def _gaussian_of(self, net: nn.Module, z: torch.Tensor) -> DiagonalGaussian:
         """A Gaussian from `net` on z of any leading dims (..., L)."""
-        return self._gaussian(net(z.reshape(-1, z.shape[-1])).view(*z.shape[:-1], -1))
+        return self._gaussian(net(z.reshape(-1, z.shape[-1])).view(*z.shape[:-1], -1), dim=-1)
 
     def encode_bottom(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z1 | x)."""

@@ -152,10 +152,6 @@ class M2(CVAE):
                 c = torch.where(c < 0, self.classifier(x).argmax(1), c)
         return self._gaussian(self.encoder(x, torch.arange(len(x), device=x.device), c))
 
-    def _gaussian(self, h: torch.Tensor) -> DiagonalGaussian:
-        mean, logvar = h.chunk(2, dim=1)  # (P, L) each, as the VAE's
-        return DiagonalGaussian(mean, logvar, clamp=(self.config.logvar_min, self.config.logvar_max))
-
     def condition_vector(self, condition) -> torch.Tensor:
         if condition is None:
             k = self.num_classes

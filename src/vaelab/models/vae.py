@@ -1,7 +1,7 @@
 """The variational autoencoder (Kingma & Welling 2014); β-VAE is this model with beta != 1."""
 
 from vaelab.losses import vae_loss
-from vaelab.models.base import Autoencoder, DiagonalGaussian
+from vaelab.models.base import Autoencoder
 from vaelab.models.registry import register
 
 
@@ -14,5 +14,4 @@ class VAE(Autoencoder):
     def encode(self, x, condition=None):
         self._check_condition(condition)
         h = self.encoder(x)  # (B, 2 * latent_dim) or (B, 2 * C, h, w)
-        mean, logvar = h.chunk(2, dim=1)
-        return DiagonalGaussian(mean, logvar, clamp=(self.config.logvar_min, self.config.logvar_max))
+        return self._gaussian(h)
