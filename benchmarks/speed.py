@@ -75,9 +75,12 @@ def child_vaelab(args) -> dict:
         t0 = time.perf_counter()
         history = fit(model, data.train, data.test, cfg, out=run_dir)
         wall = time.perf_counter() - t0
-    last = history[-1]
+    # the test loss in fp32 whatever the training precision (a bf16 run validates in bf16, as it trains)
+    from vaelab.evaluation import loss_terms
+
+    test = loss_terms(model, data.test, batch_size=max(cfg.batch_size, 256))
     result = {"epoch_s": [r["time_s"] for r in history], "fit_wall_s": wall,
-              "test_loss": last["val_loss"], "test_bce": last["val_bce"]}
+              "test_loss": test["loss"], "test_bce": test["bce"], "val_loss_in_training": history[-1]["val_loss"]}
     if model.has_prior:  # inference throughput: encode every image (train + test) to its latent mean
         images = torch.cat([data.train.x, data.test.x])
         t0 = time.perf_counter()
@@ -227,7 +230,8 @@ def summarize(name: str, preset: str, res: dict) -> dict:
            "images_per_s": round((N_TRAIN + N_TEST) / steady), "peak_fraction": round(epoch_bound_s(preset) / steady, 3),
            "test_loss": res.get("test_loss"), "test_bce": res.get("test_bce"),
            "peak_rss_mb": round(res["peak_rss_mb"]), "epoch_s": [round(e, 2) for e in epochs]}
-    for k in ("fit_wall_s", "encode_s", "encode_images", "nll_s", "nll_images", "nll_samples", "nll", "tf"):
+    for k in ("val_loss_in_training", "fit_wall_s", "encode_s", "encode_images", "nll_s", "nll_images", "nll_samples",
+              "nll", "tf"):
         if k in res:
             row[k] = res[k]
     return row

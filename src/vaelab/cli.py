@@ -85,7 +85,7 @@ FIELD_HELP = {
                  "pushed into collapse (e.g. 0.1; 0 = off)",
     "iw_samples": "importance samples K per input: K > 1 trains on the IWAE bound of Burda et al. "
                   "(tighter than the ELBO, K times the decoder cost); 1 = the ELBO",
-    "precision": "floating-point precision of training",
+    "precision": "floating-point precision of training and its validation (bf16: mixed precision, fp32 weights)",
     "labels": "semi-supervised training (--model m2): keep this many training labels, balanced over the "
               "classes and chosen with --seed, and hide the rest; every batch mixes both kinds (0 = keep all)",
     "latent2_dim": "hvae: size of the second (top) stochastic layer z2, the one with the N(0, I) prior "

@@ -8,15 +8,17 @@ EVAL_SEED = 1234  # fixed noise for stochastic terms, so evaluating twice gives 
 
 
 def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, seed: int = EVAL_SEED,
-               per_sample: bool = False, dist=None) -> dict:
+               per_sample: bool = False, dist=None, precision: str = "fp32") -> dict:
     """Mean (or, with per_sample=True, per-sample) loss terms of `model` on `data` (an ArrayDataset).
 
     Uses the model's own loss from the registry, in eval mode, under inference_mode, with a fixed seed for
     the posterior sample and the binarization, without touching the caller's random state. With `dist`
     (a training.distributed.Dist under torchrun) each rank evaluates its share and the means are global.
+    precision="bf16" runs the forward pass as bf16 training does (autocast; the loss in fp32): what `fit`
+    validates a bf16 run with. The default fp32 is what `evaluate` reports.
     """
     from vaelab.models import MODELS
-    from vaelab.training.loop import Meter, keep_freed_memory, loss_weights
+    from vaelab.training.loop import Meter, autocast, keep_freed_memory, loss_weights
 
     keep_freed_memory()  # no page faults per batch (see there): 1.0 -> 0.65 s for the seed AE on the 10k test images
 
@@ -35,7 +37,9 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
             device = next(model.parameters()).device
             x = data.batch(idx, binarize=binarize, generator=gen).to(device)
             cond = data.labels(idx).to(device) if model.conditional else None
-            terms = loss_fn(x, model(x, cond), **weights)
+            with autocast(precision, x):
+                out = model(x, cond)
+            terms = loss_fn(x, out.float(), **weights)
             if per_sample:
                 parts.append({k: v.clone() for k, v in terms.items()})
             else:

@@ -229,7 +229,8 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
             row.update({f"train_{k}": v for k, v in model.epoch_metrics().items()})
         if val is not None and len(val):
             row.update({f"val_{k}": v for k, v in
-                        loss_terms(model, val, batch_size=max(bs, 256), binarize=cfg.binarize, dist=dist).items()})
+                        loss_terms(model, val, batch_size=max(bs, 256), binarize=cfg.binarize, dist=dist,
+                                   precision=cfg.precision).items()})
         row["time_s"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         if bar is not None:
