@@ -159,6 +159,16 @@ def test_validation_runs_in_the_training_precision_and_evaluate_in_fp32(precisio
         assert val["loss"] == pytest.approx(fp32["loss"], rel=5e-3)
 
 
+def test_loss_terms_refuses_an_unknown_precision():
+    from vaelab.evaluation import loss_terms
+
+    digits = load_dataset("digits")
+    model = build_model("seed-vae", input_shape=digits.train.sample_shape)
+    with pytest.raises(ConfigError, match=r"^invalid evaluation: precision='fp16' is unknown; choose one of "
+                                          r"\['fp32', 'bf16'\]$"):
+        loss_terms(model, digits.test, precision="fp16")
+
+
 def test_model_output_float_upcasts_every_tensor():
     model = build_model("seed-vae", input_shape=(1, 8, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -17,8 +17,13 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
     precision="bf16" runs the forward pass as bf16 training does (autocast; the loss in fp32): what `fit`
     validates a bf16 run with. The default fp32 is what `evaluate` reports.
     """
+    from vaelab.config import PRECISIONS
+    from vaelab.errors import ConfigError
     from vaelab.models import MODELS
     from vaelab.training.loop import Meter, autocast, keep_freed_memory, loss_weights
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is unknown; choose one of {list(PRECISIONS)}", "evaluation")
 
     keep_freed_memory()  # no page faults per batch (see there): 1.0 -> 0.65 s for the seed AE on the 10k test images
 
