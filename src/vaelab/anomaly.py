@@ -151,12 +151,12 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
     was_training = model.training
     model.eval()
     # common random numbers: the same K draws for every row, so a row's score depends on that row alone
-    eps = torch.randn((n_samples, *model.latent_shape), generator=torch.Generator().manual_seed(int(seed)),
-                      dtype=torch.float64).to(dtype)  # (K, *latent)
-    hierarchical = hasattr(model, "bottom_shape")  # its noise drives both layers: (K, L1 + L2)
-    if hierarchical:
-        noise = torch.randn((n_samples, model.bottom_shape[0] + model.latent_shape[0]),
-                            generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64).to(dtype)
+    def draws(shape):  # (K, *shape)
+        return torch.randn((n_samples, *shape), generator=torch.Generator().manual_seed(int(seed)),
+                           dtype=torch.float64).to(dtype)
+
+    hierarchical = hasattr(model, "bottom_shape")  # more than one stochastic layer (hvae): its own importance weights
+    eps = None if hierarchical else draws(model.latent_shape)  # (K, *latent); an hvae's are drawn at its first batch
     step = max(1, batch_size // n_samples) if any(k in SAMPLED for k in kinds) else batch_size
     parts: dict[str, list] = {k: [] for k in kinds}
     with torch.inference_mode():
@@ -166,8 +166,9 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
             if "recon" in kinds:
                 parts["recon"].append(recon_nll(x, model.reconstruct_raw(x), weights["likelihood"], weights["sigma"]))
             if hierarchical and any(k in SAMPLED for k in kinds):  # more than one stochastic layer (hvae)
-                _, log_weights = model.importance_sampler(x)
-                log_w = log_weights(noise[:, None].expand(-1, len(x), -1))  # (K, B), the same draws for every row
+                noise_shape, log_weights = model.importance_sampler(x)
+                eps = draws(noise_shape) if eps is None else eps  # (K, *noise): both layers' noise
+                log_w = log_weights(eps[:, None].expand(-1, len(x), *noise_shape))  # (K, B), the same for every row
                 if "elbo" in kinds:
                     parts["elbo"].append(-log_w.mean(0))
                 if "iwae" in kinds:

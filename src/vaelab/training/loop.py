@@ -21,7 +21,7 @@ import torch
 
 from vaelab.config import TrainConfig
 from vaelab.data.semisupervised import mixed_batches
-from vaelab.errors import DataError, TrainingError
+from vaelab.errors import ConfigError, DataError, TrainingError
 from vaelab.training.checkpoint import (CHECKPOINT_FILE, atomic_write_json, atomic_write_text,
                                         load_checkpoint, save_checkpoint, save_pretrained)
 from vaelab.training.corruption import corrupt
@@ -104,14 +104,13 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
     if model.conditional and train.y is None:
         raise DataError(f"model {model.config.model!r} is conditional and needs labelled data; the training "
                         "set has no labels (use a dataset with labels, or an unconditional model)")
+    loss_fn = MODELS[model.config.model].loss
     if cfg.iw_samples > 1:
-        from vaelab.errors import ConfigError
-
         clash = [f"iw_samples={cfg.iw_samples} needs a model with a stochastic encoder (a VAE); model "
                  f"{model.config.model!r} is deterministic"] if not model.has_prior else []
         # the IWAE bound has no separate KL term to weight: refuse what it would silently ignore (a loss that
         # tempers its importance weights by β, hvae's, takes β and its warm-up)
-        tempers = getattr(MODELS[model.config.model].loss, "tempers_iwae", False)
+        tempers = getattr(loss_fn, "tempers_iwae", False)
         clash += [f"{name}={value!r} does not apply to the IWAE bound (iw_samples={cfg.iw_samples}); drop it "
                   "or train the ELBO (iw_samples=1)"
                   for name, value, off in (("beta", model.config.beta, 1.0), ("kl_schedule", cfg.kl_schedule,
@@ -121,15 +120,12 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
         if clash:
             raise ConfigError(clash, "training configuration")
     # a loss that has no use for a KL shaping option would ignore it silently: refuse it instead
-    loss_of_model = MODELS[model.config.model].loss
-    takes = inspect.signature(loss_of_model).parameters
+    takes = inspect.signature(loss_fn).parameters
     unused = [f"{name}={value!r} does not apply to model {model.config.model!r}: its loss "
-              f"({loss_of_model.__name__}) does not use it; drop it"
+              f"({loss_fn.__name__}) does not use it; drop it"
               for name, value in (("capacity", cfg.capacity), ("free_bits", cfg.free_bits))
               if value and name not in takes]
     if unused:
-        from vaelab.errors import ConfigError
-
         raise ConfigError(unused, "training configuration")
     # --labels N (semi-supervised): N labels kept, the rest hidden (-1), both kinds in every batch; else None
     semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size)
@@ -138,7 +134,6 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
     keep_freed_memory()
     dist = Dist.from_env(cfg.device)  # a world of one unless launched by torchrun
     model.to(dist.device)
-    loss_fn = MODELS[model.config.model].loss
     optimizer = make_adam(model.parameters(), cfg.lr)
     params = list(model.parameters())
     run_dir = Path(out) if out is not None else None
