@@ -18,7 +18,7 @@ from vaelab.data import ArrayDataset, load_dataset
 from vaelab.errors import ConfigError
 from vaelab.evaluation import evaluate
 from vaelab.evaluation.nll import log_likelihood
-from vaelab.losses import hvae_loss, hvae_log_weights
+from vaelab.models.hvae import hvae_log_weights, hvae_loss
 from vaelab.models import build_model, from_pretrained
 from vaelab.training import fit
 
@@ -128,8 +128,7 @@ def test_config_defaults_and_errors():
     model = build_model(model="hvae", arch="mlp", latent_dim=9, input_shape=(5,))
     assert model.latent_shape == (4,) and model.bottom_shape == (9,)  # latent2_dim 0: half of latent_dim
     assert model.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 5)
-    with pytest.raises(ConfigError, match=r"latent2_dim=4 and hidden2=\[\] describe the second stochastic layer "
-                                          r"of model='hvae'; model='vae' has one"):
+    with pytest.raises(ConfigError, match=r"latent2_dim=4 is not a setting of model 'vae'; its settings are \['beta'\]"):
         ModelConfig(model="vae", latent2_dim=4).validate()
     with pytest.raises(ConfigError, match="model='hvae' needs a vector latent z1"):
         ModelConfig(model="hvae", arch="conv-pool").validate()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from vaelab.losses import (autoencoder_loss, bernoulli_nll, gaussian_nll, kl_standard_normal, pixel_metrics,
-                           vae_loss)
+from vaelab.losses import bernoulli_nll, gaussian_nll, kl_standard_normal, pixel_metrics
+from vaelab.models.ae import autoencoder_loss
+from vaelab.models.vae import vae_loss
 from vaelab.models.base import DiagonalGaussian, ModelOutput, PointMass
 
 

@@ -27,12 +27,12 @@ def _data(shape, n=16, seed=0):
 
 def _build(name, shape, **kw):
     """A registered model from its default config (tiny widths); conditional ones get N_CLASSES classes."""
-    cond = {"condition_dim": N_CLASSES} if MODELS[name].cls.conditional else {}
+    cond = {"condition_dim": N_CLASSES} if MODELS[name].cls.capabilities.conditional else {}
     return build_model(model=name, input_shape=shape, **TINY, **cond, **kw)
 
 
 def _cond(model, n):
-    return torch.arange(n) % N_CLASSES if model.conditional else None
+    return torch.arange(n) % N_CLASSES if model.capabilities.conditional else None
 
 
 def _weights(model):
@@ -49,12 +49,12 @@ def test_forward_shapes(name, shape):
     assert out.z.shape == (5, *model.latent_shape)
     assert model.embed(x, c).shape == (5, *model.latent_shape)
     assert model.decode(out.z, c).shape == x.shape
-    terms = MODELS[name].loss(x, out, likelihood="bernoulli")
+    terms = model.loss(x, out)
     assert all(v.shape == (5,) for v in terms.values())
-    if model.has_prior:  # K importance samples: (K, B, ...) outputs, the IWAE bound per sample
+    if model.capabilities.stochastic:  # K importance samples: (K, B, ...) outputs, the IWAE bound per sample
         out = model(x, c, n_samples=4)
         assert out.recon.shape == (4, *x.shape) and out.z.shape == (4, 5, *model.latent_shape)
-        assert MODELS[name].loss(x, out, likelihood="bernoulli")["loss"].shape == (5,)
+        assert model.loss(x, out)["loss"].shape == (5,)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -84,7 +84,7 @@ def test_save_and_reload_give_identical_outputs(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_sampling(name):
     model = _build(name, (1, 8, 8))
-    if model.has_prior:
+    if model.capabilities.stochastic:
         c = _cond(model, 6)
         s = model.sample(6, generator=torch.Generator().manual_seed(0), condition=c)
         assert s.shape == (6, 1, 8, 8) and 0 <= s.min() and s.max() <= 1

@@ -10,7 +10,7 @@ from vaelab.config import TrainConfig
 from vaelab.data import load_dataset
 from vaelab.errors import ConfigError
 from vaelab.models import MODELS, build_model
-from vaelab.models.nets import ConvTranspose2d, UpsampleConv2d, _NarrowConvTranspose, _StridedConvBF16, _tap_product
+from vaelab.models.kernels import ConvTranspose2d, UpsampleConv2d, _NarrowConvTranspose, _StridedConvBF16, _tap_product
 from vaelab.training import fit
 from vaelab.training.loop import keep_freed_memory
 
@@ -133,7 +133,7 @@ def test_precision_is_validated():
 def test_bf16_mixed_precision_trains_every_model_with_fp32_weights(name):
     digits = load_dataset("digits")
     torch.manual_seed(0)
-    cond = {"condition_dim": 10} if MODELS[name].cls.conditional else {}
+    cond = {"condition_dim": 10} if MODELS[name].cls.capabilities.conditional else {}
     model = build_model(model=name, channels=(8, 8), hidden=(16,), input_shape=digits.train.sample_shape, **cond)
     history = fit(model, digits.train, digits.test, epochs=3, batch_size=64, progress=False, precision="bf16")
     assert all(p.dtype == torch.float32 for p in model.parameters())

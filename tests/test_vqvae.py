@@ -19,7 +19,7 @@ import torch
 
 from vaelab.data import ArrayDataset, load_dataset
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.losses import vqvae_loss
+from vaelab.models.vqvae import vqvae_loss
 from vaelab.models import ModelOutput, build_model, from_pretrained
 from vaelab.models.quantizer import VectorQuantizer, kmeans, usage_metrics
 from vaelab.models.vqvae import CodePosterior, codebook_usage
@@ -272,7 +272,7 @@ def test_sampling_needs_the_prior_and_then_generates(tmp_path):
         model.sample(4)
     history = fit_prior(model, data, data, epochs=2, layers=2, channels=8, batch_size=16)
     assert [r["epoch"] for r in history] == [1, 2] and history[-1]["test_bits_per_code"] > 0
-    assert model.config.prior_classes == 3 and model.can_sample
+    assert model.settings.prior_classes == 3 and model.capabilities.samples
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     s = model.sample(6, generator=g())
     assert s.shape == (6, 1, 8, 8) and 0 <= s.min() and s.max() <= 1

@@ -76,7 +76,7 @@ def score_problems(model_name: str, score: str) -> list[str]:
     if score not in SCORES:
         return [f"score type {score!r} is unknown; choose one of {list(SCORES)}"]
     spec = MODELS.get(model_name)
-    if score in SAMPLED and spec is not None and not spec.cls.has_prior:
+    if score in SAMPLED and spec is not None and not spec.cls.capabilities.stochastic:
         return [f"score type {score!r} needs a model with a posterior and a prior (a VAE), but model "
                 f"{model_name!r} has none; use 'recon' or 'latent', or the model 'vae'"]
     return []
@@ -131,9 +131,7 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
     import numpy as np
     import torch
 
-    from vaelab.losses import iwae_bound, recon_nll
-    from vaelab.models import MODELS, ModelOutput
-    from vaelab.training.loop import loss_weights
+    from vaelab.losses import recon_nll
 
     kinds = tuple(kinds)
     problems = [p for k in kinds for p in score_problems(model.config.model, k)]
@@ -145,43 +143,28 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
     if problems:
         raise ConfigError(problems, "anomaly scores")
 
-    loss_fn = MODELS[model.config.model].loss
-    weights = loss_weights(model)
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
+    sampled = any(k in SAMPLED for k in kinds)
     # common random numbers: the same K draws for every row, so a row's score depends on that row alone
-    def draws(shape):  # (K, *shape)
-        return torch.randn((n_samples, *shape), generator=torch.Generator().manual_seed(int(seed)),
-                           dtype=torch.float64).to(dtype)
-
-    hierarchical = hasattr(model, "bottom_shape")  # more than one stochastic layer (hvae): its own importance weights
-    eps = None if hierarchical else draws(model.latent_shape)  # (K, *latent); an hvae's are drawn at its first batch
-    step = max(1, batch_size // n_samples) if any(k in SAMPLED for k in kinds) else batch_size
+    eps = torch.randn((n_samples, *model.noise_shape), generator=torch.Generator().manual_seed(int(seed)),
+                      dtype=torch.float64).to(dtype) if sampled else None  # (K, *noise shape)
+    step = max(1, batch_size // n_samples) if sampled else batch_size
     parts: dict[str, list] = {k: [] for k in kinds}
     with torch.inference_mode():
         for start in range(0, len(data), step):
             x = data.batch(slice(start, start + step)).to(dtype)  # (B, *sample_shape)
-            post = model.encode(x)
             if "recon" in kinds:
-                parts["recon"].append(recon_nll(x, model.reconstruct_raw(x), weights["likelihood"], weights["sigma"]))
-            if hierarchical and any(k in SAMPLED for k in kinds):  # more than one stochastic layer (hvae)
-                noise_shape, log_weights = model.importance_sampler(x)
-                eps = draws(noise_shape) if eps is None else eps  # (K, *noise): both layers' noise
-                log_w = log_weights(eps[:, None].expand(-1, len(x), *noise_shape))  # (K, B), the same for every row
-                if "elbo" in kinds:
-                    parts["elbo"].append(-log_w.mean(0))
-                if "iwae" in kinds:
-                    parts["iwae"].append(-iwae_bound(log_w))
-            elif any(k in SAMPLED for k in kinds):
-                z = post.mean + post.std * eps[:, None]  # (K, B, *latent)
-                raw = model.decode_raw(z.flatten(0, 1)).unflatten(0, (n_samples, len(x)))  # (K, B, *sample)
-                terms = loss_fn(x, ModelOutput(raw, z, post), **weights)
-                if "elbo" in kinds:
-                    parts["elbo"].append(-terms["elbo"])
-                if "iwae" in kinds:
-                    parts["iwae"].append(-terms["iwae"])
+                parts["recon"].append(recon_nll(x, model.reconstruct_raw(x), model.config.likelihood,
+                                                model.config.gaussian_sigma))
+            if sampled:
+                bounds = model.anomaly_bounds(x, eps)  # the model's own ELBO and IWAE bound, (B,) each
+                for k in ("elbo", "iwae"):
+                    if k in kinds:
+                        parts[k].append(-bounds[k])
             if "latent" in kinds:
+                post = model.encode(x)
                 parts["latent"].append(torch.from_numpy(
                     mahalanobis(post.mean.flatten(1).double().numpy(), *latent_stats)))
     model.train(was_training)
@@ -442,7 +425,7 @@ def run_one_class(args) -> int:
     if args.model not in MODELS:
         raise ConfigError(f"model={args.model!r} is not a registered model; choose one of {sorted(MODELS)}",
                           "one-class settings")
-    vae = MODELS[args.model].cls.has_prior
+    vae = MODELS[args.model].cls.capabilities.stochastic
     scores = [s for s in SCORES if vae or s not in SAMPLED]
     first = args.score or ("elbo" if vae else "recon")  # the detectors' threshold score, then the others
     if first not in scores:
@@ -563,7 +546,7 @@ def _detector_for_run(run: Path, cfg: dict, args, rows):
     from vaelab.sklearn import AnomalyDetector
 
     model_name = (cfg.get("model") or {}).get("model")
-    score = args.score or ("elbo" if model_name in MODELS and MODELS[model_name].cls.has_prior else "recon")
+    score = args.score or ("elbo" if model_name in MODELS and MODELS[model_name].cls.capabilities.stochastic else "recon")
     det = AnomalyDetector(pretrained=str(run), score_type=score, n_samples=args.samples or 16)
     needs_threshold = args.threshold is None and args.contamination is None
     dataset = (cfg.get("data") or {}).get("dataset")

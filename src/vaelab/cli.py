@@ -21,16 +21,12 @@ import textwrap
 import time
 from pathlib import Path
 
-from vaelab.config import ARCHS, LIKELIHOODS, PRESETS, ModelConfig, TrainConfig
+from vaelab.config import ARCHS, KL_SCHEDULES, LIKELIHOODS, LR_SCHEDULES, NOISES, PRESETS, ModelConfig, TrainConfig
 from vaelab.errors import ConfigError, VaelabError
 
 DEFAULT_PRESET = "seed-vae"
 DEFAULT_DATASET = "digits"
 BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist")  # as vaelab.data.DATASETS (importing it needs torch)
-# as vaelab.training.corruption.NOISES and .schedules.SCHEDULES (importing vaelab.training needs torch)
-NOISES = ("none", "gaussian", "masking", "salt-pepper")
-KL_SCHEDULES = ("constant", "linear", "cyclical")
-LR_SCHEDULES = ("constant", "cosine")
 
 # Help for the generated flags, keyed by field name. A field missing here still gets a flag.
 DIGITS_EPOCHS = 100  # the default --epochs on the small digits dataset
@@ -46,7 +42,6 @@ FIELD_HELP = {
     "likelihood": "the decoder's output distribution: bernoulli (binary cross-entropy; data in [0, 1]) "
                   "or gaussian (squared error)",
     "gaussian_sigma": "fixed standard deviation of the gaussian likelihood",
-    "beta": "weight of the KL term (a beta-VAE when != 1; plain autoencoders ignore it)",
     "logvar_min": "lower bound of the posterior's log-variance (VAE family; values inside the bounds pass "
                   "unchanged; may change on --resume)",
     "logvar_max": "upper bound of the posterior's log-variance: lower it (e.g. 10) when a run stops on a "
@@ -88,19 +83,13 @@ FIELD_HELP = {
     "precision": "floating-point precision of training and its validation (bf16: mixed precision, fp32 weights)",
     "labels": "semi-supervised training (--model m2): keep this many training labels, balanced over the "
               "classes and chosen with --seed, and hide the rest; every batch mixes both kinds (0 = keep all)",
-    "latent2_dim": "hvae: size of the second (top) stochastic layer z2, the one with the N(0, I) prior "
-                   "(0 = half of --latent-dim)",
-    "hidden2": "hvae: dense layer sizes of q(z2|z1) and p(z1|z2), comma-separated (e.g. 256,256; '' for linear "
-               "maps)",
-    "alpha": "m2: weight of the classifier's -log q(y|x) on labelled images, in Kingma et al.'s units (the "
-             "term alpha * N * mean over the labelled images, N the training set's size; the paper uses 0.1)",
 }
 FIELD_CHOICES = {"arch": ARCHS, "likelihood": LIKELIHOODS, "noise": NOISES, "kl_schedule": KL_SCHEDULES,
                  "lr_schedule": LR_SCHEDULES}
 # model settings a resumed run may change: they bound values, they shape no weight
 RESUMABLE_MODEL_FIELDS = ("logvar_min", "logvar_max")
-NOT_FLAGS = {"input_shape",  # set from the data, never by hand
-             "prior_layers", "prior_channels", "prior_classes"}  # set by `vaelab train-prior` (its own flags)
+NOT_FLAGS = {"input_shape", "settings"}  # set from the data, never by hand; the model's own settings get flags below
+SETTINGS = "model's own settings"  # the group of the flags made from the registered models' Settings fields
 # config-file keys besides the ModelConfig/TrainConfig fields (the same names as the flags)
 RUN_KEYS = ("preset", "dataset", "data_dir", "out", "pictures")
 
@@ -141,10 +130,31 @@ GRID_CLASSES = 30  # rows of a conditional model's class-by-sample grid, at most
 # ============================================================================================ the parser
 
 
-def _fields() -> list[tuple[dataclasses.Field, type]]:
-    """(field, its dataclass) for every ModelConfig and TrainConfig field that gets a flag."""
-    return [(f, cls) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)
-            if f.name not in NOT_FLAGS]
+def _settings_fields() -> list[dataclasses.Field]:
+    """The fields of every registered model's Settings that get a flag (one flag per name: two models with a
+    setting of the same name, such as beta, share it); a field's metadata may say flag=False."""
+    from vaelab.models import MODELS
+
+    seen: dict[str, dataclasses.Field] = {}
+    for name in sorted(MODELS):
+        for f in dataclasses.fields(MODELS[name].cls.Settings):
+            if f.metadata.get("flag", True) and f.name not in seen and f.name not in NOT_FLAGS:
+                seen[f.name] = f
+    return list(seen.values())
+
+
+def _fields() -> list[tuple[dataclasses.Field, object]]:
+    """(field, its dataclass, or SETTINGS) for every ModelConfig, model-settings and TrainConfig field that gets a
+    flag."""
+    common = [(f, ModelConfig) for f in dataclasses.fields(ModelConfig) if f.name not in NOT_FLAGS]
+    return common + [(f, SETTINGS) for f in _settings_fields()] + [(f, TrainConfig) for f in dataclasses.fields(TrainConfig)]
+
+
+def _model_value(mc: ModelConfig, name: str):
+    """A common field or one of the model's own settings of `mc` (None where it has no such setting)."""
+    if name in mc.settings:
+        return mc.settings[name]
+    return getattr(mc, name) if name in {f.name for f in dataclasses.fields(ModelConfig)} else None
 
 
 def _field_default(f: dataclasses.Field):
@@ -190,15 +200,20 @@ def _field_help(f: dataclasses.Field, cls: type) -> str:
     default = _field_default(f)
     parts = [f"default {_fmt_value(default)}"]
     for p in PRESETS.values():  # where a preset differs from the default, say so
-        v = getattr(p.model if cls is ModelConfig else p.train, f.name)
+        if cls is SETTINGS:
+            v = p.model.settings.get(f.name, default)
+        else:
+            v = getattr(p.model if cls is ModelConfig else p.train, f.name)
         if v != default:
             parts.append(f"{p.name}: {_fmt_value(v)}")
-    text = FIELD_HELP.get(f.name, f.name.replace("_", " "))
+    text = f.metadata.get("help") or FIELD_HELP.get(f.name, f.name.replace("_", " "))
     return f"{text} [{'; '.join(parts)}]".replace("%", "%%")
 
 
 def _add_field_flags(parser: argparse.ArgumentParser) -> None:
     groups = {ModelConfig: parser.add_argument_group("model settings (ModelConfig; saved with the weights)"),
+              SETTINGS: parser.add_argument_group("each model's own settings (saved with the weights; `vaelab models` "
+                                                  "says which model has which)"),
               TrainConfig: parser.add_argument_group("training settings (TrainConfig)")}
     for f, cls in _fields():
         flag = "--" + f.name.replace("_", "-")
@@ -594,7 +609,7 @@ def _plan(given: dict) -> dict:
     if "config" in given:
         settings = _coerce(load_config_file(given["config"]), given["config"])
     settings.update({k: v for k, v in given.items() if k not in ("config", "resume", "overwrite")})
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - NOT_FLAGS
+    model_fields = {f.name for f, cls in _fields() if cls is not TrainConfig}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     m_over = {k: v for k, v in settings.items() if k in model_fields}
     t_over = {k: v for k, v in settings.items() if k in train_fields}
@@ -611,19 +626,17 @@ def _plan(given: dict) -> dict:
         if preset is not None and preset != saved.get("preset"):
             conflicts.append(f"preset {preset!r}: the run was trained with preset {saved.get('preset')!r}")
         for k, v in sorted(m_over.items()):
-            if v != getattr(saved_m, k) and k not in RESUMABLE_MODEL_FIELDS:
-                conflicts.append(f"{k}={_fmt_value(v)}: the run has {k}={_fmt_value(getattr(saved_m, k))}")
+            if v != _model_value(saved_m, k) and k not in RESUMABLE_MODEL_FIELDS:
+                conflicts.append(f"{k}={_fmt_value(v)}: the run has {k}={_fmt_value(_model_value(saved_m, k))}")
         if dataset is not None and saved_data.get("dataset") is not None \
                 and _dataset_id(dataset) != saved_data["dataset"]:
             conflicts.append(f"dataset {dataset!r}: the run was trained on {saved_data['dataset']!r}")
         if conflicts:
             raise ConfigError(conflicts + [f"drop these settings to resume {str(out)!r}, or start a new run "
                                            "with another --out"], "settings for --resume")
-        if saved_m.prior_layers:  # a VQ-VAE's code prior fits the codes of these weights; training moves them
-            saved_m = saved_m.replace(prior_layers=0, prior_classes=0)
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"note: training {str(out)!r} further changes its codes, so it continues without its code "
-                      f"prior; fit a new one afterwards with `vaelab train-prior {out}`", file=sys.stderr)
+        saved_m, note = _model_class(saved_m.model).config_for_training(saved_m)  # what further training voids
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: training {str(out)!r} further {note}", file=sys.stderr)
         dataset = saved_data.get("dataset") or dataset or DEFAULT_DATASET
         data_dir = settings["data_dir"] if "data_dir" in settings else saved_data.get("data_dir")
         t_over.setdefault("progress", TrainConfig().progress)  # how this session looks, not a saved setting
@@ -662,11 +675,17 @@ def _plan(given: dict) -> dict:
             "condition_from_data": condition_from_data}
 
 
+def _model_class(name: str) -> type:
+    from vaelab.models.registry import model_class
+
+    return model_class(name)
+
+
 def _is_conditional(model: str) -> bool:
     from vaelab.models import MODELS
 
     spec = MODELS.get(model)
-    return spec is not None and spec.cls.conditional
+    return spec is not None and spec.cls.capabilities.conditional
 
 
 def _condition_dim(mc: ModelConfig, data, from_data: bool) -> ModelConfig:
@@ -747,7 +766,7 @@ def cmd_train(args) -> int:
                          else os.path.abspath(os.path.expanduser(str(plan["data_dir"]))),
                          "binarize": tc.binarize},
                 "preset": plan["preset"]}
-    if model.conditional:  # what each label means, for the pictures and --label NAME of later commands
+    if model.capabilities.conditional:  # what each label means, for the pictures and --label NAME of later commands
         run_info["data"]["classes"] = _class_names(data.train.classes, mc.condition_dim)
     t0 = time.perf_counter()
     try:
@@ -792,8 +811,8 @@ def _plural(n: int, word: str) -> str:
 def _describe_model(model) -> str:
     c = model.config
     latent = "x".join(str(s) for s in model.latent_shape)
-    cond = f", conditioned on {c.condition_dim} classes" if model.conditional else ""
-    return f"{c.model}, arch {c.resolved_arch}, latent {latent}, {c.likelihood}{cond}"
+    cond = f", conditioned on {c.condition_dim} classes" if model.capabilities.conditional else ""
+    return f"{c.model}, arch {model.arch}, latent {latent}, {c.likelihood}{cond}"
 
 
 def _class_names(classes, k: int) -> list[str]:
@@ -819,14 +838,14 @@ def _print_history(rows: list[dict]) -> None:
 def _run_pictures(model, data, out: Path, name: str) -> list[str]:
     """The pictures `train` draws; which ones depends on the model and the data."""
     test = data.test
-    classes = _class_names(data.train.classes, model.config.condition_dim) if model.conditional else None
+    classes = _class_names(data.train.classes, model.config.condition_dim) if model.capabilities.conditional else None
     written = []
     if test.is_image:
         written.append(draw_reconstructions(model, test, out / "reconstructions.png", n=10, name=name))
-        if model.has_prior:
+        if model.capabilities.samples:
             # a conditional model's samples.png is the class-by-sample grid
             written.append(draw_samples(model, out / "samples.png", seed=0, name=name, classes=classes))
-            if getattr(model, "semi_supervised", False) and len(test):
+            if model.capabilities.semi_supervised and len(test):
                 written.append(draw_analogies(model, test, out / "analogies.png", name=name, classes=classes))
             vector = len(model.latent_shape) == 1
             dims = (0, 1)
@@ -861,7 +880,7 @@ def _label_text(label: int, classes) -> str:
 
 def _conditions(model, ds, idx):
     """The labels of samples `idx` of `ds` for a conditional model (None for the others)."""
-    if not model.conditional:
+    if not model.capabilities.conditional:
         return None
     if ds.y is None:
         raise VaelabError(f"model {model.config.model!r} is conditional and needs each image's label, but dataset "
@@ -879,7 +898,7 @@ def draw_reconstructions(model, ds, path, n: int = 10, name: str = "") -> str:
     idx = torch.arange(n)
     x, recon = reconstruction_pairs(model, ds.batch(idx), _conditions(model, ds, idx))
     what = "Test images and their reconstructions"
-    if model.conditional:
+    if model.capabilities.conditional:
         what += " (each encoded and decoded with its label)"
     return save_image_grid(torch.cat([x, recon]).cpu(), path, nrow=n, title=_run_title(name, what),
                            row_labels=["original", "reconstruction"])
@@ -894,7 +913,7 @@ def draw_samples(model, path, n: int | None = None, seed: int = 0, name: str = "
     from vaelab.generation import class_grid, prior_samples
     from vaelab.plotting import save_image_grid
 
-    if model.conditional and label is None:
+    if model.capabilities.conditional and label is None:
         n = n or 10
         k = model.config.condition_dim
         rows = min(k, GRID_CLASSES)
@@ -939,13 +958,13 @@ def draw_manifold(model, ds, path, n: int = 15, limit: float = 4.0, dims=(0, 1),
     from vaelab.generation import encode_dataset, manifold_axes, manifold_grid
     from vaelab.plotting import save_manifold
 
-    default_label = model.conditional and label is None
+    default_label = model.capabilities.conditional and label is None
     if default_label:
         label = 0  # one manifold per class; the title says which
-    latents = None if model.has_prior or ds is None else encode_dataset(model, ds)
+    latents = None if model.capabilities.samples or ds is None else encode_dataset(model, ds)
     axes = manifold_axes(model, n, limit, dims, latents)  # validates before any work
     images = manifold_grid(model, n, limit, dims, latents, condition=label)
-    if model.has_prior:
+    if model.capabilities.samples:
         span = f"z[{axes.dims[0]}], z[{axes.dims[1]}] in [{-limit:g}, {limit:g}]"
         if most_kl:
             span += " (the two dimensions with the most KL)"
@@ -953,7 +972,7 @@ def draw_manifold(model, ds, path, n: int = 15, limit: float = 4.0, dims=(0, 1),
             span += ", other dimensions 0"
     else:
         span = f"z[{axes.dims[0]}], z[{axes.dims[1]}] over the 1st-99th percentile of the test latents"
-    if model.conditional:
+    if model.capabilities.conditional:
         which = " (the default; --label picks another)" if default_label else ""
         span = f"class {_label_text(label, classes)}{which}; " + span
     return save_manifold(images.cpu(), axes.xs, axes.ys, path, dims=axes.dims,
@@ -974,7 +993,7 @@ def draw_interpolation(model, ds, path, steps: int = 10, pairs: int = 4, method:
         names = ds.classes or [str(i) for i in range(int(ds.y.max()) + 1)]
         labels = [f"{names[int(ds.y[i])]} → {names[int(ds.y[j])]}" for i, j in zip(a.tolist(), b.tolist())]
     what = {"linear": "linear", "slerp": "spherical (slerp)"}[method]
-    extra = ", the one-hot label moving with z" if model.conditional else ""
+    extra = ", the one-hot label moving with z" if model.capabilities.conditional else ""
     return save_image_grid(frames.flatten(0, 1).cpu(), path, nrow=steps, row_labels=labels,
                            title=_run_title(name, f"Latent interpolation ({what}) between test images: the end "
                                                   f"images are their reconstructions{extra}"))
@@ -1040,7 +1059,7 @@ def draw_latents(model, ds, path, name: str = "", split: str = "test", latents=N
     from vaelab.plotting import save_scatter
 
     z = encode_dataset(model, ds) if latents is None else latents
-    what = "posterior means" if model.has_prior else "codes"
+    what = "posterior means" if model.capabilities.stochastic else "codes"
     which = "all samples (train and test)" if split == "all" else f"the {split} split"
     title = f"Latent {what} of {which} ({len(z)} samples)"
     labels = None if ds.y is None else ds.y.numpy()
@@ -1135,7 +1154,7 @@ def cmd_reconstruct(args) -> int:
 
 def _run_classes(cfg: dict, model) -> list[str] | None:
     """The class names of a conditional run's labels (saved by train), else None."""
-    if not model.conditional:
+    if not model.capabilities.conditional:
         return None
     return _class_names((cfg.get("data") or {}).get("classes"), model.config.condition_dim)
 
@@ -1144,7 +1163,7 @@ def _parse_label(text: str | None, model, classes) -> int | None:
     """--label as a class index: an integer in 0..K-1 or a class name (any case)."""
     if text is None:
         return None
-    if not model.conditional:
+    if not model.capabilities.conditional:
         raise VaelabError(f"--label is for conditional models, but model {model.config.model!r} takes no "
                           "condition; train one with --model cvae")
     return _class_index(text, model.config.condition_dim, classes, "this model", "this model")
@@ -1174,7 +1193,7 @@ def cmd_sample(args) -> int:
         _positive(args.n, "--n")
     cfg, model = _open_run(args.run)
     _need_images(model, "sample")
-    if getattr(model, "quantized", False):  # a VQ-VAE draws code grids from the prior `train-prior` fitted
+    if model.capabilities.discrete:  # a VQ-VAE draws code grids from the prior `train-prior` fitted
         from vaelab.prior import sample_run
 
         print(f"wrote: {sample_run(args.run, cfg, model, n=args.n, label=args.label, seed=args.seed, out=args.out)}")
@@ -1184,7 +1203,7 @@ def cmd_sample(args) -> int:
     path = draw_samples(model, _out(args, args.run, "samples.png"), n=args.n, seed=args.seed,
                         name=_run_name(cfg, model), label=label, classes=classes)
     print(f"wrote: {path}")
-    if getattr(model, "semi_supervised", False) and label is None:  # m2: also test images' styles as every class
+    if model.capabilities.semi_supervised and label is None:  # m2: also test images' styles as every class
         if not (cfg.get("data") or {}).get("dataset"):  # a run of the Python API's fit: no dataset recorded
             print("note: no analogies.png, as the run names no dataset (vaelab.generation.analogies draws them)")
             return 0
@@ -1203,7 +1222,7 @@ def cmd_manifold(args) -> int:
     classes = _run_classes(cfg, model)
     label = _parse_label(args.label, model, classes)
     ds = None
-    if not model.has_prior:  # an autoencoder's grid spans its data's latents
+    if not model.capabilities.samples:  # an autoencoder's grid spans its data's latents
         ds = _run_data(cfg, args.run, model, args).test
     path = draw_manifold(model, ds, _out(args, args.run, "manifold.png"), n=args.n, limit=args.limit,
                          dims=args.dims, name=_run_name(cfg, model), label=label, classes=classes)
@@ -1250,7 +1269,7 @@ def cmd_encode(args) -> int:
 
     _positive(args.batch_size, "--batch-size")
     cfg, model = _open_run(args.run)
-    if args.indices and not hasattr(model, "encode_indices"):
+    if args.indices and not model.capabilities.discrete:
         raise VaelabError(f"--indices writes the discrete codes of a VQ-VAE, but {args.run!r} holds a "
                           f"{model.config.model!r} model with continuous latents; drop --indices to save its latents")
     data = _run_data(cfg, args.run, model, args)
@@ -1293,7 +1312,7 @@ def _encode_indices(args, model, parts, has_labels: bool) -> int:
         written.append(_write_npy(out.with_name(f"{stem}.labels.npy"), labels))
     which = "all samples" if args.split == "all" else f"the {args.split} split"
     print(f"encoded {which} ({len(codes)} samples) to code indices of shape {tuple(codes.shape[1:])}, in "
-          f"0..{model.config.codebook_size - 1}")
+          f"0..{model.settings.codebook_size - 1}")
     print("wrote:")
     for path in written:
         print(f"  {path}")

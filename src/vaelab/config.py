@@ -12,20 +12,36 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from vaelab.errors import ConfigError
 
-FORMAT_VERSION = 1  # bumped when the saved config or weight layout changes incompatibly
+FORMAT_VERSION = 2  # bumped when the saved config or weight layout changes; older versions are migrated on load
+# version 1 kept every model's own settings (beta, alpha, codebook_size, ...) flat beside the common fields;
+# version 2 keeps them in "settings", the fields of the model's own Settings (see training/checkpoint.migrate)
 
 ARCHS = ("auto", "conv", "conv-pool", "mlp")
 LIKELIHOODS = ("bernoulli", "gaussian")
 PRECISIONS = ("fp32", "bf16")
+# the training options' choices (the modules that implement them check that they know each one)
+NOISES = ("none", "gaussian", "masking", "salt-pepper")
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+LR_SCHEDULES = ("constant", "cosine")
+
+# Checks of a ModelConfig that need the model registry (is the model known, are its settings valid). The models
+# layer installs them when it is imported (vaelab.models), so this module never imports a model: layers point one
+# way. Each takes the config and whether its common fields are valid, and returns its problems.
+MODEL_CHECKS: list[Callable[["ModelConfig", bool], list[str]]] = []
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ModelConfig:
-    """What to build. `input_shape` is filled in from the data: (C, H, W) for images, (D,) for vectors.
+    """What to build: the settings every model shares, plus `settings`, the model's own (saved with the weights).
+
+    `input_shape` is filled in from the data: (C, H, W) for images, (D,) for vectors. A model's own settings
+    (beta of a VAE, alpha of M2, codebook_size of a VQ-VAE, ...) are the fields of its `Settings` dataclass, in
+    its own file under vaelab/models; pass them as keywords, `ModelConfig(model="vae", beta=4)`, and read them
+    back as `config.settings["beta"]` (or `model.settings.beta` on a built model).
 
     arch:
       - "conv":      stride-2 3x3 convs (`channels`), dense layers (`hidden`), a dense latent of `latent_dim`;
@@ -34,10 +50,7 @@ class ModelConfig:
       - "conv-pool": 3x3 conv + 2x2 max-pool per entry of `channels`; the latent is the last feature map
                      (channels[-1], H/4, W/4); the decoder mirrors it with upsampling (the tutorial's AE).
       - "mlp":       dense layers (`hidden`) on the flattened input.
-      - "auto":      "conv" for images, "mlp" for vectors.
-    model="vqvae" builds its own conv networks for images (auto/conv: a stride-2 conv per `channels` entry
-    and residual blocks, a grid of codes of size `latent_dim`, 7x7 on MNIST) or the MLP with one code per
-    sample (mlp); the codebook_size / vq_* / prior_* fields are its own (models/vqvae.py).
+      - "auto":      the model's own default: "conv" for images, "mlp" for vectors unless the model says otherwise.
     """
 
     model: str = "vae"
@@ -48,75 +61,69 @@ class ModelConfig:
     hidden: tuple[int, ...] = (256,)
     likelihood: str = "bernoulli"
     gaussian_sigma: float = 1.0  # fixed observation noise of the Gaussian likelihood
-    beta: float = 1.0  # weight of the KL term (β-VAE when != 1); ignored by plain autoencoders
     # bounds of the Gaussian posterior's log σ² (VAE family): exp(20) ≈ 5e8 and exp(-30) ≈ 1e-13 lie far
     # outside what a healthy posterior uses and far inside float32's exp range (±88), so the clamp only acts
     # on a diverging run, where it keeps exp(log σ²) and the KL finite (the bounds of diffusers' VAEs)
     logvar_min: float = -30.0
     logvar_max: float = 20.0
-    # the hierarchical VAE (model="hvae"): a second stochastic layer z2 above z1 (latent_dim), reached from z1 and
-    # back through MLPs with `hidden2` layers (none: linear maps); see models/hvae.py
-    latent2_dim: int = 0  # 0 = half of latent_dim (at least 1)
-    hidden2: tuple[int, ...] = ()
     condition_dim: int = 0  # size of the condition (number of classes for labels); conditional models only
-    # M2 (model="m2"): the weight α of the classifier's -log q(y|x) on labelled data, in the units of Kingma et
-    # al. 2014 (eq. 9 with α = alpha * N, N the training set's size; the paper's 0.1); see losses.m2_loss
-    alpha: float = 0.1
-    # VQ-VAE (model="vqvae"): K codes of size latent_dim on the encoder's grid; see models/quantizer.py
-    codebook_size: int = 512
-    vq_commitment: float = 0.25  # β of the commitment loss β||z_e - sg(e)||^2
-    vq_ema: bool = True  # codebook by exponential moving averages; False: by the codebook loss
-    vq_kmeans_init: bool = True  # codebook from k-means on the first training batch
-    vq_restart_after: int = 20  # training steps a code may go unused before it is restarted; 0 = never
-    # the VQ-VAE's autoregressive prior over its code grid, set by `vaelab train-prior` (see models/prior.py)
-    prior_layers: int = 0  # 0 = no prior yet
-    prior_channels: int = 32
-    prior_classes: int = 0  # > 0: a class-conditional prior over that many classes
+    settings: dict = field(default_factory=dict, hash=False)  # the model's own settings, by name
+
+    def __init__(self, model: str = "vae", arch: str = "auto", input_shape: tuple[int, ...] | None = None,
+                 latent_dim: int = 16, channels: tuple[int, ...] = (32, 64), hidden: tuple[int, ...] = (256,),
+                 likelihood: str = "bernoulli", gaussian_sigma: float = 1.0, logvar_min: float = -30.0,
+                 logvar_max: float = 20.0, condition_dim: int = 0, settings: dict | None = None, **model_settings):
+        common = dict(model=model, arch=arch, input_shape=input_shape, latent_dim=latent_dim, channels=channels,
+                      hidden=hidden, likelihood=likelihood, gaussian_sigma=gaussian_sigma, logvar_min=logvar_min,
+                      logvar_max=logvar_max, condition_dim=condition_dim)
+        for k, v in common.items():
+            object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
+        own = {**(settings or {}), **model_settings}
+        object.__setattr__(self, "settings", {k: tuple(v) if isinstance(v, list) else v for k, v in own.items()})
+
+    def __getattr__(self, name: str):
+        # a model's own setting read as an attribute (config.beta): only those the config holds
+        if name.startswith("__") or name == "settings":
+            raise AttributeError(name)
+        settings = self.__dict__.get("settings", {})
+        if name in settings:
+            return settings[name]
+        raise AttributeError(f"ModelConfig has no field or setting {name!r}; model {self.model!r}'s own settings "
+                             f"here are {sorted(settings)}")
 
     def problems(self) -> list[str]:
-        from vaelab.models import MODELS  # the registry is the one place that knows model names
-
         out = []
-        if self.model not in MODELS:
-            out.append(f"model={self.model!r} is not a registered model; choose one of {sorted(MODELS)}")
+        if not isinstance(self.model, str) or not self.model:
+            out.append(f"model={self.model!r} must be the name of a registered model")
         if self.arch not in ARCHS:
             out.append(f"arch={self.arch!r} is unknown; choose one of {list(ARCHS)}")
         if self.likelihood not in LIKELIHOODS:
             out.append(f"likelihood={self.likelihood!r} is unknown; choose one of {list(LIKELIHOODS)}")
-        if not _is_int(self.latent_dim) or self.latent_dim < 1:
+        if not is_int(self.latent_dim) or self.latent_dim < 1:
             out.append(f"latent_dim={self.latent_dim!r} must be a positive integer")
-        for name in ("channels", "hidden", "hidden2"):
+        for name in ("channels", "hidden"):
             value = getattr(self, name)
-            if not all(_is_int(v) and v >= 1 for v in value):
+            if not (isinstance(value, tuple) and all(is_int(v) and v >= 1 for v in value)):
                 out.append(f"{name}={list(value)!r} must be a list of positive integers")
         if self.arch in ("conv", "conv-pool") and not self.channels:
             out.append(f"arch={self.arch!r} needs at least one entry in channels")
-        if not _is_pos_float(self.gaussian_sigma):
+        if not is_pos(self.gaussian_sigma):
             out.append(f"gaussian_sigma={self.gaussian_sigma!r} must be a positive number")
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
-            out.append(f"beta={self.beta!r} must be a finite number >= 0")
         bounds = (self.logvar_min, self.logvar_max)
         finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bounds)
         if not (finite and self.logvar_min < self.logvar_max):
             out.append(f"logvar_min={self.logvar_min!r}, logvar_max={self.logvar_max!r} must be finite numbers "
                        "with logvar_min < logvar_max (the clamp of log σ², default -30 and 20)")
-        if not _is_nonneg(self.alpha):
-            out.append(f"alpha={self.alpha!r} must be a finite number >= 0 (the classifier's weight in M2; "
-                       "Kingma et al. use 0.1)")
-        if not _is_int(self.condition_dim) or self.condition_dim < 0:
+        if not is_int(self.condition_dim) or self.condition_dim < 0:
             out.append(f"condition_dim={self.condition_dim!r} must be an integer >= 0")
-        elif self.model in MODELS:
-            conditional = MODELS[self.model].cls.conditional
-            if conditional and self.condition_dim < 1:
-                out.append(f"model={self.model!r} is conditional: condition_dim must be >= 1 (the number of "
-                           "classes, set from labelled data; train it on a dataset with labels)")
-            if not conditional and self.condition_dim:
-                out.append(f"condition_dim={self.condition_dim} is set but model={self.model!r} takes no "
-                           "condition; use model='cvae'")
-        out.extend(_vq_problems(self))
-        out.extend(_hierarchy_problems(self))
-        if self.input_shape is not None:
-            out.extend(_shape_problems(self))
+        if self.input_shape is not None and not (
+                isinstance(self.input_shape, tuple) and len(self.input_shape) in (1, 3)
+                and all(is_int(s) and s >= 1 for s in self.input_shape)):
+            out.append(f"input_shape={self.input_shape!r} must be (C, H, W) for images or (D,) for vectors, "
+                       "positive integers")
+        common_ok = not out
+        for check in MODEL_CHECKS:
+            out.extend(check(self, common_ok))
         return out
 
     def validate(self) -> ModelConfig:
@@ -126,26 +133,39 @@ class ModelConfig:
         return self
 
     @property
-    def resolved_arch(self) -> str:
-        if self.arch != "auto":
-            return self.arch
-        from vaelab.models import MODELS  # a model may name its own default network (m2: mlp)
-
-        spec = MODELS.get(self.model)
-        auto = getattr(spec.cls, "auto_arch", None) if spec is not None else None
-        if auto:
-            return auto
-        return "conv" if self.input_shape is not None and len(self.input_shape) == 3 else "mlp"
+    def is_image(self) -> bool:
+        return self.input_shape is not None and len(self.input_shape) == 3
 
     def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`: common fields by name, the model's own settings by name (merged into
+        `settings`), or `settings=` to replace them all."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        own = dict(changes.pop("settings", kwargs.pop("settings")))
+        for k, v in changes.items():
+            if k in kwargs:
+                kwargs[k] = v
+            else:
+                own[k] = v
+        return ModelConfig(**kwargs, settings=own)
 
     def to_dict(self) -> dict:
-        return _to_jsonable(self)
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self) if f.name != "settings"}
+        out["settings"] = {k: _jsonable(v) for k, v in self.settings.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        return _from_dict(cls, d, "model configuration")
+        d = dict(d)
+        settings = d.pop("settings", {})
+        if not isinstance(settings, dict):
+            raise ConfigError(f"settings={settings!r} must be a table of the model's own settings",
+                              "model configuration")
+        names = {f.name for f in fields(cls)} - {"settings"}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError([f"unknown key {k!r}; known keys: {sorted(names)}, and the model's own in "
+                               "'settings'" for k in unknown], "model configuration")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}, settings=settings)
 
 
 @dataclass(frozen=True)
@@ -178,51 +198,46 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if not _is_int(self.epochs) or self.epochs < 1:
+        if not is_int(self.epochs) or self.epochs < 1:
             out.append(f"epochs={self.epochs!r} must be a positive integer")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             out.append(f"batch_size={self.batch_size!r} must be a positive integer")
-        if not _is_pos_float(self.lr):
+        if not is_pos(self.lr):
             out.append(f"lr={self.lr!r} must be a positive number (Adam's learning rate, e.g. 1e-3)")
-        from vaelab.training.schedules import LR_SCHEDULES
-
         if self.lr_schedule not in LR_SCHEDULES:
             out.append(f"lr_schedule={self.lr_schedule!r} is unknown; choose one of {list(LR_SCHEDULES)}")
-        if not _is_nonneg(self.lr_min) or (_is_pos_float(self.lr) and self.lr_min > self.lr):
+        if not is_nonneg(self.lr_min) or (is_pos(self.lr) and self.lr_min > self.lr):
             out.append(f"lr_min={self.lr_min!r} must be a number >= 0 and <= lr={self.lr!r} (the cosine "
                        "schedule's final learning rate)")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             out.append(f"seed={self.seed!r} must be an integer >= 0")
-        if not _is_int(self.early_stopping) or self.early_stopping < 0:
+        if not is_int(self.early_stopping) or self.early_stopping < 0:
             out.append(f"early_stopping={self.early_stopping!r} must be an integer >= 0 (patience in epochs)")
-        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
+        if not is_int(self.checkpoint_every) or self.checkpoint_every < 0:
             out.append(f"checkpoint_every={self.checkpoint_every!r} must be an integer >= 0 (optimizer steps "
                        "between checkpoints; 0 = only at the end of each epoch)")
         if not (isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip)
                 and self.grad_clip >= 0):
             out.append(f"grad_clip={self.grad_clip!r} must be a number >= 0 (0 turns clipping off)")
-        if not _is_int(self.threads) or self.threads < 0:
+        if not is_int(self.threads) or self.threads < 0:
             out.append(f"threads={self.threads!r} must be an integer >= 0 (0 = all cores)")
-        from vaelab.training.corruption import NOISES
-        from vaelab.training.schedules import SCHEDULES
-
         if self.noise not in NOISES:
             out.append(f"noise={self.noise!r} is unknown; choose one of {list(NOISES)}")
-        if not _is_nonneg(self.noise_level) or (self.noise in ("masking", "salt-pepper") and self.noise_level > 1):
+        if not is_nonneg(self.noise_level) or (self.noise in ("masking", "salt-pepper") and self.noise_level > 1):
             out.append(f"noise_level={self.noise_level!r} must be >= 0 (and <= 1 for masking and salt-pepper)")
-        if self.kl_schedule not in SCHEDULES:
-            out.append(f"kl_schedule={self.kl_schedule!r} is unknown; choose one of {list(SCHEDULES)}")
-        elif self.kl_schedule != "constant" and not (_is_nonneg(self.kl_warmup) and self.kl_warmup > 0):
+        if self.kl_schedule not in KL_SCHEDULES:
+            out.append(f"kl_schedule={self.kl_schedule!r} is unknown; choose one of {list(KL_SCHEDULES)}")
+        elif self.kl_schedule != "constant" and not (is_nonneg(self.kl_warmup) and self.kl_warmup > 0):
             out.append(f"kl_schedule={self.kl_schedule!r} needs kl_warmup > 0 (epochs of warm-up, or of one "
                        f"cycle), got {self.kl_warmup!r}")
         for name in ("kl_warmup", "capacity", "capacity_epochs", "free_bits"):
-            if not _is_nonneg(getattr(self, name)):
+            if not is_nonneg(getattr(self, name)):
                 out.append(f"{name}={getattr(self, name)!r} must be a finite number >= 0")
         if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)):
             out.append(f"device={self.device!r} is unknown; use auto, cpu, cuda, cuda:N or mps")
-        if not _is_int(self.iw_samples) or self.iw_samples < 1:
+        if not is_int(self.iw_samples) or self.iw_samples < 1:
             out.append(f"iw_samples={self.iw_samples!r} must be an integer >= 1 (1 = the plain ELBO)")
-        if not _is_int(self.labels) or self.labels < 0:
+        if not is_int(self.labels) or self.labels < 0:
             out.append(f"labels={self.labels!r} must be an integer >= 0 (how many training labels to keep; "
                        "0 keeps them all)")
         if self.precision not in PRECISIONS:
@@ -371,81 +386,24 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_nonneg(v) -> bool:
+def is_nonneg(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
-def _is_pos_float(v) -> bool:
+def is_pos(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-def _shape_problems(cfg: ModelConfig) -> list[str]:
-    shape = cfg.input_shape
-    if not (isinstance(shape, tuple) and len(shape) in (1, 3) and all(_is_int(s) and s >= 1 for s in shape)):
-        return [f"input_shape={shape!r} must be (C, H, W) for images or (D,) for vectors, positive integers"]
-    arch = cfg.resolved_arch
-    if arch in ("conv", "conv-pool"):
-        if len(shape) != 3:
-            return [f"arch={arch!r} needs image input (C, H, W), got input_shape={shape!r}; use arch='mlp'"]
-        # every stride-2 conv / 2x2 pool halves the size (rounding up); it must stay >= 1 pixel and
-        # the architecture must not reduce an image below 2x2 before its last layer
-        h, w = shape[1:]
-        n = len(cfg.channels)
-        if min(h, w) < 2 ** (n - 1) + 1 and n > 1:
-            return [f"input_shape={shape!r} is too small for {n} downsampling layers of arch={arch!r} "
-                    f"(each halves H and W); use fewer channels entries or arch='mlp'"]
-    return []
-
-
-def _hierarchy_problems(cfg: ModelConfig) -> list[str]:
-    if not _is_int(cfg.latent2_dim) or cfg.latent2_dim < 0:
-        return [f"latent2_dim={cfg.latent2_dim!r} must be an integer >= 0 (the size of the hierarchical VAE's "
-                "second stochastic layer)"]
-    if cfg.model == "hvae":
-        if cfg.arch == "conv-pool":
-            return ["model='hvae' needs a vector latent z1: use arch 'mlp' or 'conv', not 'conv-pool'"]
-        return []
-    if cfg.latent2_dim or cfg.hidden2:
-        return [f"latent2_dim={cfg.latent2_dim!r} and hidden2={list(cfg.hidden2)!r} describe the second stochastic "
-                f"layer of model='hvae'; model={cfg.model!r} has one: drop them or use model='hvae'"]
-    return []
-
-
-def _vq_problems(cfg: ModelConfig) -> list[str]:
-    out = []
-    if not _is_int(cfg.codebook_size) or cfg.codebook_size < 2:
-        out.append(f"codebook_size={cfg.codebook_size!r} must be an integer >= 2 (the number of codes K)")
-    if not _is_nonneg(cfg.vq_commitment):
-        out.append(f"vq_commitment={cfg.vq_commitment!r} must be a finite number >= 0 (the paper uses 0.25)")
-    for name in ("vq_ema", "vq_kmeans_init"):
-        if not isinstance(getattr(cfg, name), bool):
-            out.append(f"{name}={getattr(cfg, name)!r} must be true or false")
-    for name, low in (("vq_restart_after", 0), ("prior_layers", 0), ("prior_channels", 1), ("prior_classes", 0)):
-        value = getattr(cfg, name)
-        if not _is_int(value) or value < low:
-            out.append(f"{name}={value!r} must be an integer >= {low}")
-    from vaelab.models import MODELS
-
-    cls = MODELS[cfg.model].cls if cfg.model in MODELS else None
-    if cls is not None and not getattr(cls, "quantized", False) and (cfg.prior_layers or cfg.prior_classes):
-        out.append(f"prior_layers / prior_classes describe a VQ-VAE's code prior, but model={cfg.model!r}; "
-                   "leave them at 0 (`vaelab train-prior` sets them for a vqvae run)")
-    archs = getattr(cls, "archs", ARCHS)
-    if cls is not None and cfg.arch in ARCHS and cfg.arch not in archs:
-        out.append(f"model={cfg.model!r} supports arch {' / '.join(archs)}, not arch={cfg.arch!r}")
-    return out
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _to_jsonable(obj) -> dict:
-    out = {}
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
+    return {f.name: _jsonable(getattr(obj, f.name)) for f in fields(obj)}
 
 
 def _from_dict(cls, d: dict, context: str):

@@ -10,7 +10,7 @@ probabilities in [0, 1] for a Bernoulli decoder). Drawing them is `vaelab.plotti
     rows  = traversal(model, x, dims=[3, 0, 1])       # (3, 11, C, H, W), one latent dimension per row
     z     = encode_dataset(model, data)               # (N, latent_size) numpy posterior means
 
-Conditional models (`model.conditional`, the CVAE) take a `condition` in every function: integer class
+Conditional models (`model.capabilities.conditional`, the CVAE) take a `condition` in every function: integer class
 labels (B,) or float vectors (B, condition_dim), one per input; a single label (an int) stands for all of
 them. `class_grid(model, n)` draws n samples of every class, one row per class; `analogies(model, x)` draws
 each input's style as every class.
@@ -36,12 +36,12 @@ def _condition(model, condition, n: int) -> torch.Tensor | None:
     """The condition of n inputs: None for unconditional models; an int label, a (n,) tensor of labels, or
     float vectors (condition_dim,) / (n, condition_dim), as a tensor on the model's device."""
     if condition is None:
-        if model.conditional:
+        if model.capabilities.conditional:
             k = model.config.condition_dim
             raise VaelabError(f"model {model.config.model!r} is conditional: pass a condition (class labels in "
                               f"[0, {k}) or vectors of {k} values)")
         return None
-    if not model.conditional:
+    if not model.capabilities.conditional:
         raise VaelabError(f"model {model.config.model!r} takes no condition; use a conditional model "
                           "(--model cvae) to condition on labels")
     c = torch.as_tensor(condition, device=_device(model))
@@ -70,7 +70,7 @@ def reconstruction_pairs(model, x: torch.Tensor, condition=None) -> tuple[torch.
 
 
 def _need_prior(model) -> None:
-    if not model.has_prior:
+    if not model.capabilities.samples:
         raise VaelabError(
             f"model {model.config.model!r} has no prior to sample from: a plain autoencoder's codes follow no "
             "known distribution. Train a VAE (e.g. `vaelab train --preset seed-vae`) to generate new samples")
@@ -101,7 +101,7 @@ def class_grid(model, n: int = 10, seed: int = 0, classes=None) -> torch.Tensor:
     latent then shows as a style (slant, stroke width) shared across the classes.
     """
     _need_prior(model)
-    if not model.conditional:
+    if not model.capabilities.conditional:
         raise VaelabError(f"model {model.config.model!r} is not conditional: a class grid needs a model trained "
                           "with labels (--model cvae); use prior_samples for unconditional samples")
     if not (isinstance(n, int) and n >= 1):
@@ -127,7 +127,7 @@ def analogies(model, x: torch.Tensor, condition=None, classes=None) -> torch.Ten
     in column k (default all condition_dim classes). A semi-supervised model (m2) takes no condition and then
     encodes each input with its classifier's most probable class."""
     _need_prior(model)
-    if not model.conditional:
+    if not model.capabilities.conditional:
         raise VaelabError(f"model {model.config.model!r} is not conditional: analogies vary the class label of a "
                           "model trained with labels (--model cvae or m2)")
     k = model.config.condition_dim
@@ -136,7 +136,7 @@ def analogies(model, x: torch.Tensor, condition=None, classes=None) -> torch.Ten
         raise VaelabError(f"classes={labels.tolist()} must be class indices in [0, {k})")
     dev = _device(model)
     x = x.to(dev)
-    semi = getattr(model, "semi_supervised", False)
+    semi = model.capabilities.semi_supervised
     cond = None if condition is None and semi else _condition(model, condition, len(x))
     was_training = model.training
     model.eval()
@@ -170,7 +170,7 @@ def manifold_axes(model, n: int = 15, limit: float = 4.0, dims=(0, 1),
     if len(shape) != 1:
         raise VaelabError(
             f"a manifold grid needs a vector latent, but model {model.config.model!r} "
-            f"(arch={model.config.resolved_arch!r}) has a spatial latent of shape {shape}; train a model with "
+            f"(arch={model.arch!r}) has a spatial latent of shape {shape}; train a model with "
             "a dense latent (e.g. --arch conv or --arch mlp, --latent-dim 2) to walk its latent space this way")
     latent_dim = shape[0]
     if not (isinstance(n, int) and n >= 2):
@@ -182,7 +182,7 @@ def manifold_axes(model, n: int = 15, limit: float = 4.0, dims=(0, 1),
     if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < latent_dim for d in dims):
         raise VaelabError(f"dims={dims!r} must be two different latent dimensions in 0..{latent_dim - 1}")
 
-    if model.has_prior:
+    if model.capabilities.samples:
         # the prior N(0, I) puts almost all its mass within a few units of 0: a symmetric square
         if not (np.isfinite(limit) and limit > 0):
             raise VaelabError(f"limit={limit!r} must be a positive number (the grid spans [-limit, limit])")
@@ -322,7 +322,7 @@ def traversal_order(model, data, batch_size: int = 1000) -> tuple[list[int], lis
     from vaelab.evaluation.metrics import latent_health, posterior_stats
 
     _need_vector_latent(model, "a latent traversal")
-    if not model.has_prior:
+    if not model.capabilities.stochastic:
         raise VaelabError(f"latent traversals sort the dimensions by their KL to the prior N(0, I), but model "
                           f"{model.config.model!r} has no prior; train a VAE (--model vae)")
     _need_labels(model, data)
@@ -377,12 +377,12 @@ def _need_vector_latent(model, what: str) -> None:
     if len(shape) != 1:
         raise VaelabError(
             f"{what} needs a vector latent, but model {model.config.model!r} "
-            f"(arch={model.config.resolved_arch!r}) has a spatial latent of shape {shape}; train a model with "
+            f"(arch={model.arch!r}) has a spatial latent of shape {shape}; train a model with "
             "a dense latent (--arch conv or --arch mlp)")
 
 
 def _need_labels(model, data) -> None:
-    if model.conditional and data.y is None:
+    if model.capabilities.conditional and data.y is None:
         raise VaelabError(f"model {model.config.model!r} is conditional and encodes each sample with its label, "
                           f"but dataset {data.name!r} has no labels; use the labelled dataset it was trained on")
 
@@ -403,7 +403,7 @@ def encode_dataset(model, data, batch_size: int = 512) -> np.ndarray:
     parts = []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        cond = data.labels(idx).to(dev) if model.conditional else None
+        cond = data.labels(idx).to(dev) if model.capabilities.conditional else None
         parts.append(model.embed(data.batch(idx).to(dev), cond).flatten(1).float().cpu())
     model.train(was_training)
     if not parts:

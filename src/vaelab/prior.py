@@ -57,7 +57,7 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
     _check(epochs >= 1 and batch_size >= 1 and lr > 0 and layers >= 1 and channels >= 1,
            f"epochs={epochs}, batch_size={batch_size}, lr={lr}, layers={layers} and channels={channels} must all "
            "be positive")
-    if getattr(model, "quantizer", None) is None:
+    if not model.capabilities.discrete:
         raise VaelabError(f"model {model.config.model!r} has no discrete codes; a code prior is for a VQ-VAE "
                           "(train one with --model vqvae)")
     if len(train) == 0:
@@ -96,9 +96,8 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
         state, _ = load_checkpoint(Path(checkpoint), prior, optimizer)
         history = state["history"]
     # the prior is part of the model from now on: an interrupted fit leaves the prior of its last epoch
-    model.prior = prior
-    model.config = model.config.replace(prior_layers=settings["layers"], prior_channels=settings["channels"],
-                                        prior_classes=classes)
+    model.set_prior(prior, model.config.replace(prior_layers=settings["layers"], prior_channels=settings["channels"],
+                                                prior_classes=classes))
     trainer_state = {"settings": {**settings, "classes": classes}, "vqvae": vqvae_fingerprint(model)}
     bits = lambda nats: nats / (positions * math.log(2))  # noqa: E731  (nats per map -> bits per code)
     bs = settings["batch_size"]
@@ -221,7 +220,7 @@ def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS[
         raise VaelabError("--resume and --overwrite contradict each other: continue the prior, or fit a new one")
     cfg = read_config(run_dir)
     model = from_pretrained(run_dir)
-    if getattr(model, "quantizer", None) is None:
+    if not model.capabilities.discrete:
         raise VaelabError(f"{str(run_dir)!r} holds a {model.config.model!r} model; a code prior is for a VQ-VAE "
                           "run (vaelab train --model vqvae)")
     given = {"batch_size": batch_size, "lr": lr, "layers": layers, "channels": channels, "seed": seed}

@@ -234,7 +234,7 @@ class AutoencoderTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
 
         self._check_fitted()
         data = self._dataset(X, reset=False)
-        kind = "elbo" if self.model_.has_prior else "recon"
+        kind = "elbo" if self.model_.capabilities.stochastic else "recon"
         with self._threads(False):
             nll = anomaly_scores(self.model_, data, (kind,), n_samples=SCORE_SAMPLES, seed=self.seed_)[kind]
         # the model's density is over standardized columns: change of variables back to X's units
@@ -387,7 +387,7 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
             self.model_ = from_pretrained(self.pretrained)
             self.seed_ = seed_from(self.random_state)
             self.history_ = []
-            if self.score_type in ("elbo", "iwae") and not self.model_.has_prior:
+            if self.score_type in ("elbo", "iwae") and not self.model_.capabilities.stochastic:
                 problems.append(f"score_type={self.score_type!r} needs a VAE, but {self.pretrained!r} holds a "
                                 f"{self.model_.config.model!r} model; use score_type='recon' or 'latent'")
             if problems:
@@ -456,7 +456,7 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
 
         self._check_fitted()
         if kinds is None:
-            kinds = [k for k in SCORES if self.model_.has_prior or k not in SAMPLED]
+            kinds = [k for k in SCORES if self.model_.capabilities.stochastic or k not in SAMPLED]
         data = self._dataset(X, reset=False)
         with self._threads(data.is_image):
             return anomaly_scores(self.model_, data, tuple(kinds), n_samples=self.n_samples, seed=self.seed_,

@@ -113,7 +113,7 @@ def mixed_batches(model, train, labels: int, seed: int, batch_size: int) -> Mixe
     is kept and batches are plain permutations). Checks that the model learns from partly labelled data."""
     if not labels:
         return None
-    if not getattr(model, "semi_supervised", False):
+    if not model.capabilities.semi_supervised:
         raise ConfigError(f"labels={labels} keeps {labels} labels and hides the rest, but model "
                           f"{model.config.model!r} cannot learn from unlabelled samples; use --model m2 (the "
                           "semi-supervised VAE) or leave --labels at 0")

@@ -19,16 +19,13 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
     """
     from vaelab.config import PRECISIONS
     from vaelab.errors import ConfigError
-    from vaelab.models import MODELS
-    from vaelab.training.loop import Meter, autocast, keep_freed_memory, loss_weights
+    from vaelab.training.loop import Meter, autocast, keep_freed_memory
 
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is unknown; choose one of {list(PRECISIONS)}", "evaluation")
 
-    keep_freed_memory()  # no page faults per batch (see there): 1.0 -> 0.65 s for the seed AE on the 10k test images
+    keep_freed_memory()  # no page faults per batch (see there): each batch reuses the last one's freed memory
 
-    loss_fn = MODELS[model.config.model].loss
-    weights = loss_weights(model)
     was_training = model.training
     model.eval()
     meter, parts = Meter(), []
@@ -41,10 +38,10 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
                 idx = dist.shard(idx)
             device = next(model.parameters()).device
             x = data.batch(idx, binarize=binarize, generator=gen).to(device)
-            cond = data.labels(idx).to(device) if model.conditional else None
+            cond = data.labels(idx).to(device) if model.capabilities.conditional else None
             with autocast(precision, x):
                 out = model(x, cond)
-            terms = loss_fn(x, out.float(), **weights)
+            terms = model.loss(x, out.float())
             if per_sample:
                 parts.append({k: v.clone() for k, v in terms.items()})
             else:
@@ -72,7 +69,7 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
     """
     import math
 
-    from vaelab.evaluation.metrics import latent_health, posterior_stats, probe_accuracy, psnr
+    from vaelab.evaluation.metrics import latent_health, layer_stats, posterior_stats, probe_accuracy, psnr
 
     out = loss_terms(model, data, batch_size=batch_size, binarize=binarize, seed=seed)
     if "error" in out:  # a model with a classifier q(y|x) (m2): judged on the labels of `data`
@@ -90,26 +87,25 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
             for start in range(0, len(data), batch_size):
                 idx = torch.arange(start, min(start + batch_size, len(data)))
                 x = data.batch(idx)
-                cond = data.labels(idx) if model.conditional else None
+                cond = data.labels(idx) if model.capabilities.conditional else None
                 values.append(psnr(x, model.reconstruct(x, cond)))
         out["psnr"] = float(torch.cat(values).clamp(max=100.0).mean())
     if nll_samples:
         from vaelab.evaluation.nll import importance_nll
 
         out.update(importance_nll(model, data, n_samples=nll_samples, binarize=binarize, seed=seed))
-    if latent and model.has_prior:
-        means, logvars = posterior_stats(model, data, batch_size)
-        out.update(latent_health(means, logvars))
-        if hasattr(model, "encode_bottom"):  # two stochastic layers (hvae): the top one above, the bottom here
-            bottom = latent_health(*posterior_stats(model, data, batch_size, bottom=True))  # its KL is not to N(0, I)
-            out["bottom_active_units"], out["bottom_latent_dims"] = bottom["active_units"], bottom["latent_dims"]
+    if latent and model.capabilities.stochastic:
+        layers = layer_stats(model, data, batch_size)  # {layer: (means, logvars)}; "" is the model's latent
+        means = layers[""][0]
+        out.update(latent_health(*layers[""]))
+        for name, stats in layers.items():  # more stochastic layers (an hvae's bottom one): their KL is not to N(0, I)
+            if name:
+                health = latent_health(*stats)
+                out[f"{name}_active_units"], out[f"{name}_latent_dims"] = health["active_units"], health["latent_dims"]
         if train_data is not None and data.y is not None and train_data.y is not None:
             z_train, _ = posterior_stats(model, train_data, batch_size)
             out.update(probe_accuracy(z_train.numpy(), train_data.y.numpy(), means.numpy(), data.y.numpy()))
-    if getattr(model, "quantized", False):  # a VQ-VAE: how evenly this data uses the codebook
-        from vaelab.models.vqvae import codebook_usage
-
-        out.update(codebook_usage(model, data, batch_size))
+    out.update(model.data_metrics(data, batch_size))  # the model's own (a VQ-VAE's code usage)
     return out
 
 

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import torch
 
+from vaelab.losses import kl_standard_normal_dims
+
 
 def psnr(x: torch.Tensor, x_hat: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio per sample in dB, (B,): 10 log10(peak^2 / MSE). Identical images give inf."""
@@ -14,27 +16,32 @@ def psnr(x: torch.Tensor, x_hat: torch.Tensor, peak: float = 1.0) -> torch.Tenso
     return 10.0 * torch.log10(peak**2 / mse)
 
 
+def posterior_stats(model, data, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and log-variances of the model's latent over a dataset, flattened: (N, latent_size) each."""
+    return layer_stats(model, data, batch_size)[""]
+
+
 @torch.inference_mode()
-def posterior_stats(model, data, batch_size: int = 1000, bottom: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means and log-variances over a dataset, flattened: (N, latent_size) each; with bottom=True those
-    of a two-layer model's q(z1|x)."""
-    encode = model.encode_bottom if bottom else model.encode
-    means, logvars = [], []
+def layer_stats(model, data, batch_size: int = 1000) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Posterior means and log-variances over a dataset, flattened, (N, size) each, for each stochastic layer of
+    a model with a stochastic encoder (model.posteriors: "" is its latent)."""
+    parts: dict[str, tuple[list, list]] = {}
     model.eval()
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        cond = data.labels(idx) if model.conditional else None
-        post = encode(data.batch(idx), cond)
-        means.append(post.mean.flatten(1))
-        logvars.append(post.logvar.flatten(1) if hasattr(post, "logvar") else torch.zeros_like(means[-1]))
-    return torch.cat(means), torch.cat(logvars)
+        cond = data.labels(idx) if model.capabilities.conditional else None
+        for name, post in model.posteriors(data.batch(idx), cond).items():
+            means, logvars = parts.setdefault(name, ([], []))
+            means.append(post.mean.flatten(1))
+            logvars.append(post.logvar.flatten(1))
+    return {name: (torch.cat(m), torch.cat(v)) for name, (m, v) in parts.items()}
 
 
 def latent_health(means: torch.Tensor, logvars: torch.Tensor, threshold: float = 0.01) -> dict:
     """KL per latent dimension (mean over data, nats), active units (Burda et al. 2015: dimension u is active
     when Cov_x(E_q[z_u]) > 0.01), and a posterior-collapse warning when no dimension is active or the KL is
     near zero."""
-    kl_dims = 0.5 * (means.pow(2) + logvars.exp() - 1.0 - logvars).mean(0)  # (D,)
+    kl_dims = kl_standard_normal_dims(means, logvars).mean(0)  # (D,)
     activity = means.var(0, unbiased=True) if len(means) > 1 else torch.zeros(means.shape[1])
     active = int((activity > threshold).sum())
     out = {"kl_per_dim": [round(float(v), 6) for v in kl_dims], "activity_per_dim":

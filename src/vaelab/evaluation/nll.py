@@ -90,7 +90,7 @@ def importance_nll(model, data, *, n_samples: int = 5000, batch_size: int = 100,
     for start in starts:
         idx = torch.arange(start, min(start + batch_size, len(data)))
         x = data.batch(idx, binarize=binarize, generator=gen)
-        cond = data.labels(idx) if model.conditional else None
+        cond = data.labels(idx) if model.capabilities.conditional else None
         parts.append(-log_likelihood(model, x, n_samples, generator=gen, condition=cond).double())
     model.train(was_training)
     nll = torch.cat(parts)

@@ -1,11 +1,23 @@
-"""What every registered model shares: the posterior objects, the output record, and the base class."""
+"""What every registered model shares: the posterior objects, the output record, the capabilities a model
+declares, the base of its own settings, and the base class.
+
+Code outside a model never asks for a model by name: it asks `model.capabilities` what the model can do, and
+calls the hooks declared here (`loss`, `training_problems`, `epoch_metrics`, `data_metrics`, `posteriors`,
+`anomaly_bounds`), which every model has.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
+
+from vaelab.config import ARCHS, ModelConfig
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.losses import NO_SHAPING, Shaping, iwae_bound, kl_standard_normal, log_importance_weights
 
 
 class DiagonalGaussian:
@@ -34,8 +46,6 @@ class DiagonalGaussian:
         return DiagonalGaussian(self.mean.float(), self.logvar.float())
 
     def kl(self) -> torch.Tensor:
-        from vaelab.losses import kl_standard_normal
-
         return kl_standard_normal(self.mean, self.logvar)  # (B,)
 
 
@@ -70,26 +80,173 @@ class ModelOutput:
         return ModelOutput(recon=self.recon.float(), z=self.z.float(), posterior=self.posterior.float())
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model can do; the loop, evaluation, anomaly scoring, generation and the CLI ask these, never a name.
+
+    stochastic:      q(z|x) is a DiagonalGaussian (mean, logvar): KL terms, the ELBO, the IWAE bound, the
+                     importance-sampled likelihood, ELBO anomaly scores, latent health.
+    samples:         `sample(n)` draws new data from a prior over the latent.
+    conditional:     encode / decode take a condition (class labels or vectors); training needs labelled data.
+    semi_supervised: learns from samples whose label is hidden (-1): `--labels N` keeps N labels.
+    discrete:        the latent is a grid of codebook indices: `encode_indices`, `decode_indices`, a code prior.
+    """
+
+    stochastic: bool = False
+    samples: bool = False
+    conditional: bool = False
+    semi_supervised: bool = False
+    discrete: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Base of a model's own settings: a small frozen dataclass in the model's file, one field per setting.
+
+    Each field's metadata may carry `help` (the flag's help text) and `flag=False` (set by a command, not by
+    hand). `problems` reports every impossible value at once."""
+
+    def problems(self, config: ModelConfig) -> list[str]:
+        return []
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class NoSettings(ModelSettings):
+    """A model without settings of its own."""
+
+
 class Autoencoder(nn.Module):
     """Base class of registered models: an encoder network, a decoder network and a likelihood.
 
-    Subclasses set `has_prior` and implement `encode`. `decode` returns the likelihood's mean (pixel
-    probabilities for Bernoulli), `decode_raw` the decoder's raw output (logits) that losses consume.
-    Conditional models (`conditional = True`) take a `condition` everywhere: integer class labels (B,) or
-    float vectors (B, condition_dim); unconditional ones refuse one.
+    A model's file declares, on its class: `Settings` (its own settings, a ModelSettings dataclass),
+    `capabilities`, `objective` (its loss, a pure function) with `loss_weights` (the keywords it takes from the
+    settings and the loop's Shaping), `loss_options` (the TrainConfig options its loss honours), and `archs`
+    (the networks it can be built with). `decode` returns the likelihood's mean (pixel probabilities for
+    Bernoulli), `decode_raw` the decoder's raw output (logits) that losses consume. Conditional models take a
+    `condition` everywhere: integer class labels (B,) or float vectors (B, condition_dim); the others refuse one.
     """
 
-    has_prior = False  # True where z ~ N(0, I) makes sense, so `sample` works
-    conditional = False  # True where encode/decode take a condition (the conditional VAE)
+    Settings: ClassVar[type[ModelSettings]] = NoSettings
+    capabilities: Capabilities = Capabilities()
+    objective: ClassVar[Callable]  # the loss: (x, out, *, target, **loss_weights) -> dict of (B,) terms
+    # TrainConfig options the loss honours ("kl_schedule", "capacity", "free_bits", "iw_samples"); the loop
+    # refuses the others. `iwae_options`: those that still apply when training the IWAE bound (iw_samples > 1)
+    loss_options: ClassVar[frozenset[str]] = frozenset()
+    iwae_options: ClassVar[frozenset[str]] = frozenset()
+    archs: ClassVar[tuple[str, ...]] = ARCHS  # the `arch` values this model can be built with
+    default_arch: ClassVar[str | None] = None  # what arch "auto" means; None: conv for images, mlp for vectors
+    encoder_outputs: ClassVar[int] = 1  # latent-shaped tensors the encoder's head emits (2 = mean, log-variance)
+    registry_name: ClassVar[str]
 
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         from vaelab.models.nets import build_networks
 
         self.config = config
-        self.encoder, self.decoder, self.latent_shape = build_networks(config, self.encoder_outputs)
+        self.encoder, self.decoder, self.latent_shape = build_networks(config, self.encoder_outputs, self.arch)
 
-    encoder_outputs = 1  # how many latent-shaped tensors the encoder's head emits (2 = mean and log-variance)
+    # ------------------------------------------------------------------------------ settings and loss
+
+    @property
+    def settings(self) -> ModelSettings:
+        """The model's own settings (its `Settings`), read from config.settings."""
+        cached = self.__dict__.get("_settings")
+        if cached is None or cached[0] is not self.config:
+            cached = (self.config, self.Settings(**self.config.settings))
+            self.__dict__["_settings"] = cached
+        return cached[1]
+
+    @property
+    def arch(self) -> str:
+        """The network this model is built with ("auto" resolved)."""
+        return resolve_arch(type(self), self.config)
+
+    def loss_weights(self, shaping: Shaping) -> dict:
+        """The keywords of `objective` besides (x, out, target): from the config, the settings and `shaping`."""
+        return {"likelihood": self.config.likelihood, "sigma": self.config.gaussian_sigma}
+
+    def loss(self, x: torch.Tensor, out: ModelOutput, *, target: torch.Tensor | None = None,
+             shaping: Shaping = NO_SHAPING) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms, (B,) each; "loss" is what training minimises. `x` is the input the model saw,
+        `target` the clean one (denoising; default x)."""
+        return type(self).objective(x, out, target=target, **self.loss_weights(shaping))
+
+    def training_problems(self, train) -> list[str]:
+        """Why this model cannot train with the TrainConfig `train` (empty when it can): options its loss would
+        silently ignore are refused."""
+        out = []
+        iwae = train.iw_samples > 1
+        name = self.config.model
+        if iwae and "iw_samples" not in self.loss_options:
+            out.append(f"iw_samples={train.iw_samples} needs a model with a stochastic encoder (a VAE); model "
+                       f"{name!r} is deterministic")
+        for option, value, off in (("kl_schedule", train.kl_schedule, "constant"), ("capacity", train.capacity, 0.0),
+                                   ("free_bits", train.free_bits, 0.0)):
+            if value == off:
+                continue
+            if option not in self.loss_options:
+                out.append(f"{option}={value!r} does not apply to model {name!r}: its loss "
+                           f"({self.objective.__name__}) does not use it; drop it")
+            elif iwae and option not in self.iwae_options:
+                out.append(f"{option}={value!r} does not apply to the IWAE bound (iw_samples={train.iw_samples}); "
+                           "drop it or train the ELBO (iw_samples=1)")
+        return out
+
+    @classmethod
+    def config_problems(cls, config: ModelConfig) -> list[str]:
+        """This model's checks of a config whose common fields are valid: its settings, arch, condition, shape."""
+        out = settings_problems(cls, config)
+        if config.arch not in cls.archs:
+            out.append(f"model={config.model!r} supports arch {' / '.join(cls.archs)}, not arch={config.arch!r}")
+        conditional = cls.capabilities.conditional
+        if conditional and config.condition_dim < 1:
+            out.append(f"model={config.model!r} is conditional: condition_dim must be >= 1 (the number of "
+                       "classes, set from labelled data; train it on a dataset with labels)")
+        if not conditional and config.condition_dim:
+            out.append(f"condition_dim={config.condition_dim} is set but model={config.model!r} takes no "
+                       "condition; use a conditional model (model='cvae')")
+        if config.input_shape is not None and config.arch in cls.archs:
+            out.extend(shape_problems(config, resolve_arch(cls, config)))
+        return out
+
+    @classmethod
+    def config_for_training(cls, config: ModelConfig) -> tuple[ModelConfig, str | None]:
+        """The config a saved model trains further with, and a note on what that voids (None: nothing)."""
+        return config, None
+
+    # ---------------------------------------------------------------------------------------- hooks
+
+    def epoch_metrics(self) -> dict:
+        """The model's own numbers of the training epoch that just ended (the loop adds them as train_*)."""
+        return {}
+
+    def data_metrics(self, data, batch_size: int = 512) -> dict:
+        """The model's own numbers on a dataset (evaluate adds them to its report)."""
+        return {}
+
+    def posteriors(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> dict[str, DiagonalGaussian]:
+        """The Gaussian posterior of each stochastic layer, by name: "" for the model's latent (the one with
+        the N(0, I) prior), others (an hvae's "bottom") named. Latent health is reported for each."""
+        return {"": self.encode(x, condition)}
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """The shape of the standard-normal noise that makes one posterior sample (see importance_sampler)."""
+        return tuple(self.latent_shape)
+
+    def anomaly_bounds(self, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ELBO and the IWAE bound of every row of x, (B,) each, from the noise eps (K, *noise_shape), the
+        same K draws for every row (common random numbers): a row's bounds depend on that row alone."""
+        post = self.encode(x)
+        z = post.mean + post.std * eps[:, None]  # (K, B, *latent)
+        raw = self.decode_raw(z.flatten(0, 1)).unflatten(0, (len(eps), len(x)))  # (K, B, *sample)
+        terms = self.loss(x, ModelOutput(raw, z, post))
+        return {"elbo": terms["elbo"], "iwae": terms["iwae"]}
+
+    # ------------------------------------------------------------------------------------- the model
 
     def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian | PointMass:
         raise NotImplementedError
@@ -99,7 +256,10 @@ class Autoencoder(nn.Module):
         return self.decoder(z)
 
     def decode(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        raw = self.decode_raw(z, condition)
+        return self.mean_of(self.decode_raw(z, condition))
+
+    def mean_of(self, raw: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean from the decoder's raw output: probabilities for Bernoulli logits."""
         return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, n_samples: int = 1) -> ModelOutput:
@@ -118,13 +278,10 @@ class Autoencoder(nn.Module):
         """(noise shape per sample, log_weights) for importance sampling from q(z|x): log_weights(eps) maps
         standard-normal noise (K, B, *noise shape) to the log importance weights log p(x, z_k) - log q(z_k|x),
         (K, B), of the samples z_k it makes. A model with more stochastic layers overrides it (models/hvae.py)."""
-        from vaelab.errors import VaelabError
-        from vaelab.losses import log_importance_weights
-
-        post = self.encode(x, condition)
-        if not hasattr(post, "logvar"):
+        if not self.capabilities.stochastic:
             raise VaelabError(f"the importance-sampled likelihood needs a model with a stochastic encoder (a VAE); "
                               f"model {self.config.model!r} has a deterministic one")
+        post = self.encode(x, condition)
 
         def log_weights(eps: torch.Tensor) -> torch.Tensor:
             k = eps.shape[0]
@@ -143,9 +300,7 @@ class Autoencoder(nn.Module):
         return DiagonalGaussian(mean, logvar, clamp=(self.config.logvar_min, self.config.logvar_max))
 
     def _check_condition(self, condition) -> None:
-        if condition is not None and not self.conditional:
-            from vaelab.errors import VaelabError
-
+        if condition is not None and not self.capabilities.conditional:
             raise VaelabError(f"model {self.config.model!r} takes no condition; use a conditional model "
                               "(--model cvae) to condition on labels")
 
@@ -157,8 +312,7 @@ class Autoencoder(nn.Module):
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the posterior mean: the deterministic reconstruction, in data space."""
-        raw = self.reconstruct_raw(x, condition)
-        return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
+        return self.mean_of(self.reconstruct_raw(x, condition))
 
     def reconstruct_raw(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's raw output (logits for Bernoulli) at the posterior mean: what the reconstruction error
@@ -168,11 +322,9 @@ class Autoencoder(nn.Module):
     @torch.inference_mode()
     def sample(self, n: int, generator: torch.Generator | None = None,
                condition: torch.Tensor | None = None) -> torch.Tensor:
-        """n draws from the prior, decoded to data space (likelihood means). A conditional model takes a
+        """n draws from the prior N(0, I), decoded to data space (likelihood means). A conditional model takes a
         condition: one label / vector for all n, or n of them."""
-        if not self.has_prior:
-            from vaelab.errors import VaelabError
-
+        if not self.capabilities.samples:
             raise VaelabError(
                 f"model {self.config.model!r} has no prior to sample from; train a VAE "
                 "(e.g. --model vae or --preset seed-vae) to generate new samples")
@@ -195,12 +347,65 @@ class Autoencoder(nn.Module):
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors into `directory` (atomically); reload with from_pretrained."""
-        from vaelab.training.checkpoint import save_pretrained
+        from vaelab.models.pretrained import save_pretrained
 
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory) -> "Autoencoder":
-        from vaelab.training.checkpoint import load_pretrained
+        from vaelab.models.pretrained import load_pretrained
 
         return load_pretrained(directory)
+
+
+def resolve_arch(cls: type[Autoencoder], config: ModelConfig) -> str:
+    """What config.arch means for model class `cls`: "auto" is the model's default_arch, else conv for images
+    and mlp for vectors."""
+    if config.arch != "auto":
+        return config.arch
+    return cls.default_arch or ("conv" if config.is_image else "mlp")
+
+
+def settings_problems(cls: type[Autoencoder], config: ModelConfig) -> list[str]:
+    """Unknown keys in config.settings, and what the model's Settings say of the values."""
+    names = [f.name for f in dataclasses.fields(cls.Settings)]
+    unknown = sorted(set(config.settings) - set(names))
+    if unknown:
+        return [f"{k}={config.settings[k]!r} is not a setting of model {config.model!r}; its settings are "
+                f"{names or 'none'}" for k in unknown]
+    return cls.Settings(**config.settings).problems(config)
+
+
+def check_config(config: ModelConfig, common_ok: bool = True) -> list[str]:
+    """The registry's checks of a ModelConfig (installed into config.MODEL_CHECKS by vaelab.models): the model is
+    registered; its settings; and, when the common fields are valid, the rest of the model's own checks."""
+    from vaelab.models.registry import MODELS
+
+    if not isinstance(config.model, str) or config.model not in MODELS:
+        return [f"model={config.model!r} is not a registered model; choose one of {sorted(MODELS)}"]
+    cls = MODELS[config.model].cls
+    return cls.config_problems(config) if common_ok else settings_problems(cls, config)
+
+
+def full_settings(config: ModelConfig) -> ModelConfig:
+    """The config with every setting of its model spelled out (the defaults filled in), as saved with a model."""
+    from vaelab.models.registry import MODELS
+
+    cls = MODELS[config.model].cls
+    return config.replace(settings=cls.Settings(**config.settings).to_dict())
+
+
+def shape_problems(config: ModelConfig, arch: str) -> list[str]:
+    """Why the conv networks of `arch` cannot take config.input_shape (empty when they can)."""
+    shape = config.input_shape
+    if arch in ("conv", "conv-pool"):
+        if len(shape) != 3:
+            return [f"arch={arch!r} needs image input (C, H, W), got input_shape={shape!r}; use arch='mlp'"]
+        # every stride-2 conv / 2x2 pool halves the size (rounding up); it must stay >= 1 pixel and
+        # the architecture must not reduce an image below 2x2 before its last layer
+        h, w = shape[1:]
+        n = len(config.channels)
+        if min(h, w) < 2 ** (n - 1) + 1 and n > 1:
+            return [f"input_shape={shape!r} is too small for {n} downsampling layers of arch={arch!r} "
+                    f"(each halves H and W); use fewer channels entries or arch='mlp'"]
+    return []

@@ -6,15 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from vaelab.errors import VaelabError
-from vaelab.losses import vae_loss
+from vaelab.models.base import Capabilities
 from vaelab.models.registry import register
 from vaelab.models.vae import VAE
 
 
-@register("cvae", loss=vae_loss,
-          description="Conditional VAE: encoder and decoder conditioned on a label (one-hot) or a vector.")
+@register("cvae", description="Conditional VAE: encoder and decoder conditioned on a label (one-hot) or a vector.")
 class CVAE(VAE):
-    conditional = True
+    capabilities = Capabilities(stochastic=True, samples=True, conditional=True)
 
     def condition_vector(self, condition) -> torch.Tensor:
         """(B,) integer labels -> one-hot (B, condition_dim); (B, condition_dim) floats pass through."""

@@ -18,15 +18,41 @@ losses use the exact two-layer densities (losses.hvae_loss), and so does the imp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from vaelab.losses import hvae_loss, hvae_log_weights
-from vaelab.models.base import Autoencoder, DiagonalGaussian, ModelOutput
+from vaelab.config import is_int, is_nonneg
+from vaelab.losses import (Shaping, iwae_bound, kl_standard_normal, log_normal_diag, pixel_metrics,
+                           recon_nll_samples)
+from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
 from vaelab.models.nets import _dense, _init_like_keras
 from vaelab.models.registry import register
+
+
+@dataclass(frozen=True)
+class HVAESettings(ModelSettings):
+    beta: float = field(default=1.0, metadata={"help": "weight of the KL term (a beta-VAE when != 1; with "
+                                                       "--iw-samples K it tempers each importance weight)"})
+    latent2_dim: int = field(default=0, metadata={
+        "help": "size of the second (top) stochastic layer z2, the one with the N(0, I) prior (0 = half of "
+                "--latent-dim)"})
+    hidden2: tuple[int, ...] = field(default=(), metadata={
+        "help": "dense layer sizes of q(z2|z1) and p(z1|z2), comma-separated (e.g. 256,256; '' for linear maps)"})
+
+    def problems(self, config) -> list[str]:
+        out = []
+        if not is_nonneg(self.beta):
+            out.append(f"beta={self.beta!r} must be a finite number >= 0")
+        if not is_int(self.latent2_dim) or self.latent2_dim < 0:
+            out.append(f"latent2_dim={self.latent2_dim!r} must be an integer >= 0 (the size of the hierarchical "
+                       "VAE's second stochastic layer)")
+        if not all(is_int(v) and v >= 1 for v in self.hidden2):
+            out.append(f"hidden2={list(self.hidden2)!r} must be a list of positive integers")
+        if config.arch == "conv-pool":
+            out.append("model='hvae' needs a vector latent z1: use arch 'mlp' or 'conv', not 'conv-pool'")
+        return out
 
 
 @dataclass
@@ -49,27 +75,103 @@ class HVAEOutput(ModelOutput):
                           top=g(self.top), prior1=g(self.prior1))
 
 
+def hvae_log_parts(x: torch.Tensor, out: HVAEOutput, likelihood: str, sigma: float = 1.0) -> dict[str, torch.Tensor]:
+    """The log-densities of a two-layer VAE's samples, (K, B) each: log p(x|z1), log p(z1|z2), log p(z2),
+    log q(z1|x), log q(z2|z1). out.recon is (K, B, ...); z1, z2 and the Gaussians over them carry the same
+    leading (K, B) (q(z1|x) only (B, ...): it is shared by the K samples)."""
+    log_px = -recon_nll_samples(x, out.recon, likelihood, sigma)
+    q1, q2, p1 = out.posterior, out.top, out.prior1
+    return {"log_px": log_px, "log_p1": log_normal_diag(out.z1, p1.mean, p1.logvar, event_dims=1),
+            "log_p2": log_normal_diag(out.z, event_dims=1),
+            "log_q1": log_normal_diag(out.z1, q1.mean, q1.logvar, event_dims=1),
+            "log_q2": log_normal_diag(out.z, q2.mean, q2.logvar, event_dims=1)}
+
+
+def hvae_log_weights(x: torch.Tensor, out: HVAEOutput, likelihood: str, sigma: float = 1.0) -> torch.Tensor:
+    """log w_k = log p(x, z1_k, z2_k) - log q(z1_k, z2_k | x), (K, B): the IWAE bound's and the importance-sampled
+    likelihood's building block for the two-layer model."""
+    return _joint_minus_proposal(hvae_log_parts(x, out, likelihood, sigma))
+
+
+def _joint_minus_proposal(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return t["log_px"] + t["log_p1"] + t["log_p2"] - t["log_q1"] - t["log_q2"]
+
+
+def hvae_loss(x, out: HVAEOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
+              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The two-stochastic-layer VAE (the model below): p(z2) p(z1|z2) p(x|z1) with q(z1|x) q(z2|z1), per sample.
+
+    - one sample: the negative ELBO recon + β·KL, with KL = E_q[log q(z1|x) - log p(z1|z2)] + KL(q(z2|z1) || N(0, I)),
+      the first term by its one-sample estimate and the second in closed form (it has one given z1);
+    - K > 1 samples (out.recon is (K, B, ...)): the IWAE bound -log (1/K) Σ_k w_k (Burda et al. 2015, whose
+      two-layer MNIST model this is); `recon` and `kl` are then the means of their one-sample estimates. A β < 1
+      (`--kl-schedule linear`: a warm-up) weights log p(z1, z2) - log q(z1, z2 | x) in every log w_k by β; without
+      a warm-up the top layer of a wide model closes in the first epoch (its KL stays below 0.004 nats).
+    """
+    target = x if target is None else target
+    single = out.recon.dim() == target.dim()
+    if single:  # the K = 1 record: give it its leading sample dim
+        out = out.unsqueezed()
+    t = hvae_log_parts(target, out, likelihood, sigma)
+    recon = -t["log_px"].mean(0)
+    pixels = pixel_metrics(target, out.recon[0], likelihood)
+    if single:
+        q2 = out.top
+        kl_top = kl_standard_normal(q2.mean[0], q2.logvar[0])
+        kl = (t["log_q1"] - t["log_p1"])[0] + kl_top
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl, "kl_top": kl_top, "elbo": -(recon + kl),
+                **pixels}
+    bound = iwae_bound(_joint_minus_proposal(t))
+    kl_k = t["log_q1"] + t["log_q2"] - t["log_p1"] - t["log_p2"]  # (K, B)
+    kl = kl_k.mean(0)
+    # β < 1 (a KL warm-up) tempers each weight's prior-over-posterior part: log p(x|z1) - β·kl_k; β = 1 is the bound
+    loss = -bound if beta == 1 else -iwae_bound(t["log_px"] - beta * kl_k)
+    return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), "iwae": bound, **pixels}
+
+
+
 def _mlp(sizes: list[int], out: int) -> nn.Sequential:
     net = nn.Sequential(*_dense(sizes), nn.Linear(sizes[-1], out))
     _init_like_keras(net)
     return net
 
 
-@register("hvae", loss=hvae_loss,
-          description="VAE with two stochastic layers (Burda et al.'s): p(z2) p(z1|z2) p(x|z1), q(z1|x) q(z2|z1); "
-                      "--latent2-dim and --hidden2 set the top layer; train the IWAE bound with --iw-samples K.")
+@register("hvae", description="VAE with two stochastic layers (Burda et al.'s): p(z2) p(z1|z2) p(x|z1), q(z1|x) "
+                              "q(z2|z1); --latent2-dim and --hidden2 set the top layer; train the IWAE bound with "
+                              "--iw-samples K.")
 class HVAE(Autoencoder):
-    has_prior = True
+    Settings = HVAESettings
+    capabilities = Capabilities(stochastic=True, samples=True)
+    objective = staticmethod(hvae_loss)
+    loss_options = frozenset({"kl_schedule", "iw_samples"})
+    iwae_options = frozenset({"kl_schedule", "beta"})  # β and its warm-up temper the importance weights
     encoder_outputs = 2  # q(z1 | x): mean and log-variance
 
     def __init__(self, config):
         super().__init__(config)
-        l1, h = config.latent_dim, list(config.hidden2)
-        l2 = config.latent2_dim or max(1, l1 // 2)
+        l1, h = config.latent_dim, list(self.settings.hidden2)
+        l2 = self.settings.latent2_dim or max(1, l1 // 2)
         self.up = _mlp([l1, *h], 2 * l2)  # q(z2 | z1)
         self.down = _mlp([l2, *h[::-1]], 2 * l1)  # p(z1 | z2)
         self.latent_shape = (l2,)  # the top layer: the prior's, what sampling and latent walks use
         self.bottom_shape = (l1,)
+
+    def loss_weights(self, shaping: Shaping) -> dict:
+        return {**super().loss_weights(shaping), "beta": self.settings.beta * shaping.kl_scale}
+
+    def posteriors(self, x, condition=None) -> dict[str, DiagonalGaussian]:
+        """The top layer q(z2 | z1) (at z1 = the mean of q(z1 | x)) and the bottom one, q(z1 | x)."""
+        return {"": self.encode(x, condition), "bottom": self.encode_bottom(x, condition)}
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.bottom_shape[0] + self.latent_shape[0],)  # both layers' noise, z1's first
+
+    def anomaly_bounds(self, x, eps):
+        """The bounds from both layers' importance weights (the exact two-layer densities)."""
+        noise_shape, log_weights = self.importance_sampler(x)
+        log_w = log_weights(eps[:, None].expand(-1, len(x), *noise_shape))  # (K, B), the same draws for every row
+        return {"elbo": log_w.mean(0), "iwae": iwae_bound(log_w)}
 
     def _gaussian_of(self, net: nn.Module, z: torch.Tensor) -> DiagonalGaussian:
         """A Gaussian from `net` on z of any leading dims (..., L)."""
@@ -126,4 +228,4 @@ class HVAE(Autoencoder):
         self._check_condition(condition)
         z2 = torch.randn((n, *self.latent_shape), generator=generator, device=self._device())
         raw = self.decoder(self._gaussian_of(self.down, z2).sample(generator=generator))
-        return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
+        return self.mean_of(raw)

@@ -16,14 +16,17 @@ MLPs with `hidden` layers (ReLU): the classifier, the encoder on [x, one-hot y] 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from vaelab.config import is_nonneg
 from vaelab.errors import VaelabError
-from vaelab.losses import m2_loss
-from vaelab.models.base import DiagonalGaussian, ModelOutput
+from vaelab.losses import (Shaping, iwae_bound, log_importance_weights, pixel_metrics, recon_nll,
+                           recon_nll_samples)
+from vaelab.models.base import Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
 from vaelab.models.cvae import CVAE
 from vaelab.models.nets import _dense, _init_like_keras
 from vaelab.models.registry import register
@@ -51,6 +54,81 @@ class M2Output(ModelOutput):
                         pair_label=self.pair_label)
 
 
+@dataclass(frozen=True)
+class M2Settings(ModelSettings):
+    beta: float = field(default=1.0, metadata={"help": "weight of the KL term of z"})
+    alpha: float = field(default=0.1, metadata={
+        "help": "weight of the classifier's -log q(y|x) on labelled images, in Kingma et al.'s units (the term "
+                "alpha * N * mean over the labelled images, N the training set's size; the paper uses 0.1)"})
+
+    def problems(self, config) -> list[str]:
+        out = []
+        if not is_nonneg(self.beta):
+            out.append(f"beta={self.beta!r} must be a finite number >= 0")
+        if not is_nonneg(self.alpha):
+            out.append(f"alpha={self.alpha!r} must be a finite number >= 0 (the classifier's weight in M2; "
+                       "Kingma et al. use 0.1)")
+        return out
+
+
+def m2_loss(x, out: M2Output, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0, alpha: float = 0.1,
+            target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The semi-supervised objective of M2 (Kingma et al. 2014, https://arxiv.org/abs/1406.5298, eqs. 6-9),
+    per sample, with -ELBO(x, y) = L(x, y) = recon + KL - log p(y) and p(y) uniform over the K classes:
+
+        labelled (x, y):   L(x, y) + alpha * (-log q(y|x))
+        hidden label:      U(x) = sum_y q(y|x) L(x, y) - H(q(y|x))
+
+    `out` (M2Output) holds the decoding of every (sample, class) pair these need: a labelled sample's
+    once with its label, a hidden-label sample's once per class, with `pair_row` naming each pair's sample and
+    `pair_label` its class. The sum over classes is then one weighted scatter-add over the pairs (index_add),
+    not a loop over classes. `alpha` is the per-sample weight; the training loop derives it from the config's
+    alpha in the paper's units (data/semisupervised.py, through the loop's Shaping). `beta` weights the KL as in vae_loss; with K > 1
+    posterior samples per pair the IWAE bound replaces each pair's ELBO.
+
+    Terms (B,): loss; elbo (the bound on log p(x, y), or on log p(x) for a hidden label); recon, kl, bce, mse
+    (q-weighted over the classes for a hidden label); entropy of q(y|x); classifier_nll (-log q(y|x)) and error
+    (1 when argmax q(y|x) is not y) of the labelled samples, scaled by B / (labelled samples in the batch) and 0
+    for hidden labels, so that a batch's mean is the mean over its labelled samples: on a fully labelled split
+    they are the plain per-sample values and the mean of `error` is the classifier's error rate.
+    """
+    target = x if target is None else target
+    labels, row, cls = out.labels, out.pair_row, out.pair_label  # (B,) with -1 = hidden; (P,), (P,)
+    log_q = F.log_softmax(out.class_logits, dim=1)  # (B, K) log q(y|x)
+    q = log_q.exp()
+    b, k = log_q.shape
+    hidden = labels < 0
+    post = out.posterior
+    kl = post.kl()  # (P,)
+    xt = target[row]  # (P, ...) each pair's image
+    if out.recon.dim() == target.dim() + 1:  # K importance samples per pair: (K, P, ...)
+        log_w = log_importance_weights(xt, out.recon, out.z, post.mean, post.logvar, likelihood, sigma)
+        objective = -iwae_bound(log_w)
+        recon = recon_nll_samples(xt, out.recon, likelihood, sigma).mean(0)
+        first = out.recon[0]
+    else:
+        recon = recon_nll(xt, out.recon, likelihood, sigma)
+        objective = recon + beta * kl
+        first = out.recon
+    log_py = -math.log(k)
+    # each pair's weight in its sample's sum: 1 for a labelled sample's pair, q(y|x) for a hidden label's
+    weight = torch.where(hidden[row], q[row, cls], torch.ones_like(kl))  # (P,)
+
+    def per_sample(v: torch.Tensor) -> torch.Tensor:  # (P,) -> (B,), the weighted sum over a sample's pairs
+        return torch.zeros(b, dtype=v.dtype, device=v.device).index_add(0, row, weight * v)
+
+    entropy = -(q * log_q).sum(1)  # H(q(y|x))
+    h = torch.where(hidden, entropy, 0.0)
+    nll_y = torch.where(hidden, 0.0, -log_q.gather(1, labels.clamp(min=0)[:, None])[:, 0])
+    scale = b / (~hidden).sum().clamp(min=1)  # reported terms: a batch's mean = its labelled samples' mean
+    wrong = (out.class_logits.argmax(1) != labels) & ~hidden
+    pixels = pixel_metrics(xt, first, likelihood)
+    return {"loss": per_sample(objective) - log_py - h + alpha * nll_y, "recon": per_sample(recon),
+            "kl": per_sample(kl), "elbo": -per_sample(recon + kl) + log_py + h, "bce": per_sample(pixels["bce"]),
+            "mse": per_sample(pixels["mse"]), "entropy": entropy, "classifier_nll": nll_y.detach() * scale,
+            "error": wrong.to(kl.dtype) * scale}
+
+
 class PairEncoder(nn.Module):
     """The network of q(z | x, y) over (sample, class) pairs: an MLP on [x, one-hot y].
 
@@ -74,13 +152,15 @@ class PairEncoder(nn.Module):
         return self.rest(h + self.y(condition))  # a one-hot y picks its class's row of the table
 
 
-@register("m2", loss=m2_loss,
-          description="Semi-supervised VAE (Kingma et al. 2014's M2): a classifier q(y|x), q(z|x,y) and "
+@register("m2", description="Semi-supervised VAE (Kingma et al. 2014's M2): a classifier q(y|x), q(z|x,y) and "
                       "p(x|y,z), trained on partly labelled data (--labels N keeps N labels).")
 class M2(CVAE):
-    semi_supervised = True  # learns from samples whose label is hidden (-1)
+    Settings = M2Settings
+    capabilities = Capabilities(stochastic=True, samples=True, conditional=True, semi_supervised=True)
+    objective = staticmethod(m2_loss)
+    loss_options = frozenset({"kl_schedule", "iw_samples"})
     archs = ("auto", "mlp")
-    auto_arch = "mlp"
+    default_arch = "mlp"
 
     def __init__(self, config):
         nn.Module.__init__(self)  # its own networks (see PairEncoder), not models/nets.py's
@@ -96,6 +176,10 @@ class M2(CVAE):
                                      nn.Unflatten(1, shape))
         for net in (self.classifier, self.encoder, self.decoder):
             _init_like_keras(net)
+
+    def loss_weights(self, shaping: Shaping) -> dict:
+        return {"likelihood": self.config.likelihood, "sigma": self.config.gaussian_sigma,
+                "beta": self.settings.beta * shaping.kl_scale, "alpha": shaping.classifier_weight(self.settings.alpha)}
 
     @property
     def num_classes(self) -> int:

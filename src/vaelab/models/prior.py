@@ -9,10 +9,10 @@ positions before i, in two stacks (the paper's fix for the original PixelCNN's b
 - the horizontal stack sees the current row to the left, plus the vertical stack's output at its row.
 Each layer is gated, tanh(W_f * h + V_f c) * sigmoid(W_g * h + V_g c), with c a learned class embedding.
 
-Why a PixelCNN rather than a small transformer: on MNIST's 7x7 grids of 64 codes, at the same training cost
-(about 270 s per epoch on one busy CPU thread), this network (32 channels, 8 layers, 0.24 M parameters) reached
-3.16 test bits per code after 2 epochs and a 4-layer, 64-wide transformer 3.59; the convolutions' locality
-suits a grid this small. Sampling costs the same (49 network passes per grid for both). benchmarks/vqvae.py
+Why a PixelCNN rather than a small transformer: on MNIST's 7x7 grids of 64 codes, at the same training time
+per epoch, this network (32 channels, 8 layers, 0.24 M parameters) reached 3.16 test bits per code after
+2 epochs and a 4-layer, 64-wide transformer 3.59; the convolutions' locality suits a grid this small.
+Sampling costs the same (49 network passes per grid for both). benchmarks/vqvae.py
 measures the two again, longer.
 """
 

@@ -4,7 +4,7 @@ https://arxiv.org/abs/1711.00937): an encoder's output map, quantized to the nea
     x -> encoder -> z_e (B, D, h, w) -> quantizer -> codes e (B, D, h, w), indices (B, h, w) -> decoder -> x'
 
 D is `latent_dim`, K is `codebook_size`; for MNIST with channels (32, 64) the grid is 7x7. Training minimises
-recon + ||sg(z_e) - e||^2 + β||z_e - sg(e)||^2 (losses.vqvae_loss); the decoder's gradient reaches the encoder
+recon + ||sg(z_e) - e||^2 + β||z_e - sg(e)||^2 (vqvae_loss); the decoder's gradient reaches the encoder
 through the straight-through estimator. The codebook itself moves by EMA (see models/quantizer.py).
 
 A VQ-VAE has no fixed prior to sample codes from: `vaelab train-prior RUN` fits an autoregressive prior over the
@@ -14,15 +14,72 @@ after which `sample` draws code grids from it and decodes them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 from torch import nn
 
+from vaelab.config import is_int, is_nonneg
 from vaelab.errors import VaelabError
-from vaelab.losses import vqvae_loss
-from vaelab.models.base import Autoencoder, ModelOutput, PointMass
+from vaelab.losses import Shaping, flat, pixel_metrics, recon_nll
+from vaelab.models.base import Autoencoder, Capabilities, ModelOutput, ModelSettings, PointMass
 from vaelab.models.nets import _init_like_keras, build_networks
 from vaelab.models.quantizer import VectorQuantizer, usage_metrics
 from vaelab.models.registry import register
+
+
+@dataclass(frozen=True)
+class VQVAESettings(ModelSettings):
+    codebook_size: int = field(default=512, metadata={"help": "the number of codes K"})
+    vq_commitment: float = field(default=0.25, metadata={
+        "help": "weight β of the commitment loss β||z_e - sg(e)||^2 (the paper uses 0.25)"})
+    vq_ema: bool = field(default=True, metadata={"help": "move the codebook by exponential moving averages "
+                                                         "(--no-vq-ema: by the codebook loss)"})
+    vq_kmeans_init: bool = field(default=True, metadata={"help": "start the codebook from k-means on the first "
+                                                                 "training batch"})
+    vq_restart_after: int = field(default=20, metadata={
+        "help": "training steps a code may go unused before it is restarted on an encoder output (0 = never)"})
+    # the autoregressive prior over the code grid, set by `vaelab train-prior` (see models/prior.py)
+    prior_layers: int = field(default=0, metadata={"flag": False})  # 0 = no prior yet
+    prior_channels: int = field(default=32, metadata={"flag": False})
+    prior_classes: int = field(default=0, metadata={"flag": False})  # > 0: class-conditional over that many
+
+    def problems(self, config) -> list[str]:
+        out = []
+        if not is_int(self.codebook_size) or self.codebook_size < 2:
+            out.append(f"codebook_size={self.codebook_size!r} must be an integer >= 2 (the number of codes K)")
+        if not is_nonneg(self.vq_commitment):
+            out.append(f"vq_commitment={self.vq_commitment!r} must be a finite number >= 0 (the paper uses 0.25)")
+        for name in ("vq_ema", "vq_kmeans_init"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name}={getattr(self, name)!r} must be true or false")
+        for name, low in (("vq_restart_after", 0), ("prior_layers", 0), ("prior_channels", 1), ("prior_classes", 0)):
+            value = getattr(self, name)
+            if not is_int(value) or value < low:
+                out.append(f"{name}={value!r} must be an integer >= {low}")
+        return out
+
+
+def vqvae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, commitment: float = 0.25,
+               target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The VQ-VAE objective of van den Oord et al. 2017 (eq. 3), per sample:
+
+        recon + ||sg(z_e) - e||^2 + β ||z_e - sg(e)||^2        (β = `commitment`, sg = stop-gradient)
+
+    with the squared distances summed over the code grid, as recon is summed over the pixels. `out.posterior`
+    carries the encoder's output `z_e` and the chosen codes e as its `mean`; `out.recon` decoded the
+    straight-through code, so the reconstruction's gradient reaches the encoder. The codebook term has a
+    gradient only when the codebook is a parameter (vq_ema=False); under EMA updates the quantizer moves the
+    codebook and the term is a constant, kept so that "loss" is the same quantity in both modes.
+    "commitment" reports ||z_e - e||^2 without β.
+    """
+    target = x if target is None else target
+    z_e, codes = out.posterior.z_e, out.posterior.mean  # (B, D, *grid) each
+    recon = recon_nll(target, out.recon, likelihood, sigma)
+    commit = flat((z_e - codes.detach()) ** 2).sum(1)  # pulls the encoder to its codes
+    codebook = flat((z_e.detach() - codes) ** 2).sum(1)  # pulls the codes to the encoder (same value)
+    return {"loss": recon + codebook + commitment * commit, "recon": recon, "commitment": commit,
+            **pixel_metrics(target, out.recon, likelihood)}
 
 
 class CodePosterior(PointMass):
@@ -89,43 +146,61 @@ def conv_networks(config, blocks: int = 2) -> tuple[nn.Module, nn.Module, tuple[
     return encoder, decoder, (d, *sizes[-1])
 
 
-@register("vqvae", loss=vqvae_loss,
-          description="VQ-VAE: a grid of discrete codes (EMA codebook, k-means init, dead-code restarts); "
+@register("vqvae", description="VQ-VAE: a grid of discrete codes (EMA codebook, k-means init, dead-code restarts); "
                       "generates after `vaelab train-prior` fits its autoregressive prior.")
 class VQVAE(Autoencoder):
     """Images get the paper's conv networks (arch auto/conv) and a (latent_dim, H/2^n, W/2^n) code grid; arch
     mlp (and vector data) gets the MLP of models/nets.py and one code of latent_dim values per sample."""
 
-    has_prior = False  # no N(0, I) prior: sampling goes through the learned code prior (see `sample`)
-    quantized = True  # the config's codebook_size / vq_* / prior_* fields apply
+    Settings = VQVAESettings
+    # no N(0, I) prior: a VQ-VAE samples once `vaelab train-prior` has fitted its code prior (set_prior)
+    capabilities = Capabilities(discrete=True)
+    objective = staticmethod(vqvae_loss)
     archs = ("auto", "conv", "mlp")
 
     def __init__(self, config):
         # the networks differ from the other models' (a spatial code grid), so build_networks is not used
         nn.Module.__init__(self)
         self.config = config
-        if config.resolved_arch == "mlp":
-
-            self.encoder, self.decoder, _ = build_networks(config, 1)
+        s = self.settings
+        if self.arch == "mlp":
+            self.encoder, self.decoder, _ = build_networks(config, 1, "mlp")
             self.latent_shape = (config.latent_dim, 1, 1)  # a 1x1 grid: one code per sample
         else:
             self.encoder, self.decoder, self.latent_shape = conv_networks(config)
-        self.quantizer = VectorQuantizer(config.codebook_size, config.latent_dim, ema=config.vq_ema,
-                                         kmeans_init=config.vq_kmeans_init, restart_after=config.vq_restart_after)
-        self.prior = None
-        if config.prior_layers:
+        self.quantizer = VectorQuantizer(s.codebook_size, config.latent_dim, ema=s.vq_ema,
+                                         kmeans_init=s.vq_kmeans_init, restart_after=s.vq_restart_after)
+        prior = None
+        if s.prior_layers:
             from vaelab.models.prior import CodePrior
 
-            self.prior = CodePrior(config.codebook_size, self.latent_shape[1:], config.prior_channels,
-                                   config.prior_layers, config.prior_classes)
+            prior = CodePrior(s.codebook_size, self.latent_shape[1:], s.prior_channels, s.prior_layers,
+                              s.prior_classes)
+        self.set_prior(prior)
+
+    @classmethod
+    def config_for_training(cls, config):
+        """Without the code prior: it fits the codes of these weights, and training moves them."""
+        if not config.settings.get("prior_layers"):
+            return config, None
+        return config.replace(prior_layers=0, prior_classes=0), (
+            "changes its codes, so it continues without its code prior; fit a new one afterwards with "
+            "`vaelab train-prior RUN`")
+
+    def set_prior(self, prior: nn.Module | None, config=None) -> None:
+        """Attach a fitted code prior (models/prior.CodePrior; None detaches it), with the config that
+        describes it; the model can then sample."""
+        if config is not None:
+            self.config = config
+        self.prior = prior
+        self.capabilities = replace(type(self).capabilities, samples=prior is not None)
+
+    def loss_weights(self, shaping: Shaping) -> dict:
+        return {**super().loss_weights(shaping), "commitment": self.settings.vq_commitment}
 
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.latent_shape[1:])
-
-    @property
-    def can_sample(self) -> bool:
-        return self.prior is not None
 
     def _encode_map(self, x: torch.Tensor) -> torch.Tensor:
         z_e = self.encoder(x)
@@ -141,7 +216,7 @@ class VQVAE(Autoencoder):
 
     def decode_raw(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         self._check_condition(condition)
-        return self.decoder(z if self.config.resolved_arch != "mlp" else z.flatten(1))
+        return self.decoder(z if self.arch != "mlp" else z.flatten(1))
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, n_samples: int = 1) -> ModelOutput:
         if n_samples != 1:
@@ -182,7 +257,7 @@ class VQVAE(Autoencoder):
 
     def prior_labels(self, condition, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """The prior's labels for n samples: None for an unconditional prior; else (n,) class indices."""
-        k = self.config.prior_classes
+        k = self.settings.prior_classes
         if not k:
             if condition is not None:
                 raise VaelabError("this VQ-VAE's prior is unconditional and takes no label; train a "
@@ -209,12 +284,16 @@ class VQVAE(Autoencoder):
         codes used, dead codes (used zero times) and restarts. Resets the count."""
         return self.quantizer.usage(reset=True)
 
+    def data_metrics(self, data, batch_size: int = 512) -> dict:
+        """How evenly `data` uses the codebook (see codebook_usage)."""
+        return codebook_usage(self, data, batch_size)
+
 
 @torch.inference_mode()
 def codebook_usage(model: VQVAE, data, batch_size: int = 512) -> dict:
     """Code-usage metrics of `model` on `data` (an ArrayDataset): perplexity of the codes' frequencies (K when
     all are used equally), `codes_used` (fraction of the K codes chosen at least once) and `dead_codes`."""
-    counts = torch.zeros(model.config.codebook_size, dtype=torch.float64)
+    counts = torch.zeros(model.settings.codebook_size, dtype=torch.float64)
     device = model._device()
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))

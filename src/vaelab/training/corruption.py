@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-NOISES = ("none", "gaussian", "masking", "salt-pepper")
+from vaelab.config import NOISES
 
 
 def corrupt(x: torch.Tensor, kind: str, level: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from vaelab.training.checkpoint import (CHECKPOINT_FILE, atomic_write_json, atom
                                         load_checkpoint, save_checkpoint, save_pretrained)
 from vaelab.training.corruption import corrupt
 from vaelab.training.distributed import Dist
+from vaelab.losses import Shaping
 from vaelab.training.schedules import beta_at, capacity_at, lr_at
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,26 +35,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63)
 
 
-def loss_weights(model) -> dict:
-    """The loss function's keyword weights, from the model's config."""
-    c = model.config
-    return {"likelihood": c.likelihood, "sigma": c.gaussian_sigma, "beta": c.beta, "alpha": c.alpha}
-
-
-def objective_weights(model, cfg: TrainConfig, step: int, steps_per_epoch: int, semi=None) -> dict:
-    """The loss weights at optimizer step `step`: β from its schedule, the capacity target, free bits; with
-    hidden labels (`semi`, data.semisupervised.MixedBatches) M2's α as a per-sample weight for the batch mix."""
-    w = loss_weights(model)
-    if semi is not None:
-        w["alpha"] = semi.classifier_weight(w["alpha"])
+def shaping_at(cfg: TrainConfig, step: int, steps_per_epoch: int, dataset_size: int, semi=None) -> Shaping:
+    """What the loop adds to the model's loss at optimizer step `step`: the KL schedule's factor on β, the
+    capacity target, free bits; with hidden labels (`semi`, data.semisupervised.MixedBatches) the map from the
+    classifier weight to its per-sample weight for the batch mix. The model's loss takes what it honours."""
     epochs = lambda e: round(e * steps_per_epoch)  # noqa: E731  (schedules are set in epochs, run in steps)
-    w["beta"] = beta_at(step, beta=w["beta"], schedule=cfg.kl_schedule, warmup_steps=epochs(cfg.kl_warmup),
-                        cycle_steps=epochs(cfg.kl_warmup))
+    capacity = None
     if cfg.capacity:
-        w["capacity"] = capacity_at(step, capacity_max=cfg.capacity, capacity_steps=epochs(cfg.capacity_epochs))
-    if cfg.free_bits:
-        w["free_bits"] = cfg.free_bits
-    return w
+        capacity = capacity_at(step, capacity_max=cfg.capacity, capacity_steps=epochs(cfg.capacity_epochs))
+    return Shaping(kl_scale=beta_at(step, beta=1.0, schedule=cfg.kl_schedule, warmup_steps=epochs(cfg.kl_warmup),
+                                    cycle_steps=epochs(cfg.kl_warmup)),
+                   capacity=capacity, free_bits=cfg.free_bits,
+                   label_weight=None if semi is None else semi.classifier_weight, dataset_size=dataset_size)
 
 
 class Meter:
@@ -93,7 +85,6 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
     Returns the per-epoch metrics. With early stopping, the best validation weights are restored at the end.
     """
     from vaelab.evaluation import loss_terms
-    from vaelab.models import MODELS
 
     cfg = (config or TrainConfig()).replace(**overrides).validate()
     if tuple(train.sample_shape) != tuple(model.config.input_shape):
@@ -101,32 +92,12 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
                         f"input_shape {tuple(model.config.input_shape)}; build the model for this data")
     if len(train) == 0:
         raise DataError("the training set is empty")
-    if model.conditional and train.y is None:
+    if model.capabilities.conditional and train.y is None:
         raise DataError(f"model {model.config.model!r} is conditional and needs labelled data; the training "
                         "set has no labels (use a dataset with labels, or an unconditional model)")
-    loss_fn = MODELS[model.config.model].loss
-    if cfg.iw_samples > 1:
-        clash = [f"iw_samples={cfg.iw_samples} needs a model with a stochastic encoder (a VAE); model "
-                 f"{model.config.model!r} is deterministic"] if not model.has_prior else []
-        # the IWAE bound has no separate KL term to weight: refuse what it would silently ignore (a loss that
-        # tempers its importance weights by β, hvae's, takes β and its warm-up)
-        tempers = getattr(loss_fn, "tempers_iwae", False)
-        clash += [f"{name}={value!r} does not apply to the IWAE bound (iw_samples={cfg.iw_samples}); drop it "
-                  "or train the ELBO (iw_samples=1)"
-                  for name, value, off in (("beta", model.config.beta, 1.0), ("kl_schedule", cfg.kl_schedule,
-                                           "constant"), ("capacity", cfg.capacity, 0.0),
-                                           ("free_bits", cfg.free_bits, 0.0))
-                  if value != off and not (tempers and name in ("beta", "kl_schedule"))]
-        if clash:
-            raise ConfigError(clash, "training configuration")
-    # a loss that has no use for a KL shaping option would ignore it silently: refuse it instead
-    takes = inspect.signature(loss_fn).parameters
-    unused = [f"{name}={value!r} does not apply to model {model.config.model!r}: its loss "
-              f"({loss_fn.__name__}) does not use it; drop it"
-              for name, value in (("capacity", cfg.capacity), ("free_bits", cfg.free_bits))
-              if value and name not in takes]
-    if unused:
-        raise ConfigError(unused, "training configuration")
+    problems = model.training_problems(cfg)  # options its loss would silently ignore are refused
+    if problems:
+        raise ConfigError(problems, "training configuration")
     # --labels N (semi-supervised): N labels kept, the rest hidden (-1), both kinds in every batch; else None
     semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size)
     if cfg.threads:
@@ -180,11 +151,11 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
             idx = dist.shard(batch_idx)  # this rank's samples of it
             x = train.batch(idx, binarize=cfg.binarize, generator=gen).to(dist.device)  # (B, C, H, W) / (B, D)
             x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
-            cond = (semi.labels[idx] if semi else train.labels(idx)).to(dist.device) if model.conditional else None
+            cond = (semi.labels[idx] if semi else train.labels(idx)).to(dist.device) if model.capabilities.conditional else None
             with autocast(cfg.precision, x):  # bf16 mixed precision when asked for; weights stay fp32
                 out = net(x_in, cond, n_samples=cfg.iw_samples)
             # per-sample terms in fp32, (B,) each; the clean x is the target
-            terms = loss_fn(x_in, out.float(), target=x, **objective_weights(model, cfg, global_step, steps, semi))
+            terms = model.loss(x_in, out.float(), target=x, shaping=shaping_at(cfg, global_step, steps, len(train), semi))
             # the global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its sum
             # by world / global batch size (exact for any split; for one process this is the mean)
             loss = terms["loss"].sum() / len(batch_idx) * dist.world
@@ -220,8 +191,7 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
                                     {**extra, **_prefixed("best.", best_state)})
         row = {"epoch": epoch + 1, "step": global_step}
         row.update({f"train_{k}": v for k, v in meter.reduce(dist).means().items()})
-        if hasattr(model, "epoch_metrics"):  # the model's own numbers of this epoch (a VQ-VAE's code usage)
-            row.update({f"train_{k}": v for k, v in model.epoch_metrics().items()})
+        row.update({f"train_{k}": v for k, v in model.epoch_metrics().items()})
         if val is not None and len(val):
             row.update({f"val_{k}": v for k, v in
                         loss_terms(model, val, batch_size=max(bs, 256), binarize=cfg.binarize, dist=dist,
@@ -273,7 +243,7 @@ _SHOWN = ("loss", "recon", "kl", "bce")
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
     """Adam with its fused kernel where this PyTorch has one for the parameters' device (CPUs since 2.4):
-    one pass over each parameter instead of a dozen foreach ops, 0.41 -> 0.18 ms a step for the seed VAE;
+    one pass over each parameter instead of a dozen foreach ops, so less time per step goes to the update;
     otherwise the foreach implementation. Same state dict either way, so checkpoints move between them."""
     params = list(params)
     try:
@@ -283,8 +253,8 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
 
 
 def autocast(precision: str, x: torch.Tensor):
-    """The forward pass's autocast context: bf16 matmuls and convolutions for precision="bf16" (on a CPU
-    with AVX-512 BF16 the seed AE trains 1.3x faster); a no-op for "fp32"."""
+    """The forward pass's autocast context: bf16 matmuls and convolutions for precision="bf16" (faster on a
+    CPU with AVX-512 BF16); a no-op for "fp32"."""
     return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -294,10 +264,10 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same multi-MB activation tensors every time. glibc serves
     such sizes with fresh mmap()s and trims its heap on free, so each step page-faults its activations in
-    again: 37,000 page faults per step for the seed AE, about 40% of its time on this 2-core VM (23 -> 13
-    s per epoch with the allocator tuned; PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the
-    same reason). Raising the mmap threshold to glibc's maximum (32 MiB) and turning off heap trimming
-    keeps the pages mapped; the process's memory then stays at its peak. A no-op on other C libraries.
+    again, which can take a large share of a small model's step on a CPU (PyTorch's CPU tuning guide
+    recommends jemalloc/tcmalloc for the same reason). Raising the mmap threshold to glibc's maximum
+    (32 MiB) and turning off heap trimming keeps the pages mapped; the process's memory then stays at its
+    peak. A no-op on other C libraries.
     """
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):

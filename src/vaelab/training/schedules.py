@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "linear", "cyclical")
-LR_SCHEDULES = ("constant", "cosine")
+from vaelab.config import KL_SCHEDULES as SCHEDULES
+from vaelab.config import LR_SCHEDULES
 
 
 def beta_at(step: int, *, beta: float, schedule: str = "constant", warmup_steps: int = 0,
