@@ -81,14 +81,14 @@ def child_vaelab(args) -> dict:
     test = loss_terms(model, data.test, batch_size=max(cfg.batch_size, 256))
     result = {"epoch_s": [r["time_s"] for r in history], "fit_wall_s": wall,
               "test_loss": test["loss"], "test_bce": test["bce"], "val_loss_in_training": history[-1]["val_loss"]}
-    if model.has_prior:  # inference throughput: encode every image (train + test) to its latent mean
+    if model.capabilities.stochastic:  # inference throughput: encode every image (train + test) to its latent mean
         images = torch.cat([data.train.x, data.test.x])
         t0 = time.perf_counter()
         for start in range(0, len(images), 1000):
             model.embed(images[start:start + 1000].float() / 255)
         result["encode_s"] = time.perf_counter() - t0
         result["encode_images"] = len(images)
-    if model.has_prior and args.nll_images and args.precision == "fp32":
+    if model.capabilities.stochastic and args.nll_images and args.precision == "fp32":
         # the literature's NLL protocol (K=5000 importance samples, as `vaelab evaluate --nll-samples 5000`) on the
         # first test images: its throughput in decoder passes per second
         from vaelab.evaluation.nll import importance_nll

@@ -206,7 +206,7 @@ def run_priors(args, mnist, model) -> dict:
     print(f"(c) class-conditional code priors on the codes of (a): the gated PixelCNN {args.prior_epochs} epochs, "
           f"the transformer {args.candidate_epochs}", flush=True)
     codes, test_codes = encode_codes(model, mnist.train), encode_codes(model, mnist.test)
-    k, grid = model.config.codebook_size, tuple(codes.shape[1:])
+    k, grid = model.settings.codebook_size, tuple(codes.shape[1:])
     results = {}
     for name in ("gated-pixelcnn", "transformer"):
         torch.manual_seed(args.seed)

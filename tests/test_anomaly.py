@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from vaelab.anomaly import (SCORES, AnomalyDetector, add_detect_parser, add_one_class_parser, auroc,
-                            one_class)
+from vaelab.anomaly import SCORES, AnomalyDetector, auroc, one_class
+from vaelab.cli.anomaly import add_detect_parser, add_one_class_parser
 from vaelab.data import ArrayDataset, load_dataset
 from vaelab.errors import ConfigError, DataError
 from vaelab.models import build_model
@@ -102,7 +102,7 @@ def test_sampled_scores_need_a_vae():
 def test_images_with_a_conv_model(digits):
     train = digits.train.subset((digits.train.y == 0).nonzero().squeeze(1))  # about 160 images of zeros
     det = AnomalyDetector(epochs=40, batch_size=32, threads=1, **TINY_CONV).fit(train)
-    assert det.model_.config.resolved_arch == "conv" and det.model_.config.likelihood == "gaussian"
+    assert det.model_.arch == "conv" and det.model_.config.likelihood == "gaussian"
     found = det.anomaly_scores(digits.test)
     others = digits.test.y.numpy() != 0
     assert auroc(found["elbo"], others) > 0.9
@@ -152,7 +152,7 @@ def _cli(argv):
 
 
 def test_building_the_parsers_imports_nothing_heavy():
-    code = ("import argparse, sys; from vaelab.anomaly import add_detect_parser, add_one_class_parser; "
+    code = ("import argparse, sys; from vaelab.cli.anomaly import add_detect_parser, add_one_class_parser; "
             "s = argparse.ArgumentParser().add_subparsers(); add_detect_parser(s); add_one_class_parser(s); "
             "print(sorted(m for m in ('torch', 'numpy', 'sklearn', 'matplotlib') if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

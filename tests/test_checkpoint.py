@@ -25,7 +25,7 @@ def saved(tmp_path):
 def test_files_and_config(saved):
     _, d = saved
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["format_version"] == 1 and cfg["model"]["model"] == "vae" and cfg["model"]["latent_dim"] == 2
+    assert cfg["format_version"] == 2 and cfg["model"]["model"] == "vae" and cfg["model"]["latent_dim"] == 2
     assert cfg["model"]["input_shape"] == [1, 8, 8]
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
 
@@ -76,7 +76,7 @@ def test_incompatible_format_version(saved):
     cfg = json.loads((d / "config.json").read_text())
     cfg["format_version"] = 99
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="format_version=99.*reads version 1"):
+    with pytest.raises(CheckpointError, match=r"format_version=99.*reads versions \[1, 2\]"):
         from_pretrained(d)
 
 

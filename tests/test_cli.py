@@ -70,16 +70,104 @@ def run(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------ start-up
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]] + [
+HEAVY = ("torch", "numpy", "matplotlib", "sklearn")
+# what `main(ARGV)` imported, run in a fresh interpreter: (exit status, heavy packages, vaelab.cli modules)
+IMPORTED = """
+import json, sys
+from vaelab.cli import main
+code = main(json.loads(sys.argv[1]))
+mods = sorted(sys.modules)
+print(json.dumps([code, sorted({m.split('.')[0] for m in mods if m.split('.')[0] in %r}),
+                  [m for m in mods if m.startswith('vaelab.cli.')]]), file=sys.stderr)
+""" % (HEAVY,)
+
+
+def imported_by(*argv) -> tuple[int, list[str], list[str]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", IMPORTED, json.dumps(list(argv))], env=env, capture_output=True,
+                          text=True, timeout=120)
+    return tuple(json.loads(proc.stderr.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models", "--help"]] + [
     [command, "--help"] for command in ("evaluate", "reconstruct", "sample", "manifold", "interpolate", "traverse",
-                                        "encode", "train-prior")])
+                                        "encode", "train-prior", "detect", "one-class")])
 def test_help_starts_without_torch(argv):
     proc = vaelab(*argv, python_flags=("-X", "importtime"), check=0)
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
     assert "vaelab.cli" in imported
-    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "numpy", "matplotlib", "sklearn"))
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
     assert heavy == [], f"--help imported {heavy[:5]}"
     assert "usage: vaelab" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["--version"], ["no-such-command"]])
+def test_the_command_list_imports_no_command_module(argv):
+    code, heavy, modules = imported_by(*argv)
+    assert code == (2 if argv in ([], ["no-such-command"]) else 0)
+    assert heavy == [] and modules == ["vaelab.cli.common"], (heavy, modules)
+
+
+@pytest.mark.parametrize("command, module", [("sample", "pictures"), ("detect", "anomaly"),
+                                             ("train-prior", "prior"), ("evaluate", "evaluate")])
+def test_a_command_imports_its_own_module_only(command, module):
+    code, heavy, modules = imported_by(command, "--help")
+    assert code == 0 and heavy == []
+    assert set(modules) - {"vaelab.cli.common", "vaelab.cli.drawing"} == {f"vaelab.cli.{module}"}, modules
+
+
+def test_train_help_lists_every_models_own_settings():
+    from vaelab.cli.train import _settings_fields
+
+    text = vaelab("train", "--help", check=0).stdout
+    assert "each model's own settings" in text
+    for f in _settings_fields():
+        assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_the_command_list_matches_the_command_parsers():
+    """Each command of the lazy top-level list builds a parser with a `func`, and `vaelab --help` gives it the
+    one-line help the command module gives it (vaelab.cli.COMMANDS)."""
+    import argparse
+
+    from vaelab.cli import COMMANDS, build_parser
+
+    lazy, eager = build_parser(), build_parser(lazy=False)
+    subs = next(a for a in eager._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(subs.choices) == [name for name, _, _ in COMMANDS]
+    assert [(c.dest, c.help) for c in subs._choices_actions] == [(name, text) for name, _, text in COMMANDS]
+    assert lazy.format_help() == eager.format_help()
+    for name, parser in subs.choices.items():
+        assert callable(parser.get_default("func")), name
+        assert parser.prog == f"vaelab {name}"
+
+
+def test_no_cli_function_is_longer_than_60_lines():
+    import ast
+
+    long = []
+    for path in sorted((REPO / "src" / "vaelab" / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
+
+
+def test_nothing_outside_the_cli_imports_it():
+    import ast
+
+    importers = []
+    for path in sorted((REPO / "src" / "vaelab").rglob("*.py")):
+        rel = path.relative_to(REPO / "src" / "vaelab")
+        if rel.parts[0] == "cli" or rel.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            importers += [f"{rel}: {n}" for n in names if n == "vaelab.cli" or n.startswith("vaelab.cli.")]
+    assert importers == []
 
 
 def test_train_help_has_a_flag_per_config_field():

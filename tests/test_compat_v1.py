@@ -235,7 +235,16 @@ def test_cli_evaluate(cli, name):
         return
     # the previous release's evaluation.json of the same weights on the same test split
     old = json.loads((FIXTURES / name / "evaluation.json").read_text(encoding="utf-8"))
-    for key in ("loss", "recon", "kl", "commitment", "accuracy"):  # loss: with beta, alpha, commitment of v1
+    keys = ["loss", "recon", "kl", "commitment", "accuracy"]  # loss: weighted by v1's beta (vae), alpha (m2)
+    if name == "vqvae":
+        # v1 never handed vq_commitment to the loss (training/loop.loss_weights passed beta and alpha only), so
+        # its vqvae objective always weighed the commitment term by the default 0.25: v1's "loss" here is
+        # recon + (1 + 0.25) * commitment although the run saved vq_commitment 0.5. A release that honours the
+        # saved 0.5 reports recon + 1.5 * commitment. Either is accepted; the weight-free terms must match.
+        keys.remove("loss")
+        weight = (now["loss"] - now["recon"]) / now["commitment"] - 1
+        assert weight == pytest.approx(0.25, rel=1e-3) or weight == pytest.approx(0.5, rel=1e-3), weight
+    for key in keys:
         if key in old:
             assert now[key] == pytest.approx(old[key], rel=1e-4, abs=1e-6), f"{name}: {key}"
     assert now["n"] == old["n"] == 180

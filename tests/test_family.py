@@ -147,7 +147,7 @@ def test_iwae(tmp_path):
 
 def test_cyclical_kl_annealing(tmp_path):
     cfg = train(tmp_path, "--model", "vae", "--beta", 4, "--kl-schedule", "cyclical", "--kl-warmup", 1)
-    assert cfg["train"]["kl_schedule"] == "cyclical" and cfg["model"]["beta"] == 4
+    assert cfg["train"]["kl_schedule"] == "cyclical" and cfg["model"]["settings"]["beta"] == 4
 
 
 def test_the_cli_lists_the_options_it_cannot_import():

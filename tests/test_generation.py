@@ -288,7 +288,7 @@ def test_traversal_needs_a_vae_with_a_vector_latent():
     x = images(1)[0]
     with pytest.raises(VaelabError, match="vector latent"):
         traversal(tiny(arch="conv-pool"), x)
-    with pytest.raises(VaelabError, match="no prior"):
+    with pytest.raises(VaelabError, match="model 'ae' has a deterministic encoder, no stochastic posterior"):
         traversal_order(tiny(model="ae"), dataset())
     with pytest.raises(VaelabError, match="dims"):
         traversal(tiny(latent_dim=2), x, dims=[2])

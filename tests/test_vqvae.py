@@ -299,14 +299,14 @@ def test_train_prior_on_a_run_directory(tmp_path):
     history = train_prior(run, epochs=1, layers=2, channels=8, progress=False)
     assert "test_bits_per_code" in history[0]
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"]["prior_layers"] == 2 and cfg["model"]["prior_classes"] == 10
+    assert cfg["model"]["settings"]["prior_layers"] == 2 and cfg["model"]["settings"]["prior_classes"] == 10
     assert cfg["prior"]["epochs"] == 1 and cfg["prior"]["classes"] == [str(i) for i in range(10)]
     assert (run / "prior_metrics.jsonl").is_file()
     assert from_pretrained(run).sample(3, condition=7).shape == (3, 1, 8, 8)
 
 
 def test_train_prior_parser_does_not_import_torch():
-    code = ("import argparse, sys; from vaelab.prior import add_train_prior_parser; "
+    code = ("import argparse, sys; from vaelab.cli.prior import add_train_prior_parser; "
             "p = argparse.ArgumentParser(); add_train_prior_parser(p.add_subparsers()); "
             "a = p.parse_args(['train-prior', 'runs/vq', '--epochs', '3']); "
             "assert a.epochs == 3 and a.func.__name__ == 'run_train_prior'; "
@@ -408,7 +408,7 @@ def test_cli_train_prior_then_sample_with_labels_resume_and_retrain(tmp_path, ca
     assert code == 0, err
     assert "epoch 1: train" in out and f"vaelab sample {run}" in out
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"]["prior_layers"] == 2 and cfg["model"]["prior_classes"] == 10  # digits are labelled
+    assert cfg["model"]["settings"]["prior_layers"] == 2 and cfg["model"]["settings"]["prior_classes"] == 10  # digits are labelled
     assert (run / "prior_checkpoint.safetensors").is_file() and not list(run.glob(".*.tmp"))
 
     code, out, err = _vaelab(capsys, "sample", run, "--n", 12, "--label", 3, "--out", tmp_path / "threes.png")

@@ -6,6 +6,7 @@ Two dataclasses describe a run: `ModelConfig` (what is built; saved next to the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -67,17 +68,22 @@ class ModelConfig:
     logvar_min: float = -30.0
     logvar_max: float = 20.0
     condition_dim: int = 0  # size of the condition (number of classes for labels); conditional models only
+    # networks of the user's own in place of `arch`'s (models/networks.py): {"encoder": {"class":
+    # "pkg.mod:Name", "kwargs": {...}}, "decoder": {...}}; None: the networks of `arch`
+    networks: dict | None = field(default=None, hash=False)
     settings: dict = field(default_factory=dict, hash=False)  # the model's own settings, by name
 
     def __init__(self, model: str = "vae", arch: str = "auto", input_shape: tuple[int, ...] | None = None,
                  latent_dim: int = 16, channels: tuple[int, ...] = (32, 64), hidden: tuple[int, ...] = (256,),
                  likelihood: str = "bernoulli", gaussian_sigma: float = 1.0, logvar_min: float = -30.0,
-                 logvar_max: float = 20.0, condition_dim: int = 0, settings: dict | None = None, **model_settings):
+                 logvar_max: float = 20.0, condition_dim: int = 0, networks: dict | None = None,
+                 settings: dict | None = None, **model_settings):
         common = dict(model=model, arch=arch, input_shape=input_shape, latent_dim=latent_dim, channels=channels,
                       hidden=hidden, likelihood=likelihood, gaussian_sigma=gaussian_sigma, logvar_min=logvar_min,
                       logvar_max=logvar_max, condition_dim=condition_dim)
         for k, v in common.items():
             object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
+        object.__setattr__(self, "networks", copy.deepcopy(networks))
         own = {**(settings or {}), **model_settings}
         object.__setattr__(self, "settings", {k: tuple(v) if isinstance(v, list) else v for k, v in own.items()})
 
@@ -116,6 +122,7 @@ class ModelConfig:
                        "with logvar_min < logvar_max (the clamp of log σ², default -30 and 20)")
         if not is_int(self.condition_dim) or self.condition_dim < 0:
             out.append(f"condition_dim={self.condition_dim!r} must be an integer >= 0")
+        out.extend(networks_problems(self.networks))
         if self.input_shape is not None and not (
                 isinstance(self.input_shape, tuple) and len(self.input_shape) in (1, 3)
                 and all(is_int(s) and s >= 1 for s in self.input_shape)):
@@ -150,6 +157,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self) if f.name != "settings"}
+        out["networks"] = copy.deepcopy(self.networks)
         out["settings"] = {k: _jsonable(v) for k, v in self.settings.items()}
         return out
 
@@ -396,6 +404,28 @@ def is_nonneg(v) -> bool:
 
 def is_pos(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def networks_problems(networks) -> list[str]:
+    """What is wrong with a ModelConfig's `networks`: None, or {"encoder": spec, "decoder": spec}, each spec
+    {"class": "package.module:Name", "kwargs": a table of keyword arguments, or None when unknown}."""
+    if networks is None:
+        return []
+    if not isinstance(networks, dict) or set(networks) != {"encoder", "decoder"}:
+        return [f"networks={networks!r} must be None or a table of two entries, 'encoder' and 'decoder'"]
+    out = []
+    for part in ("encoder", "decoder"):
+        spec = networks[part]
+        if not isinstance(spec, dict) or set(spec) != {"class", "kwargs"}:
+            out.append(f"networks[{part!r}]={spec!r} must be a table of 'class' ('package.module:Name') and 'kwargs'")
+            continue
+        path = spec["class"]
+        module, sep, name = path.partition(":") if isinstance(path, str) else ("", "", "")
+        if not (sep and name and all(p.isidentifier() for p in module.split("."))):
+            out.append(f"networks[{part!r}]['class']={path!r} must name a class as 'package.module:Name'")
+        if spec["kwargs"] is not None and not isinstance(spec["kwargs"], dict):
+            out.append(f"networks[{part!r}]['kwargs']={spec['kwargs']!r} must be a table of keyword arguments")
+    return out
 
 
 def _jsonable(v):

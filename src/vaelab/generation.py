@@ -323,8 +323,9 @@ def traversal_order(model, data, batch_size: int = 1000) -> tuple[list[int], lis
 
     _need_vector_latent(model, "a latent traversal")
     if not model.capabilities.stochastic:
-        raise VaelabError(f"latent traversals sort the dimensions by their KL to the prior N(0, I), but model "
-                          f"{model.config.model!r} has no prior; train a VAE (--model vae)")
+        raise VaelabError(f"latent traversals sort the dimensions by their posterior's KL to the prior N(0, I), but "
+                          f"model {model.config.model!r} has a deterministic encoder, no stochastic posterior; train a VAE "
+                          "(--model vae)")
     _need_labels(model, data)
     if len(data) == 0:
         raise VaelabError("the dataset is empty: no posterior to measure the KL of each dimension on")

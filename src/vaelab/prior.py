@@ -15,18 +15,19 @@ After every epoch the run directory is brought up to date (atomic writes): RUN/p
 continues from the checkpoint exactly as an uninterrupted fit would have gone on; the checkpoint records a
 fingerprint of the VQ-VAE's weights, so a prior is never resumed on codes that changed since.
 
-Building the argument parser imports neither torch nor numpy (`vaelab --help` stays instant).
+Importing this module imports neither torch nor numpy: vaelab.cli.prior builds the `train-prior` parser
+(and runs the command) with its names, and `vaelab train-prior --help` stays instant.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from pathlib import Path
 
 from vaelab.errors import VaelabError
+from vaelab.labels import class_index, class_names, label_text
 
 PRIOR_METRICS_FILE = "prior_metrics.jsonl"
 PRIOR_CHECKPOINT_FILE = "prior_checkpoint.safetensors"
@@ -49,10 +50,8 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
     after every epoch, with the prior attached to the model (train_prior saves the run there).
     """
     import torch
-    import torch.nn.functional as F
 
-    from vaelab.models.prior import CodePrior
-    from vaelab.training.checkpoint import load_checkpoint, save_checkpoint
+    from vaelab.training.checkpoint import save_checkpoint
 
     _check(epochs >= 1 and batch_size >= 1 and lr > 0 and layers >= 1 and channels >= 1,
            f"epochs={epochs}, batch_size={batch_size}, lr={lr}, layers={layers} and channels={channels} must all "
@@ -62,20 +61,11 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
                           "(train one with --model vqvae)")
     if len(train) == 0:
         raise VaelabError("the training set is empty; the prior needs the codes of the training data")
-    if resume and checkpoint is None:
-        raise VaelabError("resume=True needs the checkpoint file of the fit to continue (checkpoint=...)")
     settings = {"batch_size": batch_size, "lr": lr, "layers": layers, "channels": channels, "seed": seed}
-    saved = _read_prior_checkpoint(checkpoint) if resume else None
-    if resume and saved is None:
-        raise VaelabError(f"cannot resume: the prior checkpoint {str(checkpoint)!r} does not exist; fit without "
-                          "resuming")
+    saved = _fit_to_resume(model, checkpoint) if resume else None
     if saved is not None:
         settings = {k: saved["settings"][k] for k in RESUMED}
         conditional = saved["settings"]["classes"] > 0
-        if saved["vqvae"] != vqvae_fingerprint(model):
-            raise VaelabError(f"cannot resume the prior in {str(checkpoint)!r}: it was fitted to the codes of other "
-                              "VQ-VAE weights (the model was trained further since); fit a new prior without "
-                              "resuming")
     classes = (train.num_classes or int(train.y.max()) + 1) if conditional and train.y is not None else 0
     if saved is not None and classes != saved["settings"]["classes"]:
         raise VaelabError(f"cannot resume the prior in {str(checkpoint)!r}: it models {saved['settings']['classes']} "
@@ -87,40 +77,18 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
     test_labels = test.y.long() if classes and test_codes is not None and test.y is not None else None
     positions = math.prod(codes.shape[1:])
 
-    torch.manual_seed(settings["seed"])
-    prior = CodePrior(model.config.codebook_size, codes.shape[1:], settings["channels"], settings["layers"],
-                      classes).to(device)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=settings["lr"])
-    history: list[dict] = []
-    if saved is not None:
-        state, _ = load_checkpoint(Path(checkpoint), prior, optimizer)
-        history = state["history"]
+    prior, optimizer, history = _new_prior(model, codes.shape[1:], classes, settings, device,
+                                           Path(checkpoint) if saved is not None else None)
     # the prior is part of the model from now on: an interrupted fit leaves the prior of its last epoch
     model.set_prior(prior, model.config.replace(prior_layers=settings["layers"], prior_channels=settings["channels"],
                                                 prior_classes=classes))
     trainer_state = {"settings": {**settings, "classes": classes}, "vqvae": vqvae_fingerprint(model)}
     bits = lambda nats: nats / (positions * math.log(2))  # noqa: E731  (nats per map -> bits per code)
-    bs = settings["batch_size"]
     for epoch in range(len(history), epochs):
         t0 = time.perf_counter()
-        prior.train()
         gen = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + epoch)
-        perm = torch.randperm(len(codes), generator=gen)
-        total = 0.0
-        bar = _bar(progress, math.ceil(len(codes) / bs), f"prior epoch {epoch + 1}/{epochs}")
-        for start in range(0, len(codes), bs):
-            idx = perm[start:start + bs]
-            k = codes[idx].to(device)  # (B, h, w)
-            c = labels[idx].to(device) if classes else None
-            nll = F.cross_entropy(prior(k, c), k, reduction="none").flatten(1).sum(1)  # (B,) nats per map
-            optimizer.zero_grad(set_to_none=True)
-            nll.mean().backward()
-            optimizer.step()
-            total += float(nll.detach().sum())
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        bar = _bar(progress, math.ceil(len(codes) / settings["batch_size"]), f"prior epoch {epoch + 1}/{epochs}")
+        total = _prior_epoch(prior, optimizer, codes, labels, settings["batch_size"], gen, bar, device)
         row = {"epoch": epoch + 1, "train_bits_per_code": bits(total / len(codes))}
         if test_codes is not None and (not classes or test_labels is not None):
             row["test_bits_per_code"] = bits(prior_nll(prior, test_codes, test_labels))
@@ -133,6 +101,64 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
             on_epoch(history)
     prior.eval()
     return history
+
+
+def _new_prior(model, grid, classes: int, settings: dict, device, resume_from: Path | None):
+    """(prior, its Adam, history): a fresh prior seeded with settings["seed"], or the one of the checkpoint
+    `resume_from` (weights, optimizer state and history)."""
+    import torch
+
+    from vaelab.models.prior import CodePrior
+    from vaelab.training.checkpoint import load_checkpoint
+
+    torch.manual_seed(settings["seed"])
+    prior = CodePrior(model.config.codebook_size, grid, settings["channels"], settings["layers"], classes).to(device)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=settings["lr"])
+    history: list[dict] = []
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from, prior, optimizer)
+        history = state["history"]
+    return prior, optimizer, history
+
+
+def _fit_to_resume(model, checkpoint) -> dict:
+    """The trainer state of the prior checkpoint to resume, which must exist and belong to the model's weights."""
+    if checkpoint is None:
+        raise VaelabError("resume=True needs the checkpoint file of the fit to continue (checkpoint=...)")
+    saved = _read_prior_checkpoint(checkpoint)
+    if saved is None:
+        raise VaelabError(f"cannot resume: the prior checkpoint {str(checkpoint)!r} does not exist; fit without "
+                          "resuming")
+    if saved["vqvae"] != vqvae_fingerprint(model):
+        raise VaelabError(f"cannot resume the prior in {str(checkpoint)!r}: it was fitted to the codes of other "
+                          "VQ-VAE weights (the model was trained further since); fit a new prior without "
+                          "resuming")
+    return saved
+
+
+def _prior_epoch(prior, optimizer, codes, labels, batch_size: int, gen, bar, device) -> float:
+    """One pass of the prior over the code maps (N, h, w), in an order drawn from `gen`, one optimizer step per
+    batch; returns the summed negative log-likelihood of the maps, in nats."""
+    import torch
+    import torch.nn.functional as F
+
+    prior.train()
+    perm = torch.randperm(len(codes), generator=gen)
+    total = 0.0
+    for start in range(0, len(codes), batch_size):
+        idx = perm[start:start + batch_size]
+        k = codes[idx].to(device)  # (B, h, w)
+        c = labels[idx].to(device) if labels is not None else None
+        nll = F.cross_entropy(prior(k, c), k, reduction="none").flatten(1).sum(1)  # (B,) nats per map
+        optimizer.zero_grad(set_to_none=True)
+        nll.mean().backward()
+        optimizer.step()
+        total += float(nll.detach().sum())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return total
 
 
 def encode_codes(model, data, batch_size: int = 512):
@@ -175,7 +201,7 @@ def vqvae_fingerprint(model) -> str:
 def _read_prior_checkpoint(path) -> dict | None:
     """The trainer state of a prior checkpoint (settings, fingerprint, history), or None if there is none."""
     from vaelab.errors import CheckpointError
-    from vaelab.training.checkpoint import unpack
+    from vaelab.io import unpack
 
     path = Path(path)
     if not path.is_file():
@@ -206,10 +232,9 @@ def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS[
     Settings left at None take the defaults (DEFAULTS), or on resume the checkpoint's."""
     import torch
 
-    from vaelab.data import load_dataset
-    from vaelab.errors import ConfigError, DataError
+    from vaelab.io import atomic_write_text, read_config
     from vaelab.models import from_pretrained
-    from vaelab.training.checkpoint import atomic_write_text, read_config, save_pretrained
+    from vaelab.models.pretrained import save_pretrained
     from vaelab.training.distributed import resolve_device
 
     run_dir = Path(run_dir)
@@ -226,6 +251,41 @@ def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS[
     given = {"batch_size": batch_size, "lr": lr, "layers": layers, "channels": channels, "seed": seed}
     checkpoint = run_dir / PRIOR_CHECKPOINT_FILE
     saved = _read_prior_checkpoint(checkpoint)
+    _check_refit(run_dir, model, saved, given, epochs=epochs, conditional=conditional, resume=resume,
+                 overwrite=overwrite)
+    settings = {k: DEFAULTS[k] if v is None else v for k, v in given.items()}
+    data = _run_data(run_dir, cfg, model, dataset, data_dir, progress)
+    if threads:
+        torch.set_num_threads(threads)
+    model.to(resolve_device(device))
+    t0 = time.perf_counter()
+    model_settings = {k: saved["settings"][k] for k in RESUMED} if resume else settings  # what fit_prior uses
+
+    def save(history: list[dict]) -> None:  # after every epoch: the model with the prior so far, and its metrics
+        last = history[-1]
+        record = {"epochs": last["epoch"], "batch_size": model_settings["batch_size"],
+                  "lr": model_settings["lr"], "seed": model_settings["seed"],
+                  "train_bits_per_code": last["train_bits_per_code"],
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        if "test_bits_per_code" in last:
+            record["test_bits_per_code"] = last["test_bits_per_code"]
+        if model.config.prior_classes:
+            record["classes"] = class_names(data.train.classes, model.config.prior_classes)
+        save_pretrained(model, run_dir, extra={"prior": record})
+        atomic_write_text(run_dir / PRIOR_METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+
+    history = fit_prior(model, data.train, data.test, epochs=epochs, conditional=conditional, progress=progress,
+                        checkpoint=checkpoint, resume=resume, on_epoch=save, **settings)
+    model.to("cpu")
+    return history
+
+
+def _check_refit(run_dir: Path, model, saved: dict | None, given: dict, *, epochs: int, conditional: bool,
+                 resume: bool, overwrite: bool) -> None:
+    """Refuse to fit the prior of a run that has one (unless `overwrite`), and to resume one that cannot be
+    continued as asked: missing, of other weights, other settings `given`, or already `epochs` long."""
+    from vaelab.errors import ConfigError
+
     current = saved is not None and saved["vqvae"] == vqvae_fingerprint(model)  # a prior of these weights
     if resume:
         if not current:
@@ -246,7 +306,12 @@ def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS[
         done = f" ({len(saved['history'])} epoch{'s' * (len(saved['history']) != 1)})" if current else ""
         raise VaelabError(f"{str(run_dir)!r} already has a code prior{done}; continue it with --resume (and a "
                           "larger --epochs), or fit a new one with --overwrite")
-    settings = {k: DEFAULTS[k] if v is None else v for k, v in given.items()}
+
+
+def _run_data(run_dir: Path, cfg: dict, model, dataset, data_dir, progress: bool):
+    """The data to fit the prior on: `dataset` or the run's training dataset, checked to fit the model."""
+    from vaelab.data import load_dataset
+    from vaelab.errors import DataError
 
     saved_data = cfg.get("data") or {}
     dataset = dataset or saved_data.get("dataset")
@@ -257,35 +322,7 @@ def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS[
         raise DataError(f"dataset {dataset!r} holds samples of shape {tuple(data.train.sample_shape)}, but the "
                         f"model in {str(run_dir)!r} takes {tuple(model.config.input_shape)}; use the dataset it "
                         "was trained on")
-    if threads:
-        torch.set_num_threads(threads)
-    model.to(resolve_device(device))
-    t0 = time.perf_counter()
-    model_settings = {k: saved["settings"][k] for k in RESUMED} if resume else settings  # what fit_prior uses
-
-    def save(history: list[dict]) -> None:  # after every epoch: the model with the prior so far, and its metrics
-        last = history[-1]
-        record = {"epochs": last["epoch"], "batch_size": model_settings["batch_size"],
-                  "lr": model_settings["lr"], "seed": model_settings["seed"],
-                  "train_bits_per_code": last["train_bits_per_code"],
-                  "seconds": round(time.perf_counter() - t0, 1)}
-        if "test_bits_per_code" in last:
-            record["test_bits_per_code"] = last["test_bits_per_code"]
-        if model.config.prior_classes:
-            record["classes"] = _class_names(data.train.classes, model.config.prior_classes)
-        save_pretrained(model, run_dir, extra={"prior": record})
-        atomic_write_text(run_dir / PRIOR_METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
-
-    history = fit_prior(model, data.train, data.test, epochs=epochs, conditional=conditional, progress=progress,
-                        checkpoint=checkpoint, resume=resume, on_epoch=save, **settings)
-    model.to("cpu")
-    return history
-
-
-def _class_names(classes, k: int) -> list[str]:
-    """Names of labels 0..k-1: the data's class names, or the indices themselves."""
-    names = [str(c) for c in classes] if classes else []
-    return (names + [str(i) for i in range(len(names), k)])[:k]
+    return data
 
 
 # ============================================================================================ generation
@@ -308,14 +345,12 @@ def sample_run(run: str, cfg: dict, model, *, n: int | None = None, label: str |
     if n < 1:
         raise VaelabError(f"--n must be a positive integer, got {n}")
     k = model.config.prior_classes
-    classes = _class_names((cfg.get("prior") or {}).get("classes"), k)
+    classes = class_names((cfg.get("prior") or {}).get("classes"), k)
     name = cfg.get("preset") or model.config.model
     if label is not None:
         wanted = _prior_label(label, k, classes, run)
         labels = torch.full((n,), wanted, dtype=torch.long)
-        from vaelab.cli import _label_text
-
-        what = f"{n} samples of class {_label_text(wanted, classes)}"
+        what = f"{n} samples of class {label_text(wanted, classes)}"
     elif k:
         labels = torch.arange(n) * k // n  # (n,) classes 0..k-1 in order, n/k each
         what = f"{n} samples, classes {classes[0]}..{classes[-1]} in reading order"
@@ -333,80 +368,7 @@ def _prior_label(text: str, k: int, classes: list[str], run: str) -> int:
         raise VaelabError(f"--label needs a class-conditional prior, but the prior of {run!r} is unconditional "
                           "(fitted with --unconditional, or on unlabelled data); drop --label, or fit a "
                           f"conditional one on labelled data: `vaelab train-prior {run} --overwrite`")
-    from vaelab.cli import _class_index
-
-    return _class_index(text, k, classes, "this prior", "the prior")
-
-
-# ================================================================================================ the CLI
-
-
-def add_train_prior_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `train-prior` to the `vaelab` subcommands (no torch import here)."""
-    p = subparsers.add_parser(
-        "train-prior", help="fit the code prior of a VQ-VAE run, so that `vaelab sample` can generate",
-        description="Fit an autoregressive prior (a gated PixelCNN) over the code grids of a trained VQ-VAE run "
-                    "and store it in the run directory (model.safetensors, config.json, prior_metrics.jsonl, "
-                    "prior_checkpoint.safetensors), after every epoch. On labelled data the prior is "
-                    "class-conditional: `vaelab sample RUN --label 3`. --resume continues an interrupted fit "
-                    "(or extends a finished one to a larger --epochs) with its saved settings.")
-    p.add_argument("run", help="the run directory of a `vaelab train --model vqvae` run")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="passes over the training codes "
-                   f"(default {DEFAULTS['epochs']})")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"code grids per optimizer step (default {DEFAULTS['batch_size']})")
-    p.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate (default {DEFAULTS['lr']})")
-    p.add_argument("--layers", type=int, default=None,
-                   help=f"gated PixelCNN layers (default {DEFAULTS['layers']})")
-    p.add_argument("--channels", type=int, default=None,
-                   help=f"channels of each layer (default {DEFAULTS['channels']})")
-    p.add_argument("--unconditional", action="store_true",
-                   help="ignore the data's labels: one prior for all classes")
-    p.add_argument("--dataset", default=None, help="the data to encode (default: the run's training dataset)")
-    p.add_argument("--data-dir", default=None, help="folder of the built-in datasets (default: the run's)")
-    p.add_argument("--seed", type=int, default=None,
-                   help=f"random seed of the prior's weights and data order (default {DEFAULTS['seed']})")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run's prior from prior_checkpoint.safetensors up to --epochs")
-    p.add_argument("--overwrite", action="store_true", help="replace a prior the run already has")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    p.set_defaults(func=run_train_prior)
-    return p
-
-
-def run_train_prior(args) -> int:
-    for flag in ("epochs", "batch_size", "layers", "channels"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise VaelabError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise VaelabError(f"--lr must be a positive number, got {args.lr}")
-    if args.seed is not None and args.seed < 0:
-        raise VaelabError(f"--seed must be an integer >= 0, got {args.seed}")
-    run = Path(args.run)
-    try:
-        history = train_prior(args.run, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, layers=args.layers, channels=args.channels,
-                              conditional=not args.unconditional, seed=args.seed, threads=args.threads,
-                              device=args.device, progress=args.progress, resume=args.resume,
-                              overwrite=args.overwrite)
-    except KeyboardInterrupt:
-        from vaelab.cli import _Interrupted
-
-        if (run / PRIOR_CHECKPOINT_FILE).is_file():
-            raise _Interrupted(f"the prior's checkpoint of its last finished epoch is intact; continue with: "
-                               f"vaelab train-prior {args.run} --resume") from None
-        raise
-    for row in history:
-        test = f", test {row['test_bits_per_code']:.4f}" if "test_bits_per_code" in row else ""
-        print(f"epoch {row['epoch']}: train {row['train_bits_per_code']:.4f} bits per code{test} "
-              f"({row['time_s']:.1f} s)")
-    print(f"wrote: {run / 'model.safetensors'}, {run / 'config.json'}, {run / PRIOR_METRICS_FILE}, "
-          f"{run / PRIOR_CHECKPOINT_FILE}")
-    print(f"sample with: vaelab sample {args.run} --n 64")
-    return 0
+    return class_index(text, k, classes, "this prior", "the prior")
 
 
 def _check(ok: bool, message: str) -> None:

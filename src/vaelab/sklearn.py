@@ -35,6 +35,8 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from vaelab.data import ArrayDataset, standardize
 from vaelab.errors import CheckpointError, ConfigError, DataError
+from vaelab.evaluation.scores import (SAMPLED, SCORES, anomaly_scores, latent_codes, latent_statistics,
+                                      score_problems)
 
 __all__ = ["AutoencoderTransformer", "VAETransformer", "AnomalyDetector"]
 
@@ -195,7 +197,7 @@ class AutoencoderTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
         hidden = tuple(self.hidden) if isinstance(self.hidden, (tuple, list)) else self.hidden
         return {"model": self._model_name, "arch": "mlp", "input_shape": tuple(data.sample_shape),
                 "latent_dim": self.latent_dim, "hidden": hidden, "likelihood": "gaussian",
-                "gaussian_sigma": self.gaussian_sigma, "beta": getattr(self, "beta", 1.0)}
+                "gaussian_sigma": self.gaussian_sigma, **_beta(getattr(self, "beta", 1.0))}
 
     def fit(self, X, y=None):
         """Standardize X's columns and train the model on them. Returns self."""
@@ -209,8 +211,6 @@ class AutoencoderTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
 
     def transform(self, X):
         """Latent means (N, latent_dim), in X's float dtype."""
-        from vaelab.anomaly import latent_codes
-
         self._check_fitted()
         data = self._dataset(X, reset=False)
         with self._threads(False):
@@ -230,8 +230,6 @@ class AutoencoderTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
 
     def score_samples(self, X):
         """Log-likelihood of each row (higher = more typical), in nats, in X's units (N,)."""
-        from vaelab.anomaly import anomaly_scores
-
         self._check_fitted()
         data = self._dataset(X, reset=False)
         kind = "elbo" if self.model_.capabilities.stochastic else "recon"
@@ -346,19 +344,17 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
                 "hidden": tup(self.hidden) if self.hidden is not None else ((256,) if image else (64,)),
                 "channels": tup(self.channels),
                 "likelihood": self.likelihood or "gaussian",
-                "gaussian_sigma": self.gaussian_sigma, "beta": self.beta}
+                "gaussian_sigma": self.gaussian_sigma, **_beta(self.beta)}
 
     def _train_settings(self, image):
         return {"epochs": self.epochs if self.epochs is not None else (30 if image else 60),
                 "batch_size": self.batch_size, "lr": self.lr}
 
     def _own_problems(self) -> list[str]:
-        from vaelab.anomaly import score_problems
-
         out = []
         if self.pretrained is None:
             out += score_problems(self.model, self.score_type)
-        elif self.score_type not in ("recon", "elbo", "iwae", "latent"):
+        elif self.score_type not in SCORES:
             out += score_problems("", self.score_type)
         if not (_is_real(self.contamination) and 0 < self.contamination <= 0.5):
             out.append(f"contamination={self.contamination!r} must be a number in (0, 0.5]: the expected "
@@ -378,8 +374,6 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
 
     def fit(self, X, y=None):
         """Train the model on X (or load `pretrained`), then fit the latent statistics and the threshold."""
-        from vaelab.anomaly import latent_codes, latent_statistics
-
         problems = self._own_problems()
         if self.pretrained is not None:
             from vaelab.models import from_pretrained
@@ -387,7 +381,7 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
             self.model_ = from_pretrained(self.pretrained)
             self.seed_ = seed_from(self.random_state)
             self.history_ = []
-            if self.score_type in ("elbo", "iwae") and not self.model_.capabilities.stochastic:
+            if self.score_type in SAMPLED and not self.model_.capabilities.stochastic:
                 problems.append(f"score_type={self.score_type!r} needs a VAE, but {self.pretrained!r} holds a "
                                 f"{self.model_.config.model!r} model; use score_type='recon' or 'latent'")
             if problems:
@@ -428,8 +422,6 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
     # ------------------------------------------------------------------------------------- scoring
 
     def _score(self, data: ArrayDataset) -> np.ndarray:
-        from vaelab.anomaly import anomaly_scores
-
         found = anomaly_scores(self.model_, data, (self.score_type,), n_samples=self.n_samples, seed=self.seed_,
                                latent_stats=(self.latent_mean_, self.latent_precision_))
         return -found[self.score_type]
@@ -452,8 +444,6 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
     def anomaly_scores(self, X, kinds=None) -> dict:
         """Every anomaly score kind (higher = more anomalous) of each row from the fitted model, as a dict
         kind -> float64 array (N,). kinds=None: all that the model supports."""
-        from vaelab.anomaly import SAMPLED, SCORES, anomaly_scores
-
         self._check_fitted()
         if kinds is None:
             kinds = [k for k in SCORES if self.model_.capabilities.stochastic or k not in SAMPLED]
@@ -467,7 +457,7 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
     def save(self, directory, **extra) -> None:
         """Write the model and the fitted detector (threshold, standardization, latent statistics) into a
         run directory: config.json + model.safetensors. `extra` (JSON values) is stored with them."""
-        from vaelab.training.checkpoint import save_pretrained
+        from vaelab.models.pretrained import save_pretrained
 
         self._check_fitted()
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
@@ -481,16 +471,17 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
         save_pretrained(self.model_, directory, extra={"detector": state})
 
     @classmethod
-    def load(cls, directory) -> AnomalyDetector:
-        """A fitted detector from a directory written by `save` (or `vaelab one-class`)."""
+    def load(cls, directory, *, trust_code: bool = False) -> AnomalyDetector:
+        """A fitted detector from a directory written by `save` (or `vaelab one-class`). trust_code=True lets a
+        model with networks of its own import their module from outside vaelab (see vaelab.from_pretrained)."""
         from vaelab.models import from_pretrained
-        from vaelab.training.checkpoint import read_config
+        from vaelab.io import read_config
 
         cfg = read_config(directory)
         state = cfg.get("detector")
         try:
             det = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["params"].items()})
-            model = from_pretrained(directory)
+            model = from_pretrained(directory, trust_code=trust_code)
             det.seed_, det.offset_ = int(state["seed"]), float(state["offset"])
             det.latent_mean_ = np.asarray(state["latent_mean"], dtype=np.float64)
             det.latent_precision_ = np.asarray(state["latent_precision"], dtype=np.float64)
@@ -535,3 +526,9 @@ def _split(data: ArrayDataset, fraction: float, seed: int):
     n_held = min(max(round(n * fraction), 1), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     return data.subset(perm[n_held:].sort().values), data.subset(perm[:n_held].sort().values)
+
+
+def _beta(beta) -> dict:
+    """The KL weight as a model setting: only when it differs from 1 (models without a KL have no such setting,
+    and the model's config then says so)."""
+    return {} if beta == 1.0 else {"beta": beta}

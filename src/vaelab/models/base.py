@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from vaelab.config import ARCHS, ModelConfig
-from vaelab.errors import ConfigError, VaelabError
-from vaelab.losses import NO_SHAPING, Shaping, iwae_bound, kl_standard_normal, log_importance_weights
+from vaelab.errors import CheckpointError, ConfigError, VaelabError
+from vaelab.losses import NO_SHAPING, Shaping, kl_standard_normal, log_importance_weights
 
 
 class DiagonalGaussian:
@@ -139,14 +140,24 @@ class Autoencoder(nn.Module):
     archs: ClassVar[tuple[str, ...]] = ARCHS  # the `arch` values this model can be built with
     default_arch: ClassVar[str | None] = None  # what arch "auto" means; None: conv for images, mlp for vectors
     encoder_outputs: ClassVar[int] = 1  # latent-shaped tensors the encoder's head emits (2 = mean, log-variance)
+    # whether the model takes networks of the user's own (build_model's encoder= / decoder=, config.networks;
+    # models/networks.py) in place of models/nets.py's: those whose pair comes from this __init__. A subclass that
+    # builds its own networks sets False; one that overrides __init__ passes encoder= / decoder= on to it
+    custom_networks: ClassVar[bool] = True
     registry_name: ClassVar[str]
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
         super().__init__()
-        from vaelab.models.nets import build_networks
-
         self.config = config
-        self.encoder, self.decoder, self.latent_shape = build_networks(config, self.encoder_outputs, self.arch)
+        if encoder is None and decoder is None and config.networks is None:
+            from vaelab.models.nets import build_networks
+
+            self.encoder, self.decoder, self.latent_shape = build_networks(config, self.encoder_outputs, self.arch)
+        else:  # the user's own (checked on a zero batch); the config records them, so the model saves
+            from vaelab.models.networks import own_networks
+
+            self.config, self.encoder, self.decoder, self.latent_shape = own_networks(type(self), config, encoder,
+                                                                                      decoder)
 
     # ------------------------------------------------------------------------------ settings and loss
 
@@ -161,8 +172,8 @@ class Autoencoder(nn.Module):
 
     @property
     def arch(self) -> str:
-        """The network this model is built with ("auto" resolved)."""
-        return resolve_arch(type(self), self.config)
+        """The network this model is built with ("auto" resolved; "custom" for networks of the user's own)."""
+        return "custom" if self.config.networks is not None else resolve_arch(type(self), self.config)
 
     def loss_weights(self, shaping: Shaping) -> dict:
         """The keywords of `objective` besides (x, out, target): from the config, the settings and `shaping`."""
@@ -208,7 +219,10 @@ class Autoencoder(nn.Module):
         if not conditional and config.condition_dim:
             out.append(f"condition_dim={config.condition_dim} is set but model={config.model!r} takes no "
                        "condition; use a conditional model (model='cvae')")
-        if config.input_shape is not None and config.arch in cls.archs:
+        if config.networks is not None and not cls.custom_networks:
+            out.append(f"model={config.model!r} builds its own networks; it takes no encoder= / decoder= "
+                       "(config networks)")
+        if config.input_shape is not None and config.arch in cls.archs and config.networks is None:
             out.extend(shape_problems(config, resolve_arch(cls, config)))
         return out
 
@@ -352,10 +366,19 @@ class Autoencoder(nn.Module):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory) -> "Autoencoder":
-        from vaelab.models.pretrained import load_pretrained
+    def from_pretrained(cls, directory, *, trust_code: bool = False) -> "Autoencoder":
+        """The model of this class saved in `directory` (vaelab.from_pretrained loads any model). trust_code=True
+        lets it import the module of networks of its own that live outside vaelab (importing runs that module's
+        code): only for files you trust."""
+        from vaelab.io import CONFIG_FILE, read_config
+        from vaelab.models.pretrained import load_as
 
-        return load_pretrained(directory)
+        saved = (read_config(directory).get("model") or {}).get("model")
+        if saved != getattr(cls, "registry_name", None):
+            raise CheckpointError(f"{str(Path(directory) / CONFIG_FILE)!r} holds a model {saved!r}, not "
+                                  f"{getattr(cls, 'registry_name', cls.__name__)!r}; load it with "
+                                  "vaelab.from_pretrained(directory)")
+        return load_as(cls, directory, trust_code=trust_code)
 
 
 def resolve_arch(cls: type[Autoencoder], config: ModelConfig) -> str:
@@ -374,25 +397,6 @@ def settings_problems(cls: type[Autoencoder], config: ModelConfig) -> list[str]:
         return [f"{k}={config.settings[k]!r} is not a setting of model {config.model!r}; its settings are "
                 f"{names or 'none'}" for k in unknown]
     return cls.Settings(**config.settings).problems(config)
-
-
-def check_config(config: ModelConfig, common_ok: bool = True) -> list[str]:
-    """The registry's checks of a ModelConfig (installed into config.MODEL_CHECKS by vaelab.models): the model is
-    registered; its settings; and, when the common fields are valid, the rest of the model's own checks."""
-    from vaelab.models.registry import MODELS
-
-    if not isinstance(config.model, str) or config.model not in MODELS:
-        return [f"model={config.model!r} is not a registered model; choose one of {sorted(MODELS)}"]
-    cls = MODELS[config.model].cls
-    return cls.config_problems(config) if common_ok else settings_problems(cls, config)
-
-
-def full_settings(config: ModelConfig) -> ModelConfig:
-    """The config with every setting of its model spelled out (the defaults filled in), as saved with a model."""
-    from vaelab.models.registry import MODELS
-
-    cls = MODELS[config.model].cls
-    return config.replace(settings=cls.Settings(**config.settings).to_dict())
 
 
 def shape_problems(config: ModelConfig, arch: str) -> list[str]:

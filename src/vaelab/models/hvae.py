@@ -146,6 +146,7 @@ class HVAE(Autoencoder):
     loss_options = frozenset({"kl_schedule", "iw_samples"})
     iwae_options = frozenset({"kl_schedule", "beta"})  # β and its warm-up temper the importance weights
     encoder_outputs = 2  # q(z1 | x): mean and log-variance
+    custom_networks = False  # its networks between the layers (up, down) are its own
 
     def __init__(self, config):
         super().__init__(config)

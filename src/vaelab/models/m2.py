@@ -161,6 +161,7 @@ class M2(CVAE):
     loss_options = frozenset({"kl_schedule", "iw_samples"})
     archs = ("auto", "mlp")
     default_arch = "mlp"
+    custom_networks = False  # builds its own networks (a classifier and a pair encoder)
 
     def __init__(self, config):
         nn.Module.__init__(self)  # its own networks (see PairEncoder), not models/nets.py's

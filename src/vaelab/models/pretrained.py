@@ -1,11 +1,13 @@
 """Pretrained directories: config.json + model.safetensors, written and read without executing code.
 
-`load_pretrained` migrates a config.json written by an older vaelab (its `format_version`) before it builds
-the model, so run directories of earlier releases keep loading.
+Reading migrates a config.json written by an older vaelab (its `format_version`) before it builds the model, so
+run directories of earlier releases keep loading. This module knows model classes only as arguments: the
+registry (models/registry.py: load_pretrained) finds the class by the saved model's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,7 +18,16 @@ from vaelab.io import (CONFIG_FILE, WEIGHTS_FILE, atomic_write_bytes, atomic_wri
 
 
 def save_pretrained(model, directory: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write the model's config.json (keeping other sections already there) and model.safetensors."""
+    """Write the model's config.json (keeping other sections already there) and model.safetensors.
+
+    A model built with networks of the user's own saves when their classes and constructor arguments are
+    recorded (models/networks.py); otherwise this refuses, saying how to make them savable, and writes nothing."""
+    if model.config.networks is not None:
+        from vaelab.models.networks import save_problems
+
+        problems = save_problems(model)
+        if problems:
+            raise ConfigError(problems, f"model to save in {str(directory)!r}")
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS_FILE, pack(state))
@@ -28,12 +39,14 @@ def save_pretrained(model, directory: str | os.PathLike, extra: dict | None = No
     atomic_write_json(config_path, cfg)
 
 
-def model_config_from(cfg: dict, where: str) -> ModelConfig:
-    """The validated ModelConfig of a config.json's "model" section (read_config has migrated it)."""
+def config_of(cls: type, cfg: dict, where: str) -> ModelConfig:
+    """The validated ModelConfig of a config.json's "model" section for model class `cls` (read_config has
+    migrated the file), with every setting of the model spelled out."""
     try:
         section = dict(cfg["model"])
         if section.pop("v1_settings", False):  # a version-1 file: keep the settings its model declares
-            section["settings"] = _own_settings(section["model"], section.get("settings") or {})
+            own = {f.name for f in dataclasses.fields(cls.Settings)}
+            section["settings"] = {k: v for k, v in (section.get("settings") or {}).items() if k in own}
         mc = ModelConfig.from_dict(section)
         mc.validate()
     except (KeyError, TypeError) as e:
@@ -42,32 +55,36 @@ def model_config_from(cfg: dict, where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: {e}") from None
     if mc.input_shape is None:
         raise CheckpointError(f"{where}: the model config has no input_shape")
-    return mc
+    return complete_settings(cls, mc)
 
 
-def _own_settings(name: str, settings: dict) -> dict:
-    """Of a version-1 model section's settings, those model `name` declares (the others had no effect)."""
-    import dataclasses
-
-    from vaelab.models.registry import MODELS
-
-    if name not in MODELS:
-        return settings  # validation names the unknown model
-    own = {f.name for f in dataclasses.fields(MODELS[name].cls.Settings)}
-    return {k: v for k, v in settings.items() if k in own}
+def complete_settings(cls: type, config: ModelConfig) -> ModelConfig:
+    """The config with every setting of model class `cls` spelled out (the defaults filled in), as saved."""
+    return config.replace(settings=cls.Settings(**config.settings).to_dict())
 
 
-def load_pretrained(directory: str | os.PathLike):
-    """The model saved in `directory` (save_pretrained's, or a run directory's final model), in eval mode."""
-    from vaelab.models.base import full_settings
-    from vaelab.models.registry import MODELS
+def load_as(cls: type, directory: str | os.PathLike, *, trust_code: bool = False):
+    """The model of class `cls` saved in `directory` (save_pretrained's, or a run directory's final model), in
+    eval mode. vaelab.from_pretrained finds the class by the saved model's name.
 
+    A model with networks of its own imports their classes' module: a module inside vaelab freely, any other
+    only with trust_code=True (importing runs the module's code; pass it for files you trust). Without it such
+    a file is refused before anything is imported."""
     directory = Path(directory)
-    mc = model_config_from(read_config(directory), str(directory / CONFIG_FILE))
-    model = MODELS[mc.model].cls(full_settings(mc))
+    where = str(directory / CONFIG_FILE)
+    mc = config_of(cls, read_config(directory), where)
+    networks = {}
+    if mc.networks is not None:
+        from vaelab.models.networks import instantiate
+
+        networks = dict(zip(("encoder", "decoder"), instantiate(mc.networks, trust_code, where)))
+    try:
+        model = cls(mc, **networks)
+    except ConfigError as e:
+        if not networks:
+            raise
+        raise CheckpointError(f"{where}: {e}") from None
     state, _ = unpack(directory / WEIGHTS_FILE)
     load_state(model, state, directory / WEIGHTS_FILE)
     model.eval()
     return model
-
-

@@ -157,6 +157,7 @@ class VQVAE(Autoencoder):
     capabilities = Capabilities(discrete=True)
     objective = staticmethod(vqvae_loss)
     archs = ("auto", "conv", "mlp")
+    custom_networks = False  # builds its own networks (a spatial code grid)
 
     def __init__(self, config):
         # the networks differ from the other models' (a spatial code grid), so build_networks is not used

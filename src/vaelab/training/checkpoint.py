@@ -14,7 +14,8 @@ from vaelab.config import FORMAT_VERSION
 from vaelab.errors import CheckpointError
 from vaelab.io import (CONFIG_FILE, WEIGHTS_FILE, _data_section, atomic_write_bytes, atomic_write_json,  # noqa: F401
                        atomic_write_text, load_state, pack, read_config, unpack)
-from vaelab.models.pretrained import load_pretrained, model_config_from, save_pretrained  # noqa: F401
+from vaelab.models.pretrained import save_pretrained  # noqa: F401
+from vaelab.models.registry import load_pretrained, model_config_from  # noqa: F401
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 READABLE_CHECKPOINTS = (1, FORMAT_VERSION)  # the checkpoint layout did not change in version 2

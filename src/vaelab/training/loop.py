@@ -9,10 +9,8 @@ an uninterrupted run would be: the same weights, bit for bit on a CPU.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -21,12 +19,15 @@ import torch
 from vaelab.config import TrainConfig
 from vaelab.data.semisupervised import mixed_batches
 from vaelab.errors import ConfigError, DataError, TrainingError
+from vaelab.losses import Shaping
+from vaelab.models.networks import save_problems
 from vaelab.training.checkpoint import (CHECKPOINT_FILE, atomic_write_json, atomic_write_text,
                                         load_checkpoint, save_checkpoint, save_pretrained)
 from vaelab.training.corruption import corrupt
 from vaelab.training.distributed import Dist
-from vaelab.losses import Shaping
+from vaelab.training.runtime import Meter, autocast, keep_freed_memory  # noqa: F401 (also for old importers)
 from vaelab.training.schedules import beta_at, capacity_at, lr_at
+from vaelab.training.validation import loss_terms
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -49,33 +50,6 @@ def shaping_at(cfg: TrainConfig, step: int, steps_per_epoch: int, dataset_size: 
                    label_weight=None if semi is None else semi.classifier_weight, dataset_size=dataset_size)
 
 
-class Meter:
-    """Sums of per-sample loss terms, kept as tensors so the hot loop never waits on `.item()`."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
-        for k, v in terms.items():
-            s = v.detach().sum()
-            self.sums[k] = self.sums[k] + s if k in self.sums else s
-        self.count += next(iter(terms.values())).shape[0]
-
-    def means(self) -> dict[str, float]:
-        return {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
-
-    def reduce(self, dist: Dist) -> "Meter":
-        """Sum over all ranks (in place), so every rank reports the global means."""
-        if dist.active and self.sums:
-            keys = sorted(self.sums)
-            total = dist.all_sum(torch.stack([self.sums[k].double() for k in keys]
-                                             + [torch.tensor(float(self.count), dtype=torch.float64)]))
-            self.sums = dict(zip(keys, total[:-1]))
-            self.count = int(total[-1])
-        return self
-
-
 def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, resume: bool = False,
         run_info: dict | None = None, **overrides) -> list[dict]:
     """Train `model` on `train` (an ArrayDataset), validating on `val` after every epoch.
@@ -84,9 +58,27 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
     run directory that receives config.json, metrics.jsonl, checkpoint.safetensors and model.safetensors.
     Returns the per-epoch metrics. With early stopping, the best validation weights are restored at the end.
     """
-    from vaelab.evaluation import loss_terms
-
     cfg = (config or TrainConfig()).replace(**overrides).validate()
+    _check_fit(model, train, cfg, out)
+    run = _Run(model, train, val, cfg, Path(out) if out is not None else None)
+    if resume:
+        run.resume()
+        if run.start_epoch >= cfg.epochs:  # done already: end as the run did, on its best weights
+            if run.best_state is not None:
+                model.load_state_dict(run.best_state)
+            return run.history
+    run.open(run_info)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        row = run.train_epoch(epoch)
+        if run.end_epoch(epoch, row):  # early stopping
+            break
+    run.close()
+    return run.history
+
+
+def _check_fit(model, train, cfg: TrainConfig, out=None) -> None:
+    """Refuse data the model cannot take, options its loss would silently ignore, and (with a run directory) a
+    model that could not be saved into it."""
     if tuple(train.sample_shape) != tuple(model.config.input_shape):
         raise DataError(f"the data's sample shape {tuple(train.sample_shape)} does not match the model's "
                         f"input_shape {tuple(model.config.input_shape)}; build the model for this data")
@@ -95,147 +87,183 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
     if model.capabilities.conditional and train.y is None:
         raise DataError(f"model {model.config.model!r} is conditional and needs labelled data; the training "
                         "set has no labels (use a dataset with labels, or an unconditional model)")
-    problems = model.training_problems(cfg)  # options its loss would silently ignore are refused
+    problems = model.training_problems(cfg)
     if problems:
         raise ConfigError(problems, "training configuration")
-    # --labels N (semi-supervised): N labels kept, the rest hidden (-1), both kinds in every batch; else None
-    semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    dist = Dist.from_env(cfg.device)  # a world of one unless launched by torchrun
-    model.to(dist.device)
-    optimizer = make_adam(model.parameters(), cfg.lr)
-    params = list(model.parameters())
-    run_dir = Path(out) if out is not None else None
-    main = dist.is_main  # only rank 0 writes files and shows progress
+    if out is not None:  # networks of the user's own that cannot be recorded: refuse before an epoch is spent
+        problems = save_problems(model)
+        if problems:
+            raise ConfigError(problems, f"model to train into {str(out)!r}")
 
-    history: list[dict] = []
-    start_epoch, global_step = 0, 0
-    best_loss, best_state, bad_epochs = math.inf, None, 0
-    position, saved = None, {}  # where a checkpoint written inside an epoch left off
-    if resume:
-        if run_dir is None:
+
+class _Run:
+    """One call of `fit`: what it set up (the world of processes, the optimizer, the batches), and what it
+    carries from epoch to epoch and saves in its checkpoints. Its methods are fit's steps, in order: `resume`,
+    `open`, then per epoch `train_epoch` (its steps: `_step`, `_step_checkpoint`) and `end_epoch`, and `close`."""
+
+    def __init__(self, model, train, val, cfg: TrainConfig, run_dir: Path | None):
+        self.model, self.train, self.val, self.cfg, self.run_dir = model, train, val, cfg, run_dir
+        # --labels N (semi-supervised): N labels kept, the rest hidden (-1), both kinds in every batch; else None
+        self.semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        keep_freed_memory()
+        self.dist = Dist.from_env(cfg.device)  # a world of one unless launched by torchrun
+        model.to(self.dist.device)
+        self.optimizer = make_adam(model.parameters(), cfg.lr)
+        self.params = list(model.parameters())
+        self.main = self.dist.is_main  # only rank 0 writes files and shows progress
+        self.n, self.bs = self.semi.epoch_length if self.semi else len(train), cfg.batch_size
+        self.steps = math.ceil(self.n / self.bs)  # the last batch may be partial, as in Keras
+        self.history: list[dict] = []
+        self.start_epoch, self.step = 0, 0  # the first epoch to run (past 0 when resuming), optimizer steps done
+        self.best_loss, self.best_state, self.bad_epochs = math.inf, None, 0
+        self.position, self.saved = None, {}  # where a checkpoint written inside an epoch left off
+        self.writer, self.net = None, model
+
+    def resume(self) -> None:
+        """Take up the state of the run's checkpoint: weights, optimizer, history, and (written inside an
+        epoch) the position there."""
+        if self.run_dir is None:
             raise TrainingError("resume=True needs the run directory (out=...) holding the checkpoint")
-        state, saved = load_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer)
-        start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
-        best_loss, bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
-        position = state.get("position")
-        if cfg.early_stopping and any(k.startswith("best.") for k in saved):
-            best_state = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
-        if start_epoch >= cfg.epochs:
-            if best_state is not None:  # done already: end as the run did, on its best weights
-                model.load_state_dict(best_state)
-            return history
-    if run_dir is not None and main:
-        _write_run_config(run_dir, model, cfg, run_info)
-    writer = _tensorboard(run_dir) if main else None
-    net = dist.wrap(model)  # DistributedDataParallel under torchrun: all-reduces the gradients
+        state, self.saved = load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.model, self.optimizer)
+        self.start_epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.best_loss, self.bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
+        self.position = state.get("position")
+        if self.cfg.early_stopping and any(k.startswith("best.") for k in self.saved):
+            self.best_state = {k[5:]: v for k, v in self.saved.items() if k.startswith("best.")}
 
-    n, bs = semi.epoch_length if semi else len(train), cfg.batch_size
-    steps = math.ceil(n / bs)  # the last batch may be partial, as in Keras
-    for epoch in range(start_epoch, cfg.epochs):
+    def open(self, run_info: dict | None) -> None:
+        """Write the run's config.json, open TensorBoard, and wrap the model for the world of processes."""
+        if self.run_dir is not None and self.main:
+            _write_run_config(self.run_dir, self.model, self.cfg, run_info)
+        self.writer = _tensorboard(self.run_dir) if self.main else None
+        self.net = self.dist.wrap(self.model)  # DistributedDataParallel under torchrun: all-reduces the gradients
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training data, then validation: the epoch's row of metrics (appended to history)."""
+        cfg, dist = self.cfg, self.dist
         t0 = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # the model's noise (reparameterization) this epoch
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1)  # data order, binarization
-        perm = semi.epoch_order(gen) if semi else torch.randperm(n, generator=gen)
-        model.train()
+        perm = self.semi.epoch_order(gen) if self.semi else torch.randperm(self.n, generator=gen)
+        self.model.train()
         meter = Meter()
         first = 0  # the epoch's first step: past 0 when resuming from a checkpoint written inside it
-        if position is not None:
-            first = _restore_position(position, saved, meter, gen, dist, steps, bs, n)
-            position = None
-        bar = _progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}", first) if main else None
-        for i in range(first, steps):
-            batch_idx = perm[i * bs:(i + 1) * bs]  # the global batch, the same on every rank
-            idx = dist.shard(batch_idx)  # this rank's samples of it
-            x = train.batch(idx, binarize=cfg.binarize, generator=gen).to(dist.device)  # (B, C, H, W) / (B, D)
-            x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
-            cond = (semi.labels[idx] if semi else train.labels(idx)).to(dist.device) if model.capabilities.conditional else None
-            with autocast(cfg.precision, x):  # bf16 mixed precision when asked for; weights stay fp32
-                out = net(x_in, cond, n_samples=cfg.iw_samples)
-            # per-sample terms in fp32, (B,) each; the clean x is the target
-            terms = model.loss(x_in, out.float(), target=x, shaping=shaping_at(cfg, global_step, steps, len(train), semi))
-            # the global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its sum
-            # by world / global batch size (exact for any split; for one process this is the mean)
-            loss = terms["loss"].sum() / len(batch_idx) * dist.world
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.lr_schedule != "constant":  # a pure function of the step: resumes exactly
-                lr = lr_at(global_step, lr=cfg.lr, schedule=cfg.lr_schedule, total_steps=cfg.epochs * steps,
-                           lr_min=cfg.lr_min)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            loss.backward()
-            # the gradients' global L2 norm in one fused pass, (); Inf/NaN when any entry is. One check (and one
-            # sync) for loss and gradients, before the weights move; every rank stops together
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            if dist.any(not bool(torch.isfinite(loss) & torch.isfinite(norm))):
-                raise _nonfinite(terms, loss, norm, model, epoch, global_step, run_dir)
-            if cfg.grad_clip:  # torch.nn.utils.clip_grad_norm_'s arithmetic, on the norm already computed
-                torch._foreach_mul_(grads, (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
-            optimizer.step()
-            global_step += 1
-            meter.add(terms)
+        if self.position is not None:
+            first = _restore_position(self.position, self.saved, meter, gen, dist, self.steps, self.bs, self.n)
+            self.position = None
+        bar = _progress(cfg, self.steps, f"epoch {epoch + 1}/{cfg.epochs}", first) if self.main else None
+        for i in range(first, self.steps):
+            meter.add(self._step(epoch, perm[i * self.bs:(i + 1) * self.bs], gen))  # the global batch
             if bar is not None:
                 bar.update(1)
-                if i % 20 == 0 or i == steps - 1:
+                if i % 20 == 0 or i == self.steps - 1:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in meter.means().items() if k in _SHOWN})
-            if run_dir is not None and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 \
-                    and i + 1 < steps:  # a step checkpoint (the epoch's last step writes the epoch's own)
-                state = {"epoch": epoch, "step": global_step, "history": history, "best_loss": best_loss,
-                         "bad_epochs": bad_epochs}
-                state["position"], extra = _position(i + 1, steps, bs, n, meter, gen, dist)
-                if main:
-                    save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, state,
-                                    {**extra, **_prefixed("best.", best_state)})
-        row = {"epoch": epoch + 1, "step": global_step}
+            if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
+                    and i + 1 < self.steps:  # a step checkpoint (the epoch's last step writes the epoch's own)
+                self._step_checkpoint(epoch, i + 1, meter, gen)
+        row = {"epoch": epoch + 1, "step": self.step}
         row.update({f"train_{k}": v for k, v in meter.reduce(dist).means().items()})
-        row.update({f"train_{k}": v for k, v in model.epoch_metrics().items()})
-        if val is not None and len(val):
+        row.update({f"train_{k}": v for k, v in self.model.epoch_metrics().items()})
+        if self.val is not None and len(self.val):
             row.update({f"val_{k}": v for k, v in
-                        loss_terms(model, val, batch_size=max(bs, 256), binarize=cfg.binarize, dist=dist,
-                                   precision=cfg.precision).items()})
+                        loss_terms(self.model, self.val, batch_size=max(self.bs, 256), binarize=cfg.binarize,
+                                   dist=dist, precision=cfg.precision).items()})
         row["time_s"] = round(time.perf_counter() - t0, 3)
-        history.append(row)
+        self.history.append(row)
         if bar is not None:
             bar.set_postfix({k.replace("_", " "): f"{v:.4g}" for k, v in row.items()
                              if k in ("train_loss", "val_loss")})
             bar.close()
+        return row
 
+    def _step(self, epoch: int, batch_idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """One optimizer step on the global batch `batch_idx`; returns this rank's per-sample loss terms."""
+        model, cfg, dist, train, semi = self.model, self.cfg, self.dist, self.train, self.semi
+        idx = dist.shard(batch_idx)  # this rank's samples of the global batch, the same on every rank
+        x = train.batch(idx, binarize=cfg.binarize, generator=gen).to(dist.device)  # (B, C, H, W) / (B, D)
+        x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
+        cond = None
+        if model.capabilities.conditional:
+            cond = (semi.labels[idx] if semi else train.labels(idx)).to(dist.device)
+        with autocast(cfg.precision, x):  # bf16 mixed precision when asked for; weights stay fp32
+            out = self.net(x_in, cond, n_samples=cfg.iw_samples)
+        # per-sample terms in fp32, (B,) each; the clean x is the target
+        shaping = shaping_at(cfg, self.step, self.steps, len(train), semi)
+        terms = model.loss(x_in, out.float(), target=x, shaping=shaping)
+        # the global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its sum
+        # by world / global batch size (exact for any split; for one process this is the mean)
+        loss = terms["loss"].sum() / len(batch_idx) * dist.world
+        self.optimizer.zero_grad(set_to_none=True)
+        if cfg.lr_schedule != "constant":  # a pure function of the step: resumes exactly
+            lr = lr_at(self.step, lr=cfg.lr, schedule=cfg.lr_schedule, total_steps=cfg.epochs * self.steps,
+                       lr_min=cfg.lr_min)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        loss.backward()
+        # the gradients' global L2 norm in one fused pass, (); Inf/NaN when any entry is. One check (and one
+        # sync) for loss and gradients, before the weights move; every rank stops together
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if dist.any(not bool(torch.isfinite(loss) & torch.isfinite(norm))):
+            raise _nonfinite(terms, loss, norm, model, epoch, self.step, self.run_dir)
+        if cfg.grad_clip:  # torch.nn.utils.clip_grad_norm_'s arithmetic, on the norm already computed
+            torch._foreach_mul_(grads, (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+        self.optimizer.step()
+        self.step += 1
+        return terms
+
+    def _trainer_state(self, epoch: int) -> dict:
+        """The JSON part of a checkpoint; `epoch` is the epoch a resumed run starts in."""
+        return {"epoch": epoch, "step": self.step, "history": self.history, "best_loss": self.best_loss,
+                "bad_epochs": self.bad_epochs}
+
+    def _step_checkpoint(self, epoch: int, epoch_step: int, meter: Meter, gen: torch.Generator) -> None:
+        """A checkpoint inside epoch `epoch`, after its step `epoch_step`: with every rank's RNG states and
+        partial sums (every rank takes part; rank 0 writes)."""
+        state = self._trainer_state(epoch)
+        state["position"], extra = _position(epoch_step, self.steps, self.bs, self.n, meter, gen, self.dist)
+        if self.main:
+            save_checkpoint(self.run_dir / CHECKPOINT_FILE, self.model, self.optimizer, state,
+                            {**extra, **_prefixed("best.", self.best_state)})
+
+    def end_epoch(self, epoch: int, row: dict) -> bool:
+        """The bookkeeping after epoch `epoch`: the best loss so far, the epoch's checkpoint, model and metrics
+        files, TensorBoard. Returns whether early stopping ends the run here."""
+        cfg = self.cfg
         monitored = row.get("val_loss", row["train_loss"])
-        if monitored < best_loss:
-            best_loss, bad_epochs = monitored, 0
+        if monitored < self.best_loss:
+            self.best_loss, self.bad_epochs = monitored, 0
             if cfg.early_stopping:
-                best_state = copy.deepcopy(model.state_dict())
+                self.best_state = copy.deepcopy(self.model.state_dict())
         else:
-            bad_epochs += 1
-        stop = bool(cfg.early_stopping) and bad_epochs >= cfg.early_stopping
-        if run_dir is not None and main:
-            state = {"epoch": epoch + 1, "step": global_step, "history": history, "best_loss": best_loss,
-                     "bad_epochs": bad_epochs}
-            save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, state,
-                            {"rng.torch": torch.get_rng_state(), **_prefixed("best.", best_state)})
-            save_pretrained(model, run_dir)
-            atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
-        if writer is not None:
+            self.bad_epochs += 1
+        stop = bool(cfg.early_stopping) and self.bad_epochs >= cfg.early_stopping
+        if self.run_dir is not None and self.main:
+            save_checkpoint(self.run_dir / CHECKPOINT_FILE, self.model, self.optimizer, self._trainer_state(epoch + 1),
+                            {"rng.torch": torch.get_rng_state(), **_prefixed("best.", self.best_state)})
+            save_pretrained(self.model, self.run_dir)
+            atomic_write_text(self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.writer is not None:
             for k, v in row.items():
                 if k not in ("epoch", "step"):
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-            writer.flush()
-        if stop:
-            break
+                    self.writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+            self.writer.flush()
+        return stop
 
-    if best_state is not None:
-        model.load_state_dict(best_state)  # early stopping: keep the best validation weights
-        if run_dir is not None and main:
-            save_pretrained(model, run_dir)
-    if writer is not None:
-        writer.close()
-    dist.barrier()  # no rank returns before rank 0 has written the final files
-    model.eval()
-    model.to("cpu")  # the rest of vaelab (data, pictures, evaluation) works on the CPU
-    return history
+    def close(self) -> None:
+        """End the run: the best weights under early stopping, every rank waiting for rank 0's files, the model
+        in eval mode on the CPU."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)  # early stopping: keep the best validation weights
+            if self.run_dir is not None and self.main:
+                save_pretrained(self.model, self.run_dir)
+        if self.writer is not None:
+            self.writer.close()
+        self.dist.barrier()  # no rank returns before rank 0 has written the final files
+        self.model.eval()
+        self.model.to("cpu")  # the rest of vaelab (data, pictures, evaluation) works on the CPU
 
 
 _SHOWN = ("loss", "recon", "kl", "bce")
@@ -250,35 +278,6 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or version
         return torch.optim.Adam(params, lr=lr, foreach=True)
-
-
-def autocast(precision: str, x: torch.Tensor):
-    """The forward pass's autocast context: bf16 matmuls and convolutions for precision="bf16" (faster on a
-    CPU with AVX-512 BF16); a no-op for "fp32"."""
-    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the OS (once per process).
-
-    A training step allocates and frees the same multi-MB activation tensors every time. glibc serves
-    such sizes with fresh mmap()s and trims its heap on free, so each step page-faults its activations in
-    again, which can take a large share of a small model's step on a CPU (PyTorch's CPU tuning guide
-    recommends jemalloc/tcmalloc for the same reason). Raising the mmap threshold to glibc's maximum
-    (32 MiB) and turning off heap trimming keeps the pages mapped; the process's memory then stays at its
-    peak. A no-op on other C libraries.
-    """
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (ValueError, OSError, AttributeError):  # no confstr name, no glibc, no mallopt
-        return False
 
 
 def _progress(cfg: TrainConfig, total: int, desc: str, initial: int = 0):

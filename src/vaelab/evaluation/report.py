@@ -1,0 +1,65 @@
+"""The test-split report of a trained model: `evaluate` (re-exported as `vaelab.evaluation.evaluate`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vaelab.evaluation.metrics import latent_health, layer_stats, posterior_stats, probe_accuracy, psnr
+from vaelab.evaluation.nll import importance_nll
+from vaelab.training.validation import EVAL_SEED, loss_terms
+
+
+def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed: int = EVAL_SEED,
+             nll_samples: int = 0, train_data=None, latent: bool = True) -> dict:
+    """The test-split report, one flat dict of numbers (JSON-ready).
+
+    - loss terms, mean per sample: `loss` (the training objective; for a VAE the negative ELBO in nats =
+      the tutorial's 784*BCE + KL on MNIST), `recon` (reconstruction NLL, nats), `kl`, `elbo`, and the
+      per-pixel means `bce`, `mse`; `elbo_bits_per_dim`; `psnr` (dB, of the posterior-mean reconstruction);
+    - `nll`, `nll_se`, `nll_bits_per_dim` with nll_samples = K > 0: the importance-sampled -log p(x);
+    - latent health (VAEs, latent=True): `kl_per_dim`, `active_units`, and `warning` on posterior collapse;
+      for two stochastic layers (hvae) these are the top layer's, and `bottom_active_units` counts z1's;
+    - with labelled data and `train_data` given: `linear_probe_accuracy` and `knn5_accuracy` on the latents;
+    - a model with a classifier (m2) on labelled data: its `accuracy` and `error` (the fraction misclassified);
+    - a VQ-VAE's code usage: `perplexity` of the chosen codes, `codes_used` (fraction of the codebook) and
+      `dead_codes` (codes no sample chose).
+    """
+    out = loss_terms(model, data, batch_size=batch_size, binarize=binarize, seed=seed)
+    if "error" in out:  # a model with a classifier q(y|x) (m2): judged on the labels of `data`
+        if data.y is None:
+            out.pop("error"), out.pop("classifier_nll", None)  # no labels to judge it by
+        else:
+            out["accuracy"] = 1.0 - out["error"]
+    out["n"] = len(data)
+    dims = math.prod(data.sample_shape)
+    if "elbo" in out:
+        out["elbo_bits_per_dim"] = -out["elbo"] / (dims * math.log(2))
+    if data.is_image:
+        values = []
+        with torch.inference_mode():
+            for start in range(0, len(data), batch_size):
+                idx = torch.arange(start, min(start + batch_size, len(data)))
+                x = data.batch(idx)
+                cond = data.labels(idx) if model.capabilities.conditional else None
+                values.append(psnr(x, model.reconstruct(x, cond)))
+        out["psnr"] = float(torch.cat(values).clamp(max=100.0).mean())
+    if nll_samples:
+        out.update(importance_nll(model, data, n_samples=nll_samples, binarize=binarize, seed=seed))
+    if latent and model.capabilities.stochastic:
+        layers = layer_stats(model, data, batch_size)  # {layer: (means, logvars)}; "" is the model's latent
+        means = layers[""][0]
+        out.update(latent_health(*layers[""]))
+        for name, stats in layers.items():  # more stochastic layers (an hvae's bottom one): their KL is not to N(0, I)
+            if name:
+                health = latent_health(*stats)
+                out[f"{name}_active_units"], out[f"{name}_latent_dims"] = health["active_units"], health["latent_dims"]
+        if train_data is not None and data.y is not None and train_data.y is not None:
+            z_train, _ = posterior_stats(model, train_data, batch_size)
+            out.update(probe_accuracy(z_train.numpy(), train_data.y.numpy(), means.numpy(), data.y.numpy()))
+    out.update(model.data_metrics(data, batch_size))  # the model's own (a VQ-VAE's code usage)
+    return out
+
+
+__all__ = ["evaluate"]
