@@ -278,21 +278,28 @@ def test_a_class_that_is_no_module_is_never_called(tmp_path, nets):
 def test_the_cli_refuses_without_trust_code_and_loads_with_it(tmp_path, digits, nets, monkeypatch):
     run, marker, evil = _hostile(tmp_path, digits, nets, monkeypatch)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(evil), os.environ.get("PYTHONPATH", "")])}
+    commands = {"evaluate": ["evaluate", str(run)],  # every command that opens a run takes --trust-code
+                "detect": ["detect", str(run), "--data", "digits", "--normal-label", "3", "--out",
+                           str(tmp_path / "detect")],
+                "train --resume": ["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress",
+                                   "--no-pictures"]}
 
-    def evaluate(*flags):
-        return subprocess.run([sys.executable, "-m", "vaelab", "evaluate", str(run), *flags], cwd=tmp_path, env=env,
+    def vaelab_cli(argv, *flags):
+        return subprocess.run([sys.executable, "-m", "vaelab", *argv, *flags], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
 
-    refused = evaluate()
-    assert refused.returncode != 0, refused.stdout
-    assert "Traceback" not in refused.stderr
-    assert "vaelab: error:" in refused.stderr and "evil_mod:Encoder" in refused.stderr
-    assert "--trust-code" in refused.stderr
-    assert not marker.exists()
+    for name, argv in commands.items():
+        refused = vaelab_cli(argv)
+        assert refused.returncode != 0, (name, refused.stdout)
+        assert "Traceback" not in refused.stderr, (name, refused.stderr)
+        assert "vaelab: error:" in refused.stderr and "evil_mod:Encoder" in refused.stderr, (name, refused.stderr)
+        assert "--trust-code" in refused.stderr, (name, refused.stderr)
+        assert not marker.exists(), name
 
-    trusted = evaluate("--trust-code")
-    assert trusted.returncode == 0, trusted.stderr
-    assert marker.exists()
+    for name, argv in commands.items():
+        trusted = vaelab_cli(argv, "--trust-code")
+        assert trusted.returncode == 0, (name, trusted.stderr)
+        assert marker.exists(), name
 
 
 def test_networks_is_no_cli_flag():

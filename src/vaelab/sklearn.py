@@ -296,6 +296,8 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
       epochs, batch_size, lr: training (epochs None: 30 for images, 60 for tabular data)
       pretrained      None, or a run directory: use its trained model instead of training (the columns are
                       then not standardized: the run's model saw them raw)
+      trust_code      let a pretrained model whose networks are your own classes import their module from
+                      outside vaelab (importing runs its code: only for runs you trust)
       random_state, threads (None: 1 for tabular data, torch's setting for images), verbose
 
     Fitted attributes: model_, offset_, latent_mean_ and latent_precision_ (the "latent" score), seed_,
@@ -307,7 +309,7 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
     def __init__(self, model="vae", score_type="elbo", *, contamination=0.1, fpr=None, validation_fraction=0.2,
                  n_samples=16, arch="auto", latent_dim=None, hidden=None, channels=(32, 64), likelihood=None,
                  gaussian_sigma=0.1, beta=1.0, epochs=None, batch_size=128, lr=1e-3, pretrained=None,
-                 random_state=0, threads=None, verbose=False):
+                 trust_code=False, random_state=0, threads=None, verbose=False):
         self.model = model
         self.score_type = score_type
         self.contamination = contamination
@@ -325,6 +327,7 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
         self.batch_size = batch_size
         self.lr = lr
         self.pretrained = pretrained
+        self.trust_code = trust_code
         self.random_state = random_state
         self.threads = threads
         self.verbose = verbose
@@ -378,7 +381,7 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
         if self.pretrained is not None:
             from vaelab.models import from_pretrained
 
-            self.model_ = from_pretrained(self.pretrained)
+            self.model_ = from_pretrained(self.pretrained, trust_code=bool(self.trust_code))
             self.seed_ = seed_from(self.random_state)
             self.history_ = []
             if self.score_type in SAMPLED and not self.model_.capabilities.stochastic:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vaelab.anomaly import (DETECTOR_KEY, ONE_CLASS_DATASETS, SAMPLED, SCORE_HELP, SCORES, auroc, format_table,
                             one_class, save_histogram, save_roc, score_problems)
-from vaelab.cli.common import print_written, sub
+from vaelab.cli.common import add_trust_code, print_written, sub
 from vaelab.errors import ConfigError, DataError, VaelabError
 
 
@@ -79,6 +79,7 @@ def add_detect_parser(subparsers) -> argparse.ArgumentParser:
                    help="with labels other than 0/1: the label (index or class name) of normal rows "
                         "[default: the detector's normal class]")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder [default RUN/detect-<data>]")
+    add_trust_code(p)
     p.set_defaults(func=run_detect)
     return p
 
@@ -187,7 +188,7 @@ def _saved_detector(run: Path, cfg: dict, args):
     """The detector saved in `run` (by one-class or AnomalyDetector.save), with --score and --samples applied."""
     from vaelab.sklearn import AnomalyDetector
 
-    det = AnomalyDetector.load(run)
+    det = AnomalyDetector.load(run, trust_code=args.trust_code)
     changes = {}
     if args.score is not None and args.score != det.score_type:
         changes["score_type"] = args.score
@@ -259,7 +260,8 @@ def _detector_for_run(run: Path, cfg: dict, args, rows):
 
     model_name = (cfg.get("model") or {}).get("model")
     score = args.score or ("elbo" if model_name in MODELS and MODELS[model_name].cls.capabilities.stochastic else "recon")
-    det = AnomalyDetector(pretrained=str(run), score_type=score, n_samples=args.samples or 16)
+    det = AnomalyDetector(pretrained=str(run), score_type=score, n_samples=args.samples or 16,
+                          trust_code=args.trust_code)
     needs_threshold = args.threshold is None and args.contamination is None
     dataset = (cfg.get("data") or {}).get("dataset")
     if not dataset:

@@ -81,9 +81,14 @@ def add_run_arg(p, dataset: bool = True) -> None:
                        help="use this dataset instead of the one the run was trained on")
     p.add_argument("--data-dir", metavar="DIR", default=None,
                    help="folder holding the dataset files, if they moved since training")
+    add_trust_code(p)
+
+
+def add_trust_code(p, **kw) -> None:
+    """--trust-code, on every command that opens a run directory."""
     p.add_argument("--trust-code", action="store_true",
                    help="let a run whose networks are your own classes (built in Python) import their module "
-                        "from outside vaelab; importing runs that module's code, so only for runs you trust")
+                        "from outside vaelab; importing runs that module's code, so only for runs you trust", **kw)
 
 
 def int_list(text: str) -> tuple[int, ...]:

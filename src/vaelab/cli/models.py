@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import textwrap
 
 from vaelab.cli.common import sub
@@ -18,14 +19,16 @@ def add_models_parser(subs) -> argparse.ArgumentParser:
 
 
 def cmd_models(args) -> int:
-    from vaelab.models import list_models
+    from vaelab.models import MODELS, list_models
 
     width = shutil.get_terminal_size((100, 24)).columns
     print("models (train with --model NAME):")
     _print_described([(m.name, m.description) for m in list_models()], width)
     print("\npresets (train with --preset NAME):")
     _print_described([(p.name, p.description) for p in sorted(PRESETS.values(), key=lambda p: p.name)], width)
-    return 0
+    for problem in MODELS.broken.values():  # installed model plugins that gave no model
+        print(f"vaelab: error: {problem}", file=sys.stderr)
+    return 1 if MODELS.broken else 0
 
 
 def _print_described(items: list[tuple[str, str]], width: int) -> None:

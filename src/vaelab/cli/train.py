@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from vaelab.cli.common import (Interrupted, fmt_number, fmt_value, int_list, print_table, print_terms, print_written,
-                               sub, write_evaluation)
+from vaelab.cli.common import (Interrupted, add_trust_code, fmt_number, fmt_value, int_list, print_table, print_terms,
+                               print_written, sub, write_evaluation)
 from vaelab.config import ARCHS, KL_SCHEDULES, LIKELIHOODS, LR_SCHEDULES, NOISES, PRESETS, ModelConfig, TrainConfig
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.labels import class_names
@@ -154,6 +154,7 @@ def _add_run_flags(run) -> None:
                           "(training settings such as --epochs may change; model settings may not)")
     run.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
                      help="start afresh in an --out that already holds a run, replacing its files")
+    add_trust_code(run, default=argparse.SUPPRESS)
     run.add_argument("--no-pictures", dest="pictures", action="store_false", default=argparse.SUPPRESS,
                      help="skip the PNG pictures after training")
 
@@ -168,6 +169,8 @@ def _settings_fields() -> list[dataclasses.Field]:
         for f in dataclasses.fields(MODELS[name].cls.Settings):
             if f.metadata.get("flag", True) and f.name not in seen and f.name not in NOT_FLAGS:
                 seen[f.name] = f
+    for problem in MODELS.broken.values():  # a broken plugin names itself; the other models work on
+        print(f"vaelab: warning: {problem}", file=sys.stderr)
     return list(seen.values())
 
 
@@ -253,7 +256,7 @@ def _flag_options(f: dataclasses.Field, cls) -> dict:
 
 def _given(args) -> dict:
     """The options given on the command line (every train option defaults to SUPPRESS)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func", "trust_code")}
 
 
 def _coerce(values: dict, source: str) -> dict:
@@ -495,7 +498,7 @@ def cmd_train(args) -> int:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # the initial weights
-    model = build_model(mc, input_shape=data.train.sample_shape)
+    model = build_model(mc, input_shape=data.train.sample_shape, trust_code=getattr(args, "trust_code", False))
     name = plan["preset"] or mc.model
     epochs_before = _epochs_done(out) if plan["resume"] else 0
     _announce(plan, model, data, name, epochs_before)

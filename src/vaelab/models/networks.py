@@ -237,7 +237,8 @@ def instantiate(networks: dict, trust_code: bool = False, where: str | None = No
     outside = [networks[p]["class"] for p in PARTS if not is_inside_vaelab(networks[p]["class"])]
     if outside and not trust_code:
         names = " and ".join(sorted(set(outside)))
-        how = ("this config, pass trust_code=True: build_model(config, trust_code=True)" if where is None else
+        how = ("this config, pass trust_code=True: build_model(config, trust_code=True) (on the command line: "
+               "--trust-code)" if where is None else
                "this file, pass trust_code=True: vaelab.from_pretrained(path, trust_code=True), or --trust-code on "
                "the command line")
         raise error(f"{at}the model's networks are classes outside vaelab ({names}); loading them imports their "
