@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -434,7 +435,7 @@ def test_cli_train_prior_then_sample_with_labels_resume_and_retrain(tmp_path, ca
     code, _, err = _vaelab(capsys, "train", "--resume", "--out", run, "--epochs", 2, "--no-progress",
                            "--no-pictures")
     assert code == 0 and "continues without its code prior" in err
-    assert json.loads((run / "config.json").read_text())["model"]["prior_layers"] == 0
+    assert json.loads((run / "config.json").read_text())["model"]["settings"]["prior_layers"] == 0
     code, _, err = _vaelab(capsys, "sample", run)
     assert code == 1 and f"`vaelab train-prior {run}`" in err
     code, _, err = _vaelab(capsys, "train-prior", run, "--epochs", 2, "--resume", "--no-progress")
@@ -464,6 +465,111 @@ def test_train_prior_resumes_exactly(vq_run, tmp_path):
     assert bits(straight) == bits(resumed)
     with pytest.raises(VaelabError, match="already has 2 epochs"):
         train_prior(resumed, epochs=2, resume=True, progress=False)
+
+
+def test_train_prior_resumes_inside_an_epoch_exactly(vq_run, tmp_path, monkeypatch):
+    """The prior's fit is the training loop's: with step checkpoints, a fit stopped inside an epoch resumes there
+    (RNG states, the epoch's partial sums) and ends as the uninterrupted fit, weights and metrics alike."""
+    from safetensors.torch import load_file
+
+    import vaelab.training.loop as loop
+    from vaelab.prior import train_prior
+
+    straight, stopped = _copy(vq_run, tmp_path / "a"), _copy(vq_run, tmp_path / "b")
+    small = dict(layers=2, channels=8, batch_size=64, progress=False)  # 26 steps per epoch on digits
+    train_prior(straight, epochs=2, **small)
+    real, written = loop.save_checkpoint, []
+
+    def save_then_stop(path, *args, **kwargs):  # checkpoints at steps 10, 20, 26 (epoch 1's end), 30: stop there
+        real(path, *args, **kwargs)
+        written.append(Path(path).name)
+        if len(written) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_prior(stopped, epochs=2, checkpoint_every=10, **small)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    assert written == ["prior_checkpoint.safetensors"] * 4  # the run's own checkpoint.safetensors is untouched
+    assert len((stopped / "prior_metrics.jsonl").read_text().splitlines()) == 1
+    train_prior(stopped, epochs=2, resume=True, progress=False)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(stopped / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda run: [{k: v for k, v in json.loads(line).items() if k != "time_s"}  # noqa: E731
+                        for line in (run / "prior_metrics.jsonl").read_text().splitlines()]
+    assert rows(straight) == rows(stopped) and len(rows(stopped)) == 2
+    assert (stopped / "checkpoint.safetensors").read_bytes() == (vq_run / "checkpoint.safetensors").read_bytes()
+
+
+def test_fit_prior_is_the_training_loop_on_a_dataset_of_codes(vq_run, tmp_path):
+    """fit_prior = vaelab.training.fit of the code-prior model on the VQ-VAE's codes, nothing besides: the same
+    weights bit for bit; the codes stay int64; the checkpoint is the loop's, with the prior's settings."""
+    from vaelab.config import TrainConfig
+    from vaelab.models.code_prior import CodePriorModel
+    from vaelab.prior import code_dataset, fit_prior, prior_history
+
+    digits = load_dataset("digits")
+    model = from_pretrained(vq_run)
+    history = fit_prior(model, digits.train, digits.test, epochs=2, layers=2, channels=8, batch_size=64,
+                        checkpoint=tmp_path / "prior.safetensors")
+    codes, test_codes = code_dataset(model, digits.train, 10), code_dataset(model, digits.test, 10)
+    x = codes.batch(torch.arange(5), generator=torch.Generator())
+    assert x.dtype == torch.int64 and x.shape == (5, 1, *model.grid) and torch.equal(codes.labels(slice(0, 5)),
+                                                                                      digits.train.y[:5])
+    torch.manual_seed(0)
+    direct = CodePriorModel.for_codes(16, model.grid, layers=2, channels=8, classes=10)
+    rows = fit(direct, codes, test_codes, TrainConfig(epochs=2, batch_size=64, progress=False))
+    assert prior_history(rows) == [{**r, "time_s": h["time_s"]} for r, h in zip(history, rows)]
+    assert all(torch.equal(a, b) for a, b in zip(model.prior.state_dict().values(), direct.prior.state_dict().values()))
+    from vaelab.training.checkpoint import load_checkpoint
+
+    state, _ = load_checkpoint(tmp_path / "prior.safetensors", direct, torch.optim.Adam(direct.parameters()))
+    assert (state["epoch"], state["step"]) == (2, 2 * 26) and state["run_info"]["settings"]["classes"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prior.safetensors"]  # nothing but the checkpoint
+
+
+def test_code_prior_model_keeps_to_codes():
+    """The code data stay integers and refuse binarization; the prior model refuses the options that act on
+    pixel intensities, and its loss is the negative log-likelihood of each grid, in nats and bits per code."""
+    from vaelab.config import TrainConfig
+    from vaelab.data.arrays import CodeDataset
+    from vaelab.errors import DataError
+    from vaelab.models.code_prior import CodePriorModel
+
+    codes = CodeDataset(torch.randint(16, (6, 1, 3, 3)), torch.arange(6) % 2)
+    assert torch.equal(codes.batch(slice(0, 6)), codes.x) and isinstance(codes.subset([0, 2]), CodeDataset)
+    with pytest.raises(DataError, match="integer codes"):
+        codes.batch(slice(0, 2), binarize=True)
+    with pytest.raises(DataError, match="must hold integers"):
+        CodeDataset(torch.rand(4, 1, 3, 3))
+    torch.manual_seed(0)
+    prior = CodePriorModel.for_codes(16, (3, 3), layers=1, channels=4, classes=2)
+    assert prior.capabilities.conditional and not CodePriorModel.for_codes(16, (3, 3), layers=1,
+                                                                           channels=4).capabilities.conditional
+    problems = prior.training_problems(TrainConfig(binarize=True, noise="masking", noise_level=0.1, iw_samples=2))
+    assert len(problems) == 3 and all("code prior" in p or "deterministic" in p for p in problems), problems
+    x, c = codes.batch(slice(0, 6)), codes.labels(slice(0, 6))
+    terms = prior.loss(x, prior(x, c))
+    torch.testing.assert_close(terms["loss"], -prior.prior.log_prob(x[:, 0], c))
+    torch.testing.assert_close(terms["bits_per_code"], terms["loss"] / (9 * math.log(2)))
+
+
+def test_a_first_release_prior_checkpoint_is_refitted_not_resumed(tmp_path):
+    """The first release fitted the prior in a loop of its own; its prior_checkpoint.safetensors cannot be continued
+    by the training loop: --resume says so and how to refit, and --overwrite refits. Its prior still samples."""
+    from vaelab.prior import train_prior
+
+    run = _copy(REPO / "tests" / "fixtures" / "v1" / "vqvae", tmp_path / "run")
+    assert from_pretrained(run).sample(2, condition=3).shape == (2, 1, 8, 8)
+    with pytest.raises(VaelabError, match=r"written by the first release of vaelab.*refit it with --overwrite"):
+        train_prior(run, epochs=2, resume=True, progress=False)
+    with pytest.raises(VaelabError, match=r"already has a code prior \(1 epoch\), fitted by the first release.*"
+                                          "--overwrite"):
+        train_prior(run, epochs=1, progress=False)
+    history = train_prior(run, epochs=1, layers=2, channels=8, overwrite=True, progress=False)
+    assert [r["epoch"] for r in history] == [1] and math.isfinite(history[0]["test_bits_per_code"])
+    history = train_prior(run, epochs=2, resume=True, progress=False)  # and the new fit resumes
+    assert [r["epoch"] for r in history] == [1, 2]
 
 
 def test_cli_encode_indices_round_trip_exactly(vq_run, tmp_path, capsys):

@@ -4,16 +4,19 @@
     vaelab train-prior runs/vq                      # --resume continues an interrupted one
     vaelab sample runs/vq --n 64                    # --label 3: a class-conditional prior's digit 3
 
-The training set is encoded once to grids of code indices; a gated PixelCNN (models/prior.py) learns
-p(codes | class) on them by maximum likelihood, class-conditional when the data has labels. The prior becomes part
-of the model: its weights go into RUN/model.safetensors and its size into config.json's model section
-(prior_layers, prior_channels, prior_classes), so `from_pretrained(RUN)` loads it with no extra step, and
-RUN/prior_metrics.jsonl records its per-epoch negative log-likelihood in bits per code.
+The training set is encoded once to grids of code indices (code_dataset: a data.arrays.CodeDataset); a gated
+PixelCNN (models/prior.py, as the model models/code_prior.CodePriorModel) learns p(codes | class) on them by
+maximum likelihood in the one training loop, vaelab.training.fit, class-conditional when the data has labels.
+The prior becomes part of the model: its weights go into RUN/model.safetensors and its size into config.json's
+model section (prior_layers, prior_channels, prior_classes), so `from_pretrained(RUN)` loads it with no extra
+step, and RUN/prior_metrics.jsonl records its per-epoch negative log-likelihood in bits per code.
 
 After every epoch the run directory is brought up to date (atomic writes): RUN/prior_checkpoint.safetensors
-(the prior, its optimizer state and history), the model with the prior so far, and the metrics. `--resume`
-continues from the checkpoint exactly as an uninterrupted fit would have gone on; the checkpoint records a
-fingerprint of the VQ-VAE's weights, so a prior is never resumed on codes that changed since.
+(the training loop's checkpoint of the prior: its weights, optimizer state, RNG states and history, with the
+fit's settings), the model with the prior so far, and the metrics. `--resume` continues from the checkpoint
+exactly as an uninterrupted fit would have gone on; the checkpoint records a fingerprint of the VQ-VAE's
+weights, so a prior is never resumed on codes that changed since. A checkpoint of the first release's own
+prior loop cannot be continued: refit with --overwrite.
 
 Importing this module imports neither torch nor numpy: vaelab.cli.prior builds the `train-prior` parser
 (and runs the command) with its names, and `vaelab train-prior --help` stays instant.
@@ -40,18 +43,21 @@ RESUMED = ("batch_size", "lr", "layers", "channels", "seed")
 def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"],
               lr: float = DEFAULTS["lr"], layers: int = DEFAULTS["layers"], channels: int = DEFAULTS["channels"],
               conditional: bool = True, seed: int = DEFAULTS["seed"], progress: bool = False,
-              checkpoint: str | Path | None = None, resume: bool = False, on_epoch=None) -> list[dict]:
+              checkpoint: str | Path | None = None, resume: bool = False, on_epoch=None,
+              checkpoint_every: int = 0) -> list[dict]:
     """Fit a code prior for `model` (a VQ-VAE) on the codes of `train` (an ArrayDataset), attach it to the model
     (model.prior, and prior_* in model.config) and return the per-epoch history: the training and test
     negative log-likelihood in bits per code. Class-conditional when `conditional` and the data has labels.
 
-    `checkpoint`: a file written after every epoch (prior, optimizer, history); with resume=True the fit
-    continues from it, up to `epochs` in all, with the checkpoint's settings. `on_epoch(history)` is called
-    after every epoch, with the prior attached to the model (train_prior saves the run there).
+    The prior (models/code_prior.CodePriorModel) trains in the one training loop, vaelab.training.fit, on the
+    codes of the data (code_dataset). `checkpoint`: the loop's checkpoint file (after every epoch, and every
+    `checkpoint_every` optimizer steps: the prior, its optimizer, RNG states, history, and these settings);
+    with resume=True the fit continues from it, up to `epochs` in all, with the checkpoint's settings, exactly
+    as an uninterrupted fit goes on. `on_epoch(history)` is called after every epoch, with the prior attached
+    to the model (train_prior saves the run there).
     """
-    import torch
-
-    from vaelab.training.checkpoint import save_checkpoint
+    from vaelab.config import TrainConfig
+    from vaelab.training import fit
 
     _check(epochs >= 1 and batch_size >= 1 and lr > 0 and layers >= 1 and channels >= 1,
            f"epochs={epochs}, batch_size={batch_size}, lr={lr}, layers={layers} and channels={channels} must all "
@@ -71,58 +77,63 @@ def fit_prior(model, train, test=None, *, epochs: int = DEFAULTS["epochs"], batc
         raise VaelabError(f"cannot resume the prior in {str(checkpoint)!r}: it models {saved['settings']['classes']} "
                           f"classes, but the training data has {classes}; resume on the data it was fitted to")
     device = model._device()
-    codes = encode_codes(model, train)  # (N, h, w) int64, on the CPU
-    test_codes = encode_codes(model, test) if test is not None and len(test) else None
-    labels = train.y.long() if classes else None
-    test_labels = test.y.long() if classes and test_codes is not None and test.y is not None else None
-    positions = math.prod(codes.shape[1:])
-
-    prior, optimizer, history = _new_prior(model, codes.shape[1:], classes, settings, device,
-                                           Path(checkpoint) if saved is not None else None)
+    codes = code_dataset(model, train, classes)
+    test_codes = code_dataset(model, test, classes) if test is not None and len(test) and (
+        not classes or test.y is not None) else None
+    prior = _new_prior(model, codes.sample_shape[1:], classes, settings)
     # the prior is part of the model from now on: an interrupted fit leaves the prior of its last epoch
-    model.set_prior(prior, model.config.replace(prior_layers=settings["layers"], prior_channels=settings["channels"],
-                                                prior_classes=classes))
-    trainer_state = {"settings": {**settings, "classes": classes}, "vqvae": vqvae_fingerprint(model)}
-    bits = lambda nats: nats / (positions * math.log(2))  # noqa: E731  (nats per map -> bits per code)
-    for epoch in range(len(history), epochs):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + epoch)
-        bar = _bar(progress, math.ceil(len(codes) / settings["batch_size"]), f"prior epoch {epoch + 1}/{epochs}")
-        total = _prior_epoch(prior, optimizer, codes, labels, settings["batch_size"], gen, bar, device)
-        row = {"epoch": epoch + 1, "train_bits_per_code": bits(total / len(codes))}
-        if test_codes is not None and (not classes or test_labels is not None):
-            row["test_bits_per_code"] = bits(prior_nll(prior, test_codes, test_labels))
-        row["time_s"] = round(time.perf_counter() - t0, 3)
-        history.append(row)
-        prior.eval()
-        if checkpoint is not None:
-            save_checkpoint(Path(checkpoint), prior, optimizer, {**trainer_state, "history": history}, {})
-        if on_epoch is not None:
-            on_epoch(history)
-    prior.eval()
-    return history
+    model.set_prior(prior.prior, model.config.replace(prior_layers=settings["layers"],
+                                                      prior_channels=settings["channels"], prior_classes=classes))
+    cfg = TrainConfig(epochs=epochs, batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"],
+                      progress=progress, device=str(device), checkpoint_every=checkpoint_every)
+    run_info = {"settings": {**settings, "classes": classes}, "vqvae": vqvae_fingerprint(model)}
+    report = None if on_epoch is None else (lambda history: on_epoch(prior_history(history)))
+    out, files = _checkpoint_files(checkpoint)
+    history = fit(prior, codes, test_codes, cfg, out=out, resume=saved is not None, run_info=run_info,
+                  files=files, on_epoch=report)
+    model.to(device)  # the loop ends with the prior on the CPU
+    return prior_history(history)
 
 
-def _new_prior(model, grid, classes: int, settings: dict, device, resume_from: Path | None):
-    """(prior, its Adam, history): a fresh prior seeded with settings["seed"], or the one of the checkpoint
-    `resume_from` (weights, optimizer state and history)."""
+def _new_prior(model, grid: tuple[int, int], classes: int, settings: dict):
+    """A fresh prior model (models/code_prior.CodePriorModel) for the VQ-VAE's codes, its weights seeded with
+    settings["seed"]."""
     import torch
 
-    from vaelab.models.prior import CodePrior
-    from vaelab.training.checkpoint import load_checkpoint
+    from vaelab.models.code_prior import CodePriorModel
 
     torch.manual_seed(settings["seed"])
-    prior = CodePrior(model.config.codebook_size, grid, settings["channels"], settings["layers"], classes).to(device)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=settings["lr"])
-    history: list[dict] = []
-    if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, prior, optimizer)
-        history = state["history"]
-    return prior, optimizer, history
+    return CodePriorModel.for_codes(model.settings.codebook_size, grid, layers=settings["layers"],
+                                    channels=settings["channels"], classes=classes)
+
+
+def _checkpoint_files(checkpoint):
+    """(out, files) for the training loop: the directory of `checkpoint`, and the loop writing only that file
+    there (the prior lives in the VQ-VAE's files, its metrics in prior_metrics.jsonl); (None, default) without."""
+    from vaelab.training.loop import RunFiles
+
+    if checkpoint is None:
+        return None, RunFiles()
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent, RunFiles(checkpoint=checkpoint.name, config=None, model=False, metrics=None,
+                                       tensorboard=None)
+
+
+def prior_history(history: list[dict]) -> list[dict]:
+    """The training loop's rows of a prior's fit as prior_metrics.jsonl records them: epoch, train and test
+    bits per code (the loop's train_ and val_bits_per_code), and seconds."""
+    rows = []
+    for row in history:
+        out = {"epoch": row["epoch"], "train_bits_per_code": row["train_bits_per_code"]}
+        if "val_bits_per_code" in row:
+            out["test_bits_per_code"] = row["val_bits_per_code"]
+        rows.append({**out, "time_s": row["time_s"]})
+    return rows
 
 
 def _fit_to_resume(model, checkpoint) -> dict:
-    """The trainer state of the prior checkpoint to resume, which must exist and belong to the model's weights."""
+    """The trainer state of the prior checkpoint to resume, which must exist, be of this release and belong
+    to the model's weights."""
     if checkpoint is None:
         raise VaelabError("resume=True needs the checkpoint file of the fit to continue (checkpoint=...)")
     saved = _read_prior_checkpoint(checkpoint)
@@ -133,32 +144,24 @@ def _fit_to_resume(model, checkpoint) -> dict:
         raise VaelabError(f"cannot resume the prior in {str(checkpoint)!r}: it was fitted to the codes of other "
                           "VQ-VAE weights (the model was trained further since); fit a new prior without "
                           "resuming")
+    if saved["first_release"]:
+        raise VaelabError(_first_release(f"in {str(checkpoint)!r}", "fit a new prior without resuming"))
     return saved
 
 
-def _prior_epoch(prior, optimizer, codes, labels, batch_size: int, gen, bar, device) -> float:
-    """One pass of the prior over the code maps (N, h, w), in an order drawn from `gen`, one optimizer step per
-    batch; returns the summed negative log-likelihood of the maps, in nats."""
-    import torch
-    import torch.nn.functional as F
+def _first_release(where: str, refit: str) -> str:
+    return (f"cannot resume the prior {where}: its checkpoint was written by the first release of vaelab, whose "
+            f"fits of the prior this release cannot continue; {refit}")
 
-    prior.train()
-    perm = torch.randperm(len(codes), generator=gen)
-    total = 0.0
-    for start in range(0, len(codes), batch_size):
-        idx = perm[start:start + batch_size]
-        k = codes[idx].to(device)  # (B, h, w)
-        c = labels[idx].to(device) if labels is not None else None
-        nll = F.cross_entropy(prior(k, c), k, reduction="none").flatten(1).sum(1)  # (B,) nats per map
-        optimizer.zero_grad(set_to_none=True)
-        nll.mean().backward()
-        optimizer.step()
-        total += float(nll.detach().sum())
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return total
+
+def code_dataset(model, data, classes: int = 0):
+    """The code grids of `data` under the VQ-VAE `model`, computed once, as a CodeDataset (N, 1, h, w) of int64
+    code indices that the training loop batches; labelled with the data's labels when `classes` > 0."""
+    from vaelab.data.arrays import CodeDataset
+
+    labels = data.y if classes else None
+    return CodeDataset(encode_codes(model, data)[:, None], labels, data.classes if classes else None,
+                       f"{data.name} codes".strip())
 
 
 def encode_codes(model, data, batch_size: int = 512):
@@ -199,7 +202,9 @@ def vqvae_fingerprint(model) -> str:
 
 
 def _read_prior_checkpoint(path) -> dict | None:
-    """The trainer state of a prior checkpoint (settings, fingerprint, history), or None if there is none."""
+    """What a prior checkpoint says of its fit: {"settings", "vqvae" (the fingerprint of its VQ-VAE's weights),
+    "history" (prior_history's rows), "first_release" (written by the first release, which this one cannot
+    resume)}, or None if there is none."""
     from vaelab.errors import CheckpointError
     from vaelab.io import unpack
 
@@ -209,32 +214,35 @@ def _read_prior_checkpoint(path) -> dict | None:
     _, metadata = unpack(path)
     try:
         state = json.loads(metadata["vaelab"])["trainer"]
-        ours = all(k in state for k in ("settings", "vqvae", "history"))
-    except (KeyError, TypeError, json.JSONDecodeError):
-        ours = False
-    if not ours:
-        raise CheckpointError(f"{str(path)!r} is not a checkpoint of `vaelab train-prior`; move it away or fit "
-                              "the prior with --overwrite")
-    return state
+        info = state.get("run_info")
+        if isinstance(info, dict) and "settings" in info and "vqvae" in info:  # the training loop's checkpoint
+            return {"settings": info["settings"], "vqvae": info["vqvae"], "history": prior_history(state["history"]),
+                    "first_release": False}
+        if all(k in state for k in ("settings", "vqvae", "history")):  # the first release's own loop
+            return {**state, "first_release": True}
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
+        pass
+    raise CheckpointError(f"{str(path)!r} is not a checkpoint of `vaelab train-prior`; move it away or fit "
+                          "the prior with --overwrite")
 
 
 def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS["epochs"],
                 batch_size: int | None = None, lr: float | None = None, layers: int | None = None,
                 channels: int | None = None, conditional: bool = True, seed: int | None = None, threads: int = 0,
                 device: str = "auto", progress: bool = True, resume: bool = False,
-                overwrite: bool = False) -> list[dict]:
+                overwrite: bool = False, checkpoint_every: int = 0) -> list[dict]:
     """Fit the code prior of the VQ-VAE in `run_dir` on the dataset it was trained on (or `dataset`), and save
     it into the run (model.safetensors, config.json, prior_metrics.jsonl, prior_checkpoint.safetensors) after
     every epoch. Returns the per-epoch history.
 
     A run that already has a prior of its current weights keeps it unless `resume` (continue it up to `epochs`,
     with its saved settings; giving another value for one of them is an error) or `overwrite` (fit afresh).
-    Settings left at None take the defaults (DEFAULTS), or on resume the checkpoint's."""
+    Settings left at None take the defaults (DEFAULTS), or on resume the checkpoint's. `checkpoint_every`:
+    also checkpoint every this many optimizer steps, so that `resume` continues inside an epoch."""
     import torch
 
-    from vaelab.io import atomic_write_text, read_config
+    from vaelab.io import read_config
     from vaelab.models import from_pretrained
-    from vaelab.models.pretrained import save_pretrained
     from vaelab.training.distributed import resolve_device
 
     run_dir = Path(run_dir)
@@ -258,26 +266,35 @@ def train_prior(run_dir, *, dataset=None, data_dir=None, epochs: int = DEFAULTS[
     if threads:
         torch.set_num_threads(threads)
     model.to(resolve_device(device))
-    t0 = time.perf_counter()
-    model_settings = {k: saved["settings"][k] for k in RESUMED} if resume else settings  # what fit_prior uses
+    used = {k: saved["settings"][k] for k in RESUMED} if resume else settings  # what fit_prior uses
+    history = fit_prior(model, data.train, data.test, epochs=epochs, conditional=conditional, progress=progress,
+                        checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every,
+                        on_epoch=_run_saver(run_dir, model, used, data.train.classes), **settings)
+    model.to("cpu")
+    return history
 
-    def save(history: list[dict]) -> None:  # after every epoch: the model with the prior so far, and its metrics
+
+def _run_saver(run_dir: Path, model, settings: dict, classes: list[str] | None):
+    """fit_prior's on_epoch for a run directory: after every epoch, the model with the prior so far (and a
+    "prior" section in config.json) and prior_metrics.jsonl."""
+    from vaelab.io import atomic_write_text
+    from vaelab.models.pretrained import save_pretrained
+
+    t0 = time.perf_counter()
+
+    def save(history: list[dict]) -> None:
         last = history[-1]
-        record = {"epochs": last["epoch"], "batch_size": model_settings["batch_size"],
-                  "lr": model_settings["lr"], "seed": model_settings["seed"],
-                  "train_bits_per_code": last["train_bits_per_code"],
+        record = {"epochs": last["epoch"], "batch_size": settings["batch_size"], "lr": settings["lr"],
+                  "seed": settings["seed"], "train_bits_per_code": last["train_bits_per_code"],
                   "seconds": round(time.perf_counter() - t0, 1)}
         if "test_bits_per_code" in last:
             record["test_bits_per_code"] = last["test_bits_per_code"]
         if model.config.prior_classes:
-            record["classes"] = class_names(data.train.classes, model.config.prior_classes)
+            record["classes"] = class_names(classes, model.config.prior_classes)
         save_pretrained(model, run_dir, extra={"prior": record})
         atomic_write_text(run_dir / PRIOR_METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
 
-    history = fit_prior(model, data.train, data.test, epochs=epochs, conditional=conditional, progress=progress,
-                        checkpoint=checkpoint, resume=resume, on_epoch=save, **settings)
-    model.to("cpu")
-    return history
+    return save
 
 
 def _check_refit(run_dir: Path, model, saved: dict | None, given: dict, *, epochs: int, conditional: bool,
@@ -292,6 +309,9 @@ def _check_refit(run_dir: Path, model, saved: dict | None, given: dict, *, epoch
             why = ("it has no prior checkpoint" if saved is None else
                    "its prior checkpoint belongs to earlier VQ-VAE weights (the model was trained further since)")
             raise VaelabError(f"cannot resume the prior of {str(run_dir)!r}: {why}; fit one without --resume")
+        if saved["first_release"]:
+            raise VaelabError(_first_release(f"of {str(run_dir)!r}", "refit it with --overwrite "
+                                             f"(vaelab train-prior {run_dir} --overwrite)"))
         clash = [f"{k}={v!r}: the prior was fitted with {k}={saved['settings'][k]!r}"
                  for k, v in given.items() if v is not None and v != saved["settings"][k]]
         if not conditional and saved["settings"]["classes"]:
@@ -304,6 +324,9 @@ def _check_refit(run_dir: Path, model, saved: dict | None, given: dict, *, epoch
                               f"(--epochs {epochs}); raise --epochs to continue it")
     elif not overwrite and (current or model.config.prior_layers):
         done = f" ({len(saved['history'])} epoch{'s' * (len(saved['history']) != 1)})" if current else ""
+        if current and saved["first_release"]:
+            raise VaelabError(f"{str(run_dir)!r} already has a code prior{done}, fitted by the first release of "
+                              "vaelab, which this release cannot continue; fit a new one with --overwrite")
         raise VaelabError(f"{str(run_dir)!r} already has a code prior{done}; continue it with --resume (and a "
                           "larger --epochs), or fit a new one with --overwrite")
 
@@ -374,11 +397,3 @@ def _prior_label(text: str, k: int, classes: list[str], run: str) -> int:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise VaelabError(message)
-
-
-def _bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=True)

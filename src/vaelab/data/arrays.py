@@ -93,6 +93,32 @@ class ArrayDataset:
         return self.batch(slice(None))
 
 
+class CodeDataset(ArrayDataset):
+    """In-memory integer samples that stay integers: x is int64 (N, C, H, W) or (N, D), e.g. grids of code
+    indices (N, 1, h, w) of a VQ-VAE, on which its code prior trains. `batch` returns them as they are (int64,
+    unscaled); they cannot be binarized. Labels, classes and everything else are an ArrayDataset's."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None, classes: list[str] | None = None,
+                 name: str = ""):
+        if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+            raise DataError(f"CodeDataset {name!r}: x must hold integers (code indices), got dtype {x.dtype}")
+        super().__init__(x.to(torch.int64) if isinstance(x, torch.Tensor) else x, y, 1.0, classes, name)
+
+    def batch(self, idx: torch.Tensor | slice, binarize: bool = False,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """int64 batch x[idx], unscaled."""
+        if binarize:
+            raise DataError(f"dataset {self.name!r} holds integer codes: binarize=True applies to intensities in "
+                            "[0, 1]; turn binarization off for this data")
+        return self.x[idx]
+
+    def subset(self, idx) -> "CodeDataset":
+        return CodeDataset(self.x[idx], None if self.y is None else self.y[idx], self.classes, self.name)
+
+    def to_float(self) -> torch.Tensor:
+        return self.x.float()
+
+
 @dataclass
 class DataSplits:
     name: str

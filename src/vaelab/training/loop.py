@@ -12,7 +12,9 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
@@ -30,6 +32,19 @@ from vaelab.training.schedules import beta_at, capacity_at, lr_at
 from vaelab.training.validation import loss_terms
 
 METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What `fit` keeps in its run directory (`out`), by file name; a None (False) is not written. The defaults
+    make a run directory; a caller that keeps the model and its records elsewhere names only the checkpoint
+    (vaelab.prior: the code prior lives in its VQ-VAE's files, and its fit in prior_checkpoint.safetensors)."""
+
+    checkpoint: str = CHECKPOINT_FILE  # weights, optimizer, RNG states, history: what resume=True continues
+    config: str | None = "config.json"  # the model and training settings, with run_info
+    model: bool = True  # save_pretrained: model.safetensors, and the model section of config.json
+    metrics: str | None = METRICS_FILE  # the history, one JSON row per epoch
+    tensorboard: str | None = "tensorboard"  # TensorBoard's event files (when it is installed)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -51,23 +66,28 @@ def shaping_at(cfg: TrainConfig, step: int, steps_per_epoch: int, dataset_size: 
 
 
 def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, resume: bool = False,
-        run_info: dict | None = None, **overrides) -> list[dict]:
+        run_info: dict | None = None, files: RunFiles = RunFiles(),
+        on_epoch: Callable[[list[dict]], None] | None = None, **overrides) -> list[dict]:
     """Train `model` on `train` (an ArrayDataset), validating on `val` after every epoch.
 
     `config` (or keyword overrides such as epochs=5, batch_size=64) sets the training options; `out` is a
-    run directory that receives config.json, metrics.jsonl, checkpoint.safetensors and model.safetensors.
-    Returns the per-epoch metrics. With early stopping, the best validation weights are restored at the end.
+    run directory that receives config.json, metrics.jsonl, checkpoint.safetensors and model.safetensors
+    (`files` renames them or leaves some out). `run_info` (JSON: the data, the preset, ...) goes into
+    config.json and every checkpoint. `on_epoch(history)` is called after every epoch, once its files are
+    written (by the process that writes them). Returns the per-epoch metrics. With early stopping, the best
+    validation weights are restored at the end.
     """
     cfg = (config or TrainConfig()).replace(**overrides).validate()
     _check_fit(model, train, cfg, out)
-    run = _Run(model, train, val, cfg, Path(out) if out is not None else None)
+    run = _Run(model, train, val, cfg, Path(out) if out is not None else None, files=files, run_info=run_info,
+               on_epoch=on_epoch)
     if resume:
         run.resume()
         if run.start_epoch >= cfg.epochs:  # done already: end as the run did, on its best weights
             if run.best_state is not None:
                 model.load_state_dict(run.best_state)
             return run.history
-    run.open(run_info)
+    run.open()
     for epoch in range(run.start_epoch, cfg.epochs):
         row = run.train_epoch(epoch)
         if run.end_epoch(epoch, row):  # early stopping
@@ -101,8 +121,11 @@ class _Run:
     carries from epoch to epoch and saves in its checkpoints. Its methods are fit's steps, in order: `resume`,
     `open`, then per epoch `train_epoch` (its steps: `_step`, `_step_checkpoint`) and `end_epoch`, and `close`."""
 
-    def __init__(self, model, train, val, cfg: TrainConfig, run_dir: Path | None):
+    def __init__(self, model, train, val, cfg: TrainConfig, run_dir: Path | None, *, files: RunFiles = RunFiles(),
+                 run_info: dict | None = None, on_epoch: Callable[[list[dict]], None] | None = None):
         self.model, self.train, self.val, self.cfg, self.run_dir = model, train, val, cfg, run_dir
+        self.files, self.run_info, self.on_epoch = files, run_info, on_epoch
+        self.checkpoint = run_dir / files.checkpoint if run_dir is not None else None
         # --labels N (semi-supervised): N labels kept, the rest hidden (-1), both kinds in every batch; else None
         self.semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size)
         if cfg.threads:
@@ -126,18 +149,20 @@ class _Run:
         epoch) the position there."""
         if self.run_dir is None:
             raise TrainingError("resume=True needs the run directory (out=...) holding the checkpoint")
-        state, self.saved = load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.model, self.optimizer)
+        state, self.saved = load_checkpoint(self.checkpoint, self.model, self.optimizer)
         self.start_epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.best_loss, self.bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
         self.position = state.get("position")
         if self.cfg.early_stopping and any(k.startswith("best.") for k in self.saved):
             self.best_state = {k[5:]: v for k, v in self.saved.items() if k.startswith("best.")}
 
-    def open(self, run_info: dict | None) -> None:
+    def open(self) -> None:
         """Write the run's config.json, open TensorBoard, and wrap the model for the world of processes."""
-        if self.run_dir is not None and self.main:
-            _write_run_config(self.run_dir, self.model, self.cfg, run_info)
-        self.writer = _tensorboard(self.run_dir) if self.main else None
+        writes = self.run_dir is not None and self.main
+        if writes and self.files.config:
+            _write_run_config(self.run_dir / self.files.config, self.model, self.cfg, self.run_info)
+        if writes and self.files.tensorboard:
+            self.writer = _tensorboard(self.run_dir / self.files.tensorboard)
         self.net = self.dist.wrap(self.model)  # DistributedDataParallel under torchrun: all-reduces the gradients
 
     def train_epoch(self, epoch: int) -> dict:
@@ -207,7 +232,7 @@ class _Run:
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         if dist.any(not bool(torch.isfinite(loss) & torch.isfinite(norm))):
-            raise _nonfinite(terms, loss, norm, model, epoch, self.step, self.run_dir)
+            raise _nonfinite(terms, loss, norm, model, epoch, self.step, self.checkpoint)
         if cfg.grad_clip:  # torch.nn.utils.clip_grad_norm_'s arithmetic, on the norm already computed
             torch._foreach_mul_(grads, (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
         self.optimizer.step()
@@ -216,8 +241,11 @@ class _Run:
 
     def _trainer_state(self, epoch: int) -> dict:
         """The JSON part of a checkpoint; `epoch` is the epoch a resumed run starts in."""
-        return {"epoch": epoch, "step": self.step, "history": self.history, "best_loss": self.best_loss,
-                "bad_epochs": self.bad_epochs}
+        state = {"epoch": epoch, "step": self.step, "history": self.history, "best_loss": self.best_loss,
+                 "bad_epochs": self.bad_epochs}
+        if self.run_info is not None:  # what run the checkpoint belongs to (a caller reads it back before resuming)
+            state["run_info"] = self.run_info
+        return state
 
     def _step_checkpoint(self, epoch: int, epoch_step: int, meter: Meter, gen: torch.Generator) -> None:
         """A checkpoint inside epoch `epoch`, after its step `epoch_step`: with every rank's RNG states and
@@ -225,7 +253,7 @@ class _Run:
         state = self._trainer_state(epoch)
         state["position"], extra = _position(epoch_step, self.steps, self.bs, self.n, meter, gen, self.dist)
         if self.main:
-            save_checkpoint(self.run_dir / CHECKPOINT_FILE, self.model, self.optimizer, state,
+            save_checkpoint(self.checkpoint, self.model, self.optimizer, state,
                             {**extra, **_prefixed("best.", self.best_state)})
 
     def end_epoch(self, epoch: int, row: dict) -> bool:
@@ -241,10 +269,15 @@ class _Run:
             self.bad_epochs += 1
         stop = bool(cfg.early_stopping) and self.bad_epochs >= cfg.early_stopping
         if self.run_dir is not None and self.main:
-            save_checkpoint(self.run_dir / CHECKPOINT_FILE, self.model, self.optimizer, self._trainer_state(epoch + 1),
+            save_checkpoint(self.checkpoint, self.model, self.optimizer, self._trainer_state(epoch + 1),
                             {"rng.torch": torch.get_rng_state(), **_prefixed("best.", self.best_state)})
-            save_pretrained(self.model, self.run_dir)
-            atomic_write_text(self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
+            if self.files.model:
+                save_pretrained(self.model, self.run_dir)
+            if self.files.metrics:
+                atomic_write_text(self.run_dir / self.files.metrics,
+                                  "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.on_epoch is not None and self.main:
+            self.on_epoch(self.history)
         if self.writer is not None:
             for k, v in row.items():
                 if k not in ("epoch", "step"):
@@ -257,7 +290,7 @@ class _Run:
         in eval mode on the CPU."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)  # early stopping: keep the best validation weights
-            if self.run_dir is not None and self.main:
+            if self.run_dir is not None and self.main and self.files.model:
                 save_pretrained(self.model, self.run_dir)
         if self.writer is not None:
             self.writer.close()
@@ -338,7 +371,7 @@ def _restore_position(position: dict, saved: dict[str, torch.Tensor], meter: Met
 
 
 def _nonfinite(terms: dict, loss: torch.Tensor, norm: torch.Tensor, model, epoch: int, step: int,
-               run_dir) -> TrainingError:
+               checkpoint: Path | None) -> TrainingError:
     """The error for a non-finite loss or gradient: which step, which terms or parameters, and what to do."""
     where = f"epoch {epoch + 1}, step {step + 1}"
     if not torch.isfinite(loss):
@@ -356,26 +389,24 @@ def _nonfinite(terms: dict, loss: torch.Tensor, norm: torch.Tensor, model, epoch
                     "exceeds float32's range (about 3.4e38)")
         else:
             what = f"non-finite loss or gradient on another process at {where}"
-    kept = (f"; the last good checkpoint is kept in {str(run_dir / CHECKPOINT_FILE)!r} (resume with --resume "
-            "after changing the settings)") if run_dir is not None else ""
+    kept = (f"; the last good checkpoint is kept in {str(checkpoint)!r} (resume with --resume "
+            "after changing the settings)") if checkpoint is not None else ""
     return TrainingError(
         f"{what}{kept}. Usual fixes: lower the learning rate (--lr), clip gradients (--grad-clip 1.0), clamp "
         "the log-variance tighter (--logvar-max 10, --logvar-min -10), or check the data for extreme values")
 
 
-def _write_run_config(run_dir: Path, model, cfg: TrainConfig, run_info: dict | None) -> None:
+def _write_run_config(path: Path, model, cfg: TrainConfig, run_info: dict | None) -> None:
     from vaelab.config import FORMAT_VERSION
 
     payload = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), "train": cfg.to_dict()}
     payload.update(run_info or {})
-    atomic_write_json(run_dir / "config.json", payload)
+    atomic_write_json(path, payload)
 
 
-def _tensorboard(run_dir):
-    if run_dir is None:
-        return None
+def _tensorboard(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # TensorBoard is optional: not installed means no event files
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(log_dir))
