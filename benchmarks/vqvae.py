@@ -180,8 +180,8 @@ class TransformerPrior(nn.Module):
 
 
 def _fit_candidate(prior, codes, labels, test_codes, test_labels, epochs: int, seed: int) -> tuple[list, float]:
-    """vaelab.prior.fit_prior's training loop, for a candidate network: (test bits per code after each epoch,
-    training seconds)."""
+    """A plain Adam loop (batch 128, lr 1e-3: fit_prior's settings) for a candidate network that is not a
+    CodePrior, so both candidates train the same way: (test bits per code after each epoch, training seconds)."""
     opt = torch.optim.Adam(prior.parameters(), lr=1e-3)
     curve, seconds = [], 0.0
     for epoch in range(epochs):

@@ -549,6 +549,8 @@ def test_code_prior_model_keeps_to_codes():
     problems = prior.training_problems(TrainConfig(binarize=True, noise="masking", noise_level=0.1, iw_samples=2))
     assert len(problems) == 3 and all("code prior" in p or "deterministic" in p for p in problems), problems
     x, c = codes.batch(slice(0, 6)), codes.labels(slice(0, 6))
+    with pytest.raises(VaelabError, match="conditioned on 2 classes and needs their labels"):
+        prior(x)
     terms = prior.loss(x, prior(x, c))
     torch.testing.assert_close(terms["loss"], -prior.prior.log_prob(x[:, 0], c))
     torch.testing.assert_close(terms["bits_per_code"], terms["loss"] / (9 * math.log(2)))

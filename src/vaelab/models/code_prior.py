@@ -119,6 +119,8 @@ class CodePriorModel(Autoencoder):
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, n_samples: int = 1) -> PriorOutput:
         if n_samples != 1:
             raise VaelabError(f"a code prior has no latent to sample: n_samples must be 1, got {n_samples}")
-        if condition is not None and not self.capabilities.conditional:
-            raise VaelabError("this code prior is unconditional and takes no labels")
+        if (condition is not None) != self.capabilities.conditional:
+            raise VaelabError(f"this code prior is conditioned on {self.config.condition_dim} classes and needs "
+                              "their labels" if condition is None else
+                              "this code prior is unconditional and takes no labels")
         return PriorOutput(self.prior(x.flatten(0, 1), condition))
