@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vaelab.config import ARCHS, ModelConfig
-from vaelab.errors import CheckpointError, ConfigError, VaelabError
+from vaelab.errors import CheckpointError, VaelabError
 from vaelab.losses import NO_SHAPING, Shaping, kl_standard_normal, log_importance_weights
 
 
