@@ -3,6 +3,7 @@
     python benchmarks/refactor_check.py --old-src /tmp/vaelab-v1/src              # identity + speed
     python benchmarks/refactor_check.py --old-src OLD/src --parts identity         # the quick part only
     python benchmarks/refactor_check.py --old-src OLD/src --epochs 10 --rounds 1   # the seed presets' 10 epochs
+    python benchmarks/refactor_check.py --old-src OLD/src --parts speed --pin-cpu 0 --rounds 3  # one core, 1 thread
 
 The old tree is any checkout's `src` folder (e.g. `git worktree add /tmp/vaelab-v1 <commit>`); the new one is this
 repository's. Every run is a subprocess with PYTHONPATH set to its tree, so each imports only its own vaelab.
@@ -14,6 +15,11 @@ repository's. Every run is a subprocess with PYTHONPATH set to its tree, so each
   the 10,000 test images after each epoch, writing a run directory as `vaelab train` does), old and new alternately,
   `--rounds` times, in fp32 and bf16. Reported: the median seconds per epoch of epochs 2.. (as benchmarks/speed.py),
   the new/old ratio per round, and the test loss after the last epoch (the last validation) of each tree.
+
+- --pin-cpu N: every speed child runs on CPU N alone (taskset) with one thread. On a shared 2-core machine the other
+  work (helpers, editors, the VM's neighbours on the same core) makes 2-thread epochs vary by 10-30% from one run to
+  the next; with the children on their own core the spread shrinks. Keep the other processes off CPU N meanwhile
+  (for example `taskset -p -c 1 PID` on each, repeated as processes start).
 
 Results: benchmarks/results/refactor-check.json.
 """
@@ -63,21 +69,23 @@ SPEED_CHILD = r"""
 import json, sys, tempfile, torch, vaelab
 from vaelab.config import get_preset
 from vaelab.data import load_dataset
-preset, precision, epochs, data_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+preset, precision, epochs, data_dir, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 data = load_dataset("mnist", data_dir, progress=False)
 p = get_preset(preset)
 torch.manual_seed(0)
 model = vaelab.build_model(preset, input_shape=data.train.sample_shape)
 with tempfile.TemporaryDirectory() as out:
     history = vaelab.fit(model, data.train, data.test, p.train.replace(epochs=epochs, progress=False,
-                                                                       precision=precision), out=out)
+                                                                       precision=precision,
+                                                                       threads=int(threads)), out=out)
 print(json.dumps({"times": [r["time_s"] for r in history], "test_loss": history[-1]["val_loss"]}))
 """
 
 
-def child(src: str, code: str, *args: str) -> dict:
+def child(src: str, code: str, *args: str, cpu: int | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": src}
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    proc = subprocess.run([*pin, sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                           cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         raise SystemExit(f"child under {src} failed:\n{proc.stderr[-3000:]}")
@@ -94,16 +102,17 @@ def identity(old: str, new: str) -> dict:
 
 
 def speed(old: str, new: str, presets: list[str], precisions: list[str], epochs: int, rounds: int,
-          data_dir: str) -> list[dict]:
+          data_dir: str, cpu: int | None = None) -> list[dict]:
     rows = []
     for preset in presets:
         for precision in precisions:
             runs = {"old": [], "new": []}
             for _ in range(rounds):
                 for tree, src in (("old", old), ("new", new)):  # alternately, so slow spells hit both
-                    runs[tree].append(child(src, SPEED_CHILD, preset, precision, str(epochs), data_dir))
+                    runs[tree].append(child(src, SPEED_CHILD, preset, precision, str(epochs), data_dir,
+                                            "1" if cpu is not None else "0", cpu=cpu))
             med = {t: [statistics.median(r["times"][1:] or r["times"]) for r in runs[t]] for t in runs}
-            row = {"preset": preset, "precision": precision, "epochs": epochs,
+            row = {"preset": preset, "precision": precision, "epochs": epochs, "pinned_cpu": cpu,
                    "s_per_epoch": {t: statistics.median(v) for t, v in med.items()},
                    "s_per_epoch_rounds": med,
                    "new_over_old_time_rounds": [n / o for n, o in zip(med["new"], med["old"])],
@@ -125,6 +134,7 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--pin-cpu", type=int, default=None, help="run the speed children on this CPU, one thread")
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refactor-check.json"))
     args = p.parse_args()
@@ -136,7 +146,7 @@ def main() -> None:
     if "speed" in parts:
         print(f"\nspeed: {args.epochs} epochs on MNIST, {args.rounds} round(s), old and new alternately")
         result["speed"] = speed(args.old_src, args.new_src, args.presets.split(","), args.precisions.split(","),
-                                args.epochs, args.rounds, args.data_dir)
+                                args.epochs, args.rounds, args.data_dir, args.pin_cpu)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {args.out}")
