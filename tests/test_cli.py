@@ -209,7 +209,7 @@ def test_train_writes_a_complete_run(run):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["latent_dim"] == 2 and cfg["model"]["input_shape"] == [1, 8, 8]
     assert cfg["train"]["epochs"] == 2
-    assert cfg["data"] == {"dataset": "digits", "data_dir": None, "binarize": False}
+    assert cfg["data"] == {"dataset": "digits", "data_dir": None, "binarize": False, "factors": None}
     assert cfg["preset"] == "seed-vae"
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]

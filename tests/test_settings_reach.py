@@ -34,7 +34,8 @@ NEEDS = {"prior_channels": {"prior_layers": 1}, "prior_classes": {"prior_layers"
 # the perturbed value of each built-in setting; a setting not listed gets one from its default's type (_other)
 PERTURBED = {"beta": 2.5, "alpha": 0.7, "latent2_dim": 3, "hidden2": (8,), "codebook_size": 72,
              "vq_commitment": 1.0, "vq_ema": False, "vq_kmeans_init": False, "vq_restart_after": 1,
-             "prior_layers": 2, "prior_channels": 8, "prior_classes": 3}
+             "prior_layers": 2, "prior_channels": 8, "prior_classes": 3, "estimator": "mss", "variant": "ii",
+             "lambda_d": 3.0}
 
 
 def _fields(name: str) -> list[dataclasses.Field]:

@@ -275,4 +275,116 @@ def _wrap(text: str, width_in: float) -> str:
     return "\n".join(textwrap.wrap(text, max(20, int(width_in * 9)))) or text
 
 
-__all__ = ["save_image_grid", "save_manifold", "save_scatter"]
+# ================================================================================== disentanglement
+
+
+def save_mi_matrix(mi, path, factor_names, factor_entropy=None, dim_labels: list[str] | None = None,
+                   title: str | None = None) -> str:
+    """Save a matrix plot of the mutual information between each latent dimension (rows) and each factor
+    (columns), from `mi` (D, F) in nats. With `factor_entropy` (F,) each column is divided by its factor's
+    entropy, so a cell reads "the fraction of what there is to know about factor j that dimension i holds"
+    (0..1; MIG is the mean gap between the two largest fractions of a column); without, the cells are nats.
+    `dim_labels` name the rows (default z[i]), e.g. with each dimension's KL."""
+    m = np.asarray(mi, dtype=np.float64)
+    if m.ndim != 2 or m.size == 0:
+        raise VaelabError(f"expected a (latent dims, factors) matrix of mutual information, got shape {m.shape}")
+    dims, n_factors = m.shape
+    names = [str(n) for n in factor_names]
+    if len(names) != n_factors:
+        raise VaelabError(f"{len(names)} factor names for a matrix of {n_factors} factors")
+    rows = list(dim_labels) if dim_labels is not None else [f"z[{i}]" for i in range(dims)]
+    if len(rows) != dims:
+        raise VaelabError(f"{len(rows)} row labels for a matrix of {dims} latent dimensions")
+    if factor_entropy is not None:
+        h = np.asarray(factor_entropy, dtype=np.float64).reshape(-1)
+        shown = np.divide(m, h[None, :], out=np.zeros_like(m), where=h[None, :] > 0)
+        vmax, label, fmt = 1.0, "I(z_i; f_j) / H(f_j)", "{:.2f}"
+    else:
+        shown = m
+        vmax, label, fmt = max(float(m.max()), 1e-12), "I(z_i; f_j), nats", "{:.2g}"
+    width = 1.6 + max(3.0, 0.95 * n_factors) + 1.2
+    height = 0.9 + max(1.5, 0.36 * dims) + (0.5 if title else 0.0)
+    fig = _figure(width, height)
+    ax = fig.add_axes((1.6 / width, 0.9 / height, (width - 2.9) / width, (height - 1.0 - (0.5 if title else 0.0))
+                       / height))
+    im = ax.imshow(shown, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+    for i in range(dims):
+        for j in range(n_factors):
+            v = shown[i, j]
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                    color="black" if v > 0.6 * vmax else "white")
+    ax.set_xticks(range(n_factors))
+    ax.set_xticklabels(names, fontsize=9, rotation=30 if max(map(len, names)) > 8 else 0, ha="right"
+                       if max(map(len, names)) > 8 else "center")
+    ax.set_yticks(range(dims))
+    ax.set_yticklabels(rows, fontsize=8)
+    ax.set_xlabel("ground-truth factor")
+    cax = fig.add_axes(((width - 1.1) / width, 0.9 / height, 0.18 / width,
+                        (height - 1.0 - (0.5 if title else 0.0)) / height))
+    fig.colorbar(im, cax=cax).set_label(label, fontsize=9)
+    if title:
+        fig.suptitle(_wrap(title, width), fontsize=11, y=1.0 - 0.08 / height, va="top")
+    return _save(fig, path)
+
+
+def gif_available() -> bool:
+    """Whether animated GIFs can be written (Pillow, which matplotlib depends on, is importable)."""
+    import importlib.util
+
+    return importlib.util.find_spec("PIL") is not None
+
+
+def save_traversal_gif(frames, path, values, row_labels: list[str] | None = None,
+                       col_labels: list[str] | None = None, title: str | None = None, duration_ms: int = 150) -> str:
+    """Save latent traversals as an animated GIF: `frames` (R, K, S, C, H, W) holds R rows (one latent dimension
+    each), K images per row (e.g. traversals of K test images) and S steps; frame s shows every row at the swept
+    value values[s], and the animation runs forward and back, looping. Needs Pillow (see gif_available)."""
+    if not gif_available():
+        raise VaelabError("animated GIFs need Pillow (pip install pillow); the PNG traversals need only matplotlib")
+    from PIL import Image
+
+    if hasattr(frames, "detach"):
+        frames = frames.detach().float().cpu().numpy()
+    a = np.asarray(frames, dtype=np.float32)
+    if a.ndim != 6 or 0 in a.shape[:3]:
+        raise VaelabError(f"expected traversal frames (rows, images, steps, C, H, W), got shape {a.shape}")
+    r, k, s = a.shape[:3]
+    values = list(values)
+    if len(values) != s:
+        raise VaelabError(f"{len(values)} values for {s} steps of a traversal")
+    images = [_to_hwc(_as_images(a[:, :, step].reshape(r * k, *a.shape[3:]))) for step in range(s)]
+    h, w = images[0].shape[1:3]
+    pad = max(1, round(max(h, w) / 14))
+    mosaics = [_mosaic(im, k, pad, fill=1.0) for im in images]
+    scale = _scale(_cell_inches(k, h, w) * DPI / max(h, w))
+    pictures = []
+    for step, mosaic in enumerate(mosaics):  # every frame the same figure size: the GIF's frames must agree
+        fig, ax = _image_figure(mosaic.shape[:2], scale, left=1.5 if row_labels else 0.05, right=0.05,
+                                bottom=0.3 if col_labels else 0.05, top=0.75)
+        kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if mosaic.ndim == 2 else {}
+        ax.imshow(mosaic, interpolation="nearest", **kw)
+        for side in ax.spines.values():
+            side.set_visible(False)
+        ax.set_yticks([i * (h + pad) + (h - 1) / 2 for i in range(r)] if row_labels else [])
+        if row_labels:
+            ax.set_yticklabels(list(row_labels)[:r], fontsize=9)
+        ax.set_xticks([c * (w + pad) + (w - 1) / 2 for c in range(k)] if col_labels else [])
+        if col_labels:
+            ax.set_xticklabels(list(col_labels)[:k], fontsize=9)
+        ax.tick_params(length=0)
+        head = f"swept value {float(values[step]):+.2f}"
+        ax.set_title(_wrap(f"{title}\n{head}" if title else head, fig.get_figwidth()), fontsize=10)
+        fig.canvas.draw()
+        pictures.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()))
+    order = list(range(s)) + list(range(s - 2, 0, -1))  # forward and back: the loop has no jump
+    palette = [pictures[i].convert("P", palette=Image.Palette.ADAPTIVE, colors=256) for i in order]
+    from vaelab.training.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    palette[0].save(buf, format="GIF", save_all=True, append_images=palette[1:], duration=int(duration_ms), loop=0)
+    atomic_write_bytes(path, buf.getvalue())
+    return os.fspath(path)
+
+
+__all__ = ["save_image_grid", "save_manifold", "save_scatter", "save_mi_matrix", "gif_available",
+           "save_traversal_gif"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def add_run_arg(p, dataset: bool = True) -> None:
     if dataset:
         p.add_argument("--dataset", metavar="NAME_OR_PATH", default=None,
                        help="use this dataset instead of the one the run was trained on")
+        p.add_argument("--factors", metavar="FILE", default=None,
+                       help="ground-truth factors of the data: an .npy (N, F) or a .csv with a header row of factor "
+                            "names, one row per sample in the data's order (the train rows, then the test rows, "
+                            "for data with its own splits) [default: the run's --factors, if it used the same data]")
     p.add_argument("--data-dir", metavar="DIR", default=None,
                    help="folder holding the dataset files, if they moved since training")
     add_trust_code(p)
@@ -122,8 +127,9 @@ def open_run(run: str, *, trust_code: bool):
 
 
 def run_data(cfg: dict, run: str, model, args):
-    """The dataset RUN was trained on (or --dataset), with --data-dir overriding the saved folder."""
-    from vaelab.data import load_dataset
+    """The dataset RUN was trained on (or --dataset), with --data-dir overriding the saved folder, and the factors
+    of --factors (or of the run's own --factors file, when the data is the run's)."""
+    from vaelab.data import attach_factors, load_dataset
     from vaelab.errors import DataError
 
     saved = cfg.get("data") or {}
@@ -132,6 +138,15 @@ def run_data(cfg: dict, run: str, model, args):
         raise VaelabError(f"{os.path.join(run, 'config.json')!r} names no dataset; pass --dataset NAME_OR_PATH")
     data_dir = args.data_dir if args.data_dir is not None else saved.get("data_dir")
     data = load_dataset(dataset, data_dir, progress=True)
+    factors = getattr(args, "factors", None)
+    if factors is not None:
+        data = attach_factors(data, factors)
+    elif saved.get("factors") and dataset == saved.get("dataset"):  # the run's factors file belongs to its data
+        try:
+            data = attach_factors(data, saved["factors"])
+        except DataError as e:  # only the disentanglement metrics need factors: the other commands go on
+            print(f"vaelab: warning: the run's factors file is not usable ({e}); going on without factors "
+                  "(pass --factors FILE to give them)", file=sys.stderr)
     shape = tuple(model.config.input_shape)
     if tuple(data.train.sample_shape) != shape:
         raise DataError(f"dataset {dataset!r} holds samples of shape {tuple(data.train.sample_shape)}, but the "
@@ -195,13 +210,15 @@ def print_table(rows: list[list[str]], indent: str = "  ") -> None:
         print(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-def print_terms(metrics: dict, what: str) -> None:
-    """The scalar terms as a table; per-dimension lists stay in the JSON file; a warning is printed last."""
+def print_terms(metrics: dict, what: str, meanings: dict | None = None) -> None:
+    """The scalar terms as a table; per-dimension lists stay in the JSON file; a warning is printed last.
+    `meanings`: the model's own terms' meanings (Autoencoder.term_meanings)."""
+    meanings = {**TERM_MEANINGS, **(meanings or {})}
     print(f"{what}:")
     rows = [["term", "value", "meaning"]]
     for k, v in metrics.items():
         if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool):
-            rows.append([k, fmt_number(v), TERM_MEANINGS.get(k, "")])
+            rows.append([k, fmt_number(v), meanings.get(k, "")])
     print_table(rows)
     if "kl_per_dim" in metrics:
         print("  KL per latent dimension (nats): " + " ".join(f"{v:.3g}" for v in metrics["kl_per_dim"]))

@@ -22,7 +22,7 @@ from vaelab.labels import class_names
 
 DEFAULT_PRESET = "seed-vae"
 DEFAULT_DATASET = "digits"
-BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist")  # as vaelab.data.DATASETS (importing it needs torch)
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "dsprites")  # as vaelab.data.DATASETS (that needs torch)
 
 # Help for the generated flags, keyed by field name. A field missing here still gets a flag.
 DIGITS_EPOCHS = 100  # the default --epochs on the small digits dataset
@@ -87,7 +87,7 @@ RESUMABLE_MODEL_FIELDS = ("logvar_min", "logvar_max")
 NOT_FLAGS = {"input_shape", "settings", "networks"}  # set from the data or in Python; own settings get flags below
 SETTINGS = "model's own settings"  # the group of the flags made from the registered models' Settings fields
 # config-file keys besides the ModelConfig/TrainConfig fields (the same names as the flags)
-RUN_KEYS = ("preset", "dataset", "data_dir", "out", "pictures")
+RUN_KEYS = ("preset", "dataset", "data_dir", "factors", "out", "pictures")
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors")
 
 DESCRIPTION = """
@@ -139,8 +139,12 @@ def _add_run_flags(run) -> None:
                      help="start from a named preset (`vaelab models` describes them) [default seed-vae "
                           "unless --model is given]")
     run.add_argument("--dataset", metavar="NAME_OR_PATH", default=argparse.SUPPRESS,
-                     help="digits, mnist, fashion-mnist, or a path to a .npy/.npz/.csv file or an image "
-                          "folder [default digits]")
+                     help="digits, mnist, fashion-mnist, dsprites (generated, with its factors), or a path to a "
+                          ".npy/.npz/.csv file or an image folder [default digits]")
+    run.add_argument("--factors", metavar="FILE", default=argparse.SUPPRESS,
+                     help="ground-truth factors of the data, for `vaelab evaluate --disentanglement`: an .npy (N, F) "
+                          "or a .csv with a header row of factor names, one row per sample in the data's order (the "
+                          "train rows, then the test rows, for data with its own splits); the run remembers it")
     run.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
                      help="folder holding the mnist/fashion-mnist files (or one sub-folder per dataset) "
                           "[default $VAELAB_DATA, then the download cache]")
@@ -162,16 +166,21 @@ def _add_run_flags(run) -> None:
 def _settings_fields() -> list[dataclasses.Field]:
     """The fields of every registered model's Settings that get a flag (one flag per name: two models with a
     setting of the same name, such as beta, share it); a field's metadata may say flag=False."""
+    return [fields[0][1] for fields in _settings_owners().values()]
+
+
+def _settings_owners() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """(model name, field) of every registered model's flagged Settings field, by field name."""
     from vaelab.models import MODELS
 
-    seen: dict[str, dataclasses.Field] = {}
+    owners: dict[str, list[tuple[str, dataclasses.Field]]] = {}
     for name in sorted(MODELS):
         for f in dataclasses.fields(MODELS[name].cls.Settings):
-            if f.metadata.get("flag", True) and f.name not in seen and f.name not in NOT_FLAGS:
-                seen[f.name] = f
+            if f.metadata.get("flag", True) and f.name not in NOT_FLAGS:
+                owners.setdefault(f.name, []).append((name, f))
     for problem in MODELS.broken.values():  # a broken plugin names itself; the other models work on
         print(f"vaelab: warning: {problem}", file=sys.stderr)
-    return list(seen.values())
+    return owners
 
 
 def _fields() -> list[tuple[dataclasses.Field, object]]:
@@ -210,17 +219,36 @@ def _kind(f: dataclasses.Field) -> str:
 
 
 def _field_help(f: dataclasses.Field, cls: type) -> str:
+    if cls is SETTINGS:  # a setting several models have: each meaning once, with the models that mean it
+        return "; ".join(_setting_help(f.name, fields) for fields in _setting_meanings(f.name)).replace("%", "%%")
     default = _field_default(f)
     parts = [f"default {fmt_value(default)}"]
     for p in PRESETS.values():  # where a preset differs from the default, say so
-        if cls is SETTINGS:
-            v = p.model.settings.get(f.name, default)
-        else:
-            v = getattr(p.model if cls is ModelConfig else p.train, f.name)
+        v = getattr(p.model if cls is ModelConfig else p.train, f.name)
         if v != default:
             parts.append(f"{p.name}: {fmt_value(v)}")
     text = f.metadata.get("help") or FIELD_HELP.get(f.name, f.name.replace("_", " "))
     return f"{text} [{'; '.join(parts)}]".replace("%", "%%")
+
+
+def _setting_meanings(name: str) -> list[list[tuple[str, dataclasses.Field]]]:
+    """The (model, field) pairs of setting `name`, grouped by help text and default."""
+    groups: dict[tuple, list] = {}
+    for model, f in _settings_owners()[name]:
+        groups.setdefault((f.metadata.get("help", ""), repr(_field_default(f))), []).append((model, f))
+    return list(groups.values())
+
+
+def _setting_help(name: str, fields: list[tuple[str, dataclasses.Field]]) -> str:
+    """'model, model: help [default D; preset: V]' for models whose setting `name` means the same."""
+    f = fields[0][1]
+    default, models = _field_default(f), [m for m, _ in fields]
+    parts = [f"default {fmt_value(default)}"]
+    for p in PRESETS.values():  # where a preset of one of these models differs from the default, say so
+        if p.model.model in models and p.model.settings.get(name, default) != default:
+            parts.append(f"{p.name}: {fmt_value(p.model.settings[name])}")
+    text = f.metadata.get("help") or FIELD_HELP.get(name, name.replace("_", " "))
+    return f"{', '.join(models)}: {text} [{'; '.join(parts)}]"
 
 
 def _add_field_flags(parser: argparse.ArgumentParser) -> None:
@@ -244,8 +272,8 @@ def _flag_options(f: dataclasses.Field, cls) -> dict:
         kw.update(type=int, metavar="N")
     elif kind == "float":
         kw.update(type=float, metavar="X")
-    elif f.name in FIELD_CHOICES:
-        kw.update(choices=FIELD_CHOICES[f.name])
+    elif f.name in FIELD_CHOICES or f.metadata.get("choices"):  # a model's Settings field may name its choices
+        kw.update(choices=FIELD_CHOICES.get(f.name) or f.metadata["choices"])
     else:
         kw.update(metavar="NAME")
     return kw
@@ -307,7 +335,7 @@ def _coerce_value(key: str, kind: str, v):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError
         return v
-    if key not in ("data_dir", "out", "dataset") and v is not None and not isinstance(v, str):
+    if key not in ("data_dir", "out", "dataset", "factors") and v is not None and not isinstance(v, str):
         raise ValueError
     return None if v is None else str(v)
 
@@ -382,7 +410,7 @@ def _plan_fresh(settings: dict, m_over: dict, t_over: dict) -> dict:
         train_cfg = train_cfg.replace(kl_warmup=train_cfg.epochs / 4)
     out = Path(settings.get("out") or _default_out(preset or model_cfg.model, dataset))
     return {"model": model_cfg, "train": train_cfg, "preset": preset, "dataset": dataset,
-            "data_dir": settings.get("data_dir"), "out": out}
+            "data_dir": settings.get("data_dir"), "factors": settings.get("factors"), "out": out}
 
 
 def _plan_resume(settings: dict, m_over: dict, t_over: dict) -> dict:
@@ -404,7 +432,9 @@ def _plan_resume(settings: dict, m_over: dict, t_over: dict) -> dict:
     saved_m = saved_m.replace(**{k: v for k, v in m_over.items() if k in RESUMABLE_MODEL_FIELDS})
     return {"model": saved_m, "train": saved_t.replace(**t_over), "preset": saved.get("preset"),
             "dataset": saved_data.get("dataset") or dataset or DEFAULT_DATASET,
-            "data_dir": settings["data_dir"] if "data_dir" in settings else saved_data.get("data_dir"), "out": out}
+            "data_dir": settings["data_dir"] if "data_dir" in settings else saved_data.get("data_dir"),
+            "factors": settings["factors"] if "factors" in settings else saved_data.get("factors"),
+            "saved_factors": "factors" not in settings, "out": out}
 
 
 def _resume_conflicts(saved: dict, saved_m: ModelConfig, preset, m_over: dict, dataset) -> list[str]:
@@ -493,7 +523,7 @@ def cmd_train(args) -> int:
     from vaelab.models import build_model
 
     mc, tc, out = plan["model"], plan["train"], plan["out"]
-    data = load_dataset(plan["dataset"], plan["data_dir"], progress=tc.progress)
+    data = _with_factors(load_dataset(plan["dataset"], plan["data_dir"], progress=tc.progress), plan)
     mc = _condition_dim(mc, data, plan["condition_from_data"])
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -510,6 +540,26 @@ def cmd_train(args) -> int:
     _report_training(history, epochs_before, tc, plan["resume"], seconds)
     _finish(model, data, tc, out, name, plan["pictures"])
     return 0
+
+
+def _with_factors(data, plan: dict):
+    """The data with the factors of --factors, checked before training so that a wrong file fails at once. A
+    resumed run's own factors file that is gone or broken is only a warning (training needs no factors): the run
+    then forgets it."""
+    from vaelab.data import attach_factors
+    from vaelab.errors import DataError
+
+    if plan["factors"] is None:
+        return data
+    try:
+        return attach_factors(data, plan["factors"])
+    except DataError as e:
+        if not plan.get("saved_factors"):
+            raise
+        print(f"vaelab: warning: the run's factors file is not usable ({e}); training on without factors",
+              file=sys.stderr)
+        plan["factors"] = None
+        return data
 
 
 def _announce(plan: dict, model, data, name: str, epochs_before: int) -> None:
@@ -529,6 +579,8 @@ def _run_info(plan: dict, model, data) -> dict:
     info = {"data": {"dataset": _dataset_id(plan["dataset"]),
                      "data_dir": None if plan["data_dir"] is None
                      else os.path.abspath(os.path.expanduser(str(plan["data_dir"]))),
+                     "factors": None if plan["factors"] is None
+                     else os.path.abspath(os.path.expanduser(str(plan["factors"]))),
                      "binarize": plan["train"].binarize},
             "preset": plan["preset"]}
     if model.capabilities.conditional:  # what each label means, for the pictures and --label NAME of later commands
@@ -573,7 +625,7 @@ def _finish(model, data, tc: TrainConfig, out: Path, name: str, pictures: bool) 
     written = [str(out / f) for f in RUN_FILES if (out / f).is_file()]
     written.append(write_evaluation(out / "evaluation.json", metrics, "test", data.name))
     print()
-    print_terms(metrics, f"test split of {data.name}, {metrics['n']} samples")
+    print_terms(metrics, f"test split of {data.name}, {metrics['n']} samples", model.term_meanings)
     if pictures:
         from vaelab.cli.drawing import run_pictures
 

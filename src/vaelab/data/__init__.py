@@ -1,6 +1,7 @@
-"""Datasets for vaelab: built-in ones (digits, mnist, fashion-mnist) and the user's own files.
+"""Datasets for vaelab: built-in ones (digits, mnist, fashion-mnist, dsprites) and the user's own files.
 
-`load_dataset(name)` returns train/test `DataSplits` of compact in-memory `ArrayDataset`s.
+`load_dataset(name)` returns train/test `DataSplits` of compact in-memory `ArrayDataset`s (dsprites: bit-packed
+`PackedImageDataset`s with ground-truth factors). `attach_factors(splits, FILE)` adds the factors of a file.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaelab.data.arrays import ArrayDataset, DataSplits, split, standardize
+from vaelab.data.arrays import ArrayDataset, DataSplits, PackedImageDataset, split, standardize
+from vaelab.data.factors import attach_factors, load_factors
 from vaelab.data.idx import read_idx
 from vaelab.data.sources import SYSTEM_DIRS, cache_dir, default_data_dirs, load_idx_dataset
 from vaelab.errors import DataError
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist")
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "dsprites")
 FILE_KINDS = ("a .npy file", "a .npz file (x[, y] or x_train/y_train/x_test/y_test)",
               "a folder of PNG/JPEG images (optionally one sub-folder per class, or train/ and test/)",
               "a .csv file of numbers")
 
-__all__ = ["ArrayDataset", "DataSplits", "DATASETS", "SYSTEM_DIRS", "cache_dir", "default_data_dirs",
-           "load_dataset", "read_idx", "standardize"]
+__all__ = ["ArrayDataset", "DataSplits", "PackedImageDataset", "DATASETS", "SYSTEM_DIRS", "attach_factors",
+           "cache_dir", "default_data_dirs", "load_dataset", "load_factors", "read_idx", "standardize"]
 
 
 def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, download: bool = True,
@@ -31,12 +33,17 @@ def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = N
 
     Built-in names win over a file of the same name in the current folder (write ./mnist for that).
     Data without explicit splits is split by a permutation seeded with `seed`, `test_fraction` to test.
+    dsprites is generated into the user cache the first time (in seconds; `data_dir` does not apply).
     """
     key = str(name).strip().lower().replace("_", "-") if isinstance(name, str) else None
     if key in ("mnist", "fashion-mnist"):
         return load_idx_dataset(key, data_dir, download=download, progress=progress)
     if key == "digits":
         return _digits(test_fraction, seed)
+    if key == "dsprites":
+        from vaelab.data.dsprites import load_dsprites
+
+        return load_dsprites(test_fraction, seed)
 
     path = Path(name).expanduser()
     if not path.exists():

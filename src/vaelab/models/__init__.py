@@ -13,6 +13,9 @@ from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, Mode
 from vaelab.models.pretrained import complete_settings
 from vaelab.models.registry import MODELS, ModelSpec, check_config, load_pretrained, register
 from vaelab.models import ae, cvae, hvae, m2, vae, vqvae  # noqa: F401,E402  (registers the models)
+from vaelab.models import btcvae  # noqa: F401,E402  (beta-TCVAE)
+from vaelab.models import dipvae  # noqa: F401,E402  (DIP-VAE)
+from vaelab.models import factorvae  # noqa: F401,E402  (FactorVAE)
 
 if check_config not in MODEL_CHECKS:
     MODEL_CHECKS.append(check_config)  # ModelConfig.validate now knows the registered models

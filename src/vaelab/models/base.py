@@ -3,7 +3,7 @@ declares, the base of its own settings, and the base class.
 
 Code outside a model never asks for a model by name: it asks `model.capabilities` what the model can do, and
 calls the hooks declared here (`loss`, `training_problems`, `epoch_metrics`, `data_metrics`, `posteriors`,
-`anomaly_bounds`), which every model has.
+`anomaly_bounds`, `auxiliaries`), which every model has.
 """
 
 from __future__ import annotations
@@ -101,6 +101,20 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class Auxiliary:
+    """A network a model trains beside itself with an Adam optimizer of its own (a FactorVAE's discriminator).
+
+    `module` is a submodule of the model, so its weights are the model's (saved, loaded and resumed with it);
+    the model's optimizer leaves its parameters out. After every optimizer step of the model, the training loop
+    steps this one on `model.auxiliary_loss(name, out)` (a constant learning rate: the loop's lr schedule and
+    gradient clipping act on the model's optimizer only), and keeps its state in every checkpoint."""
+
+    module: nn.Module
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     """Base of a model's own settings: a small frozen dataclass in the model's file, one field per setting.
 
@@ -137,6 +151,8 @@ class Autoencoder(nn.Module):
     # refuses the others. `iwae_options`: those that still apply when training the IWAE bound (iw_samples > 1)
     loss_options: ClassVar[frozenset[str]] = frozenset()
     iwae_options: ClassVar[frozenset[str]] = frozenset()
+    # what the model's own loss terms mean (the CLI's tables print it beside the shared terms'), by term name
+    term_meanings: ClassVar[dict[str, str]] = {}
     archs: ClassVar[tuple[str, ...]] = ARCHS  # the `arch` values this model can be built with
     default_arch: ClassVar[str | None] = None  # what arch "auto" means; None: conv for images, mlp for vectors
     encoder_outputs: ClassVar[int] = 1  # latent-shaped tensors the encoder's head emits (2 = mean, log-variance)
@@ -193,7 +209,9 @@ class Autoencoder(nn.Module):
         name = self.config.model
         if iwae and "iw_samples" not in self.loss_options:
             out.append(f"iw_samples={train.iw_samples} needs a model with a stochastic encoder (a VAE); model "
-                       f"{name!r} is deterministic")
+                       f"{name!r} is deterministic" if not self.capabilities.stochastic else
+                       f"iw_samples={train.iw_samples} does not apply to model {name!r}: its loss "
+                       f"({self.objective.__name__}) has no importance-weighted form; train the ELBO (iw_samples=1)")
         for option, value, off in (("kl_schedule", train.kl_schedule, "constant"), ("capacity", train.capacity, 0.0),
                                    ("free_bits", train.free_bits, 0.0)):
             if value == off:
@@ -240,6 +258,17 @@ class Autoencoder(nn.Module):
     def data_metrics(self, data, batch_size: int = 512) -> dict:
         """The model's own numbers on a dataset (evaluate adds them to its report)."""
         return {}
+
+    def auxiliaries(self) -> dict[str, Auxiliary]:
+        """Networks trained beside the model by optimizers of their own, by name (a FactorVAE's discriminator);
+        none by default. Each one's loss is `auxiliary_loss`."""
+        return {}
+
+    def auxiliary_loss(self, name: str, out: ModelOutput) -> dict[str, torch.Tensor]:
+        """Per-sample terms, (B,) each, of auxiliary network `name` at the output `out` of the training step that
+        has just updated the model (computed before that update; use it detached). "loss" is what the network's
+        optimizer minimises; the loop reports every term as train_<name>_<term>."""
+        raise NotImplementedError(f"model {self.config.model!r} declares no auxiliary network {name!r}")
 
     def posteriors(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> dict[str, DiagonalGaussian]:
         """The Gaussian posterior of each stochastic layer, by name: "" for the model's latent (the one with

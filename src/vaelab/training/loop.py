@@ -4,6 +4,10 @@ Reproducibility: the data order and the model's noise of epoch e come from seeds
 and a checkpoint is written at the end of every epoch (and every `checkpoint_every` steps: then with the RNG
 states, the step within the epoch and the epoch's partial metrics), so `resume=True` continues exactly where
 an uninterrupted run would be: the same weights, bit for bit on a CPU.
+
+A model may train networks beside itself with optimizers of their own (`model.auxiliaries()`, a FactorVAE's
+discriminator): each step then updates the model, then each such network on its own loss at the same batch
+(`_auxiliary_step`); their optimizers' states travel in every checkpoint with the model's.
 """
 
 from __future__ import annotations
@@ -133,8 +137,9 @@ class _Run:
         keep_freed_memory()
         self.dist = Dist.from_env(cfg.device)  # a world of one unless launched by torchrun
         model.to(self.dist.device)
-        self.optimizer = make_adam(model.parameters(), cfg.lr)
-        self.params = list(model.parameters())
+        # the model's optimizer, and one per auxiliary network ({} for almost every model)
+        self.optimizer, self.aux_optimizers = make_optimizers(model, cfg.lr)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.main = self.dist.is_main  # only rank 0 writes files and shows progress
         self.n, self.bs = self.semi.epoch_length if self.semi else len(train), cfg.batch_size
         self.steps = math.ceil(self.n / self.bs)  # the last batch may be partial, as in Keras
@@ -149,7 +154,8 @@ class _Run:
         epoch) the position there."""
         if self.run_dir is None:
             raise TrainingError("resume=True needs the run directory (out=...) holding the checkpoint")
-        state, self.saved = load_checkpoint(self.checkpoint, self.model, self.optimizer)
+        state, self.saved = load_checkpoint(self.checkpoint, self.model, self.optimizer,
+                                            auxiliary=self.aux_optimizers)
         self.start_epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.best_loss, self.bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
         self.position = state.get("position")
@@ -163,6 +169,8 @@ class _Run:
             _write_run_config(self.run_dir / self.files.config, self.model, self.cfg, self.run_info)
         if writes and self.files.tensorboard:
             self.writer = _tensorboard(self.run_dir / self.files.tensorboard)
+        if self.aux_optimizers and self.dist.active:
+            _keep_out_of_ddp(self.model, [a.module for a in self.model.auxiliaries().values()], self.dist)
         self.net = self.dist.wrap(self.model)  # DistributedDataParallel under torchrun: all-reduces the gradients
 
     def train_epoch(self, epoch: int) -> dict:
@@ -236,7 +244,34 @@ class _Run:
         if cfg.grad_clip:  # torch.nn.utils.clip_grad_norm_'s arithmetic, on the norm already computed
             torch._foreach_mul_(grads, (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
         self.optimizer.step()
+        if self.aux_optimizers:  # networks with optimizers of their own learn from this step's output
+            terms = {**terms, **self._auxiliary_step(out.float(), len(batch_idx), epoch)}
         self.step += 1
+        return terms
+
+    def _auxiliary_step(self, out, global_batch: int, epoch: int) -> dict[str, torch.Tensor]:
+        """One optimizer step of every auxiliary network on its loss at the step's output `out`; returns their
+        per-sample terms as <name>_<term>."""
+        dist, terms = self.dist, {}
+        for name, optimizer in self.aux_optimizers.items():
+            own = self.model.auxiliary_loss(name, out)
+            loss = own["loss"].sum() / global_batch * dist.world  # the global batch's mean, as the model's
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if dist.active:  # DDP leaves these networks out (_keep_out_of_ddp): average as it would, in one call
+                flat = dist.all_sum(torch.cat([g.flatten() for g in grads])) / dist.world
+                for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(v.view_as(g))
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            if dist.any(not bool(torch.isfinite(loss) & torch.isfinite(norm))):  # before its weights move
+                kept = f"; the last good checkpoint is kept in {str(self.checkpoint)!r}" if self.checkpoint else ""
+                raise TrainingError(
+                    f"non-finite loss or gradient of the model's auxiliary network {name!r} at epoch {epoch + 1}, "
+                    f"step {self.step + 1}{kept}. It learns from the model's codes: the model's usual fixes apply "
+                    "(a lower --lr, a tighter --logvar-max, data without extreme values)")
+            optimizer.step()
+            terms.update({f"{name}_{k}": v.detach() for k, v in own.items()})
         return terms
 
     def _trainer_state(self, epoch: int) -> dict:
@@ -254,7 +289,7 @@ class _Run:
         state["position"], extra = _position(epoch_step, self.steps, self.bs, self.n, meter, gen, self.dist)
         if self.main:
             save_checkpoint(self.checkpoint, self.model, self.optimizer, state,
-                            {**extra, **_prefixed("best.", self.best_state)})
+                            {**extra, **_prefixed("best.", self.best_state)}, auxiliary=self.aux_optimizers)
 
     def end_epoch(self, epoch: int, row: dict) -> bool:
         """The bookkeeping after epoch `epoch`: the best loss so far, the epoch's checkpoint, model and metrics
@@ -270,7 +305,8 @@ class _Run:
         stop = bool(cfg.early_stopping) and self.bad_epochs >= cfg.early_stopping
         if self.run_dir is not None and self.main:
             save_checkpoint(self.checkpoint, self.model, self.optimizer, self._trainer_state(epoch + 1),
-                            {"rng.torch": torch.get_rng_state(), **_prefixed("best.", self.best_state)})
+                            {"rng.torch": torch.get_rng_state(), **_prefixed("best.", self.best_state)},
+                            auxiliary=self.aux_optimizers)
             if self.files.model:
                 save_pretrained(self.model, self.run_dir)
             if self.files.metrics:
@@ -302,15 +338,39 @@ class _Run:
 _SHOWN = ("loss", "recon", "kl", "bce")
 
 
-def make_adam(params, lr: float) -> torch.optim.Adam:
+def make_adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
     """Adam with its fused kernel where this PyTorch has one for the parameters' device (CPUs since 2.4):
     one pass over each parameter instead of a dozen foreach ops, so less time per step goes to the update;
     otherwise the foreach implementation. Same state dict either way, so checkpoints move between them."""
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or version
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+
+
+def make_optimizers(model, lr: float) -> tuple[torch.optim.Adam, dict[str, torch.optim.Adam]]:
+    """The model's Adam at `lr`, over every parameter but its auxiliary networks' (`model.auxiliaries()`), and
+    one Adam per auxiliary network, over that network's parameters alone, with its own lr and betas."""
+    aux = model.auxiliaries()
+    if not aux:
+        return make_adam(model.parameters(), lr), {}
+    theirs = {id(p) for a in aux.values() for p in a.module.parameters()}
+    main = make_adam([p for p in model.parameters() if id(p) not in theirs], lr)
+    return main, {name: make_adam(a.module.parameters(), a.lr, a.betas) for name, a in aux.items()}
+
+
+def _keep_out_of_ddp(model, modules: list, dist: Dist) -> None:
+    """Under DDP: leave the auxiliary networks `modules` out of DistributedDataParallel, and start them on every
+    rank from rank 0's weights (as DDP does for the rest). DDP expects a gradient for each of its parameters from
+    the model's backward; theirs come from their own losses after it, and `_Run._auxiliary_step` averages them."""
+    theirs = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    ids = {id(t) for t in theirs}
+    names = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if id(t) in ids]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    with torch.no_grad():
+        for t in theirs:  # rank 0's values, exactly (x + 0 + ... + 0)
+            t.copy_(dist.all_sum(t if dist.is_main else torch.zeros_like(t)))
 
 
 def _progress(cfg: TrainConfig, total: int, desc: str, initial: int = 0):
