@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from test_reliability import PAUSE_AFTER_CHECKPOINT
 from vaelab.config import TrainConfig
 from vaelab.data import ArrayDataset, load_dataset
 from vaelab.errors import CheckpointError, ConfigError
@@ -344,26 +345,6 @@ def test_the_cli_trains_evaluates_and_samples_a_factorvae_run(tmp_path):
     assert ev["n"] == 180 and ev["loss"] == ev["loss"] and "tc" in ev
     _vaelab("sample", "run", "--n", "16", "--seed", "1", "--out", "s.png", cwd=tmp_path)
     assert (tmp_path / "s.png").stat().st_size > 0
-
-
-# The child replaces os.replace with a version that, once the nth checkpoint is in place, writes a marker and
-# holds still, so SIGKILL lands right after a known checkpoint (as tests/test_reliability.py does).
-PAUSE_AFTER_CHECKPOINT = """
-import os, sys, time
-marker, nth = sys.argv[1], int(sys.argv[2])
-real_replace = os.replace
-calls = {"n": 0}
-def replace_then_pause(src, dst, *a, **k):
-    real_replace(src, dst, *a, **k)
-    if str(dst).endswith("checkpoint.safetensors"):
-        calls["n"] += 1
-        if calls["n"] == nth:
-            open(marker, "w").close()
-            time.sleep(60)
-os.replace = replace_then_pause
-from vaelab.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
 
 
 @pytest.mark.slow  # three CLI runs in real processes: most of the time goes to starting them
