@@ -1,4 +1,4 @@
-"""README's "Write your own model" example runs as written.
+"""The "Write your own model" page's example (docs/write-your-own-model.md) runs as written.
 
 Its ```python blocks, in order, are one script: the test writes them to a file in an empty folder and runs it
 in a fresh interpreter there, as a reader would. The script defines a model (WAE-MMD), registers it, trains it on
@@ -17,13 +17,14 @@ from pathlib import Path
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-TITLE = "## Write your own model"
+PAGE = REPO / "docs" / "write-your-own-model.md"
+TITLE = "# Write your own model"
 
 
 def section() -> str:
-    """The README's section under TITLE, up to the next second-level heading."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    assert text.count(TITLE + "\n") == 1, f"README.md has no single {TITLE!r} section"
+    """The page's text under its title TITLE, up to its next second-level heading (it has one title)."""
+    text = PAGE.read_text(encoding="utf-8")
+    assert text.count(TITLE + "\n") == 1, f"{PAGE.name} has no single {TITLE!r} title"
     body = text.split(TITLE + "\n", 1)[1]
     return re.split(r"^## ", body, maxsplit=1, flags=re.MULTILINE)[0]
 

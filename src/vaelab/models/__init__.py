@@ -74,6 +74,7 @@ def from_pretrained(directory, *, trust_code: bool = False) -> Autoencoder:
 
 
 def list_models() -> list[ModelSpec]:
+    """The registered models (built-in and entry-point plugins), sorted by name."""
     return [MODELS[k] for k in sorted(MODELS)]
 
 
