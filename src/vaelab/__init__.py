@@ -3,7 +3,7 @@
 The top-level names are imported lazily so that `vaelab --help` starts without importing torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place the version lives (pyproject.toml reads it)
 
 _LAZY = {
     "build_model": "vaelab.models",
