@@ -160,9 +160,8 @@ def test_every_documented_command_exists():
 
 def test_the_readme_python_example_runs(tmp_path):
     """The README's Python block, as written, in an empty folder and a fresh interpreter (offline: digits)."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"^```python\n(.*?)^```\s*$", readme, flags=re.DOTALL | re.MULTILINE)
-    assert len(blocks) == 1, f"README.md has {len(blocks)} python blocks; this test runs one"
+    blocks = [b for b in python_blocks(REPO / "README.md") if "vaelab.fit(" in b]
+    assert len(blocks) == 1, f"README.md has {len(blocks)} python blocks that call vaelab.fit; this test runs one"
     (tmp_path / "example.py").write_text(blocks[0], encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -174,3 +173,18 @@ def test_the_readme_python_example_runs(tmp_path):
     run = tmp_path / "runs" / "vae-digits"
     assert {"config.json", "metrics.jsonl", "model.safetensors"} <= {p.name for p in run.iterdir()}
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 10  # epochs=10, one line each
+
+
+def python_blocks(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return re.findall(r"^```python\n(.*?)^```\s*$", text, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_the_readme_shows_the_export_pages_onnxruntime_lines():
+    """The README's onnxruntime example is the export page's, word for word (that page explains and tests it)."""
+    readme = [b for b in python_blocks(REPO / "README.md") if "import onnxruntime" in b]
+    page = [b for b in python_blocks(DOCS / "export.md") if "import onnxruntime" in b]
+    assert len(readme) == 1 and len(page) == 1
+    assert readme == page, "README.md's onnxruntime example differs from docs/export.md's; copy it over"
+    lines = [line for line in readme[0].splitlines() if line.strip()]
+    assert len(lines) <= 10 and "import torch" not in readme[0] and "vaelab" not in readme[0]
