@@ -115,18 +115,20 @@ def test_the_readme_links_lead_somewhere(site):
 
 def code_lines(text: str, indented: bool) -> list[str]:
     """Lines of the shell code blocks of a Markdown text: fenced ones (not ```python / ```toml ...), and with
-    `indented`, those indented by four spaces after a blank line."""
-    lines, out = text.splitlines(), []
-    fence = None
-    for i, line in enumerate(lines):
+    `indented`, those of blocks indented by four spaces after a blank line."""
+    out, fence, in_indented, previous = [], None, False, ""
+    for line in text.splitlines():
         if line.startswith("```"):
             fence = None if fence is not None else (line[3:].strip() or "text")
-            continue
-        if fence in ("bash", "sh", "console", "shell", "text"):
+        elif fence is not None:
+            if fence in ("bash", "sh", "console", "shell", "text"):
+                out.append(line)
+        elif indented and line.startswith("    ") and (in_indented or not previous.strip()):
+            in_indented = True
             out.append(line)
-        elif fence is None and indented and line.startswith("    ") and (out and lines[i - 1] == out[-1]
-                                                                           or i and not lines[i - 1].strip()):
-            out.append(line)
+        elif line.strip():
+            in_indented = False
+        previous = line
     return out
 
 
