@@ -82,6 +82,20 @@ def test_save_and_reload_give_identical_outputs(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+def test_what_the_user_facing_calls_return_feeds_any_other_call(name):
+    """embed / reconstruct / sample return ordinary tensors (no_grad, not inference_mode), so decode(embed(x))
+    and a gradient through the decoder at an embedded point work."""
+    model = _build(name, (1, 8, 8)).eval()
+    x, c = _data((1, 8, 8)).batch(slice(0, 4)), _cond(model, 4)
+    z = model.embed(x, c)
+    assert not z.is_inference() and not z.requires_grad
+    assert not model.reconstruct(x, c).is_inference()
+    z = z.clone().requires_grad_(True)
+    model.decode(z, c).sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_sampling(name):
     model = _build(name, (1, 8, 8))
     if model.capabilities.stochastic:

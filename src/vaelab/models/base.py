@@ -347,12 +347,14 @@ class Autoencoder(nn.Module):
             raise VaelabError(f"model {self.config.model!r} takes no condition; use a conditional model "
                               "(--model cvae) to condition on labels")
 
-    @torch.inference_mode()
+    # The user-facing calls below run under no_grad, not inference_mode: what they return must feed any other
+    # call, decode(embed(x)) included, and inference tensors cannot enter a graph that autograd records.
+    @torch.no_grad()
     def embed(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Latent means (the features a user extracts), (B, *latent_shape)."""
         return self.encode(x, condition).mean
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the posterior mean: the deterministic reconstruction, in data space."""
         return self.mean_of(self.reconstruct_raw(x, condition))
@@ -362,7 +364,7 @@ class Autoencoder(nn.Module):
         scores."""
         return self.decode_raw(self.encode(x, condition).mean, condition)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None,
                condition: torch.Tensor | None = None) -> torch.Tensor:
         """n draws from the prior N(0, I), decoded to data space (likelihood means). A conditional model takes a

@@ -223,7 +223,7 @@ class HVAE(Autoencoder):
         """The decoding of q(z1 | x)'s mean: the reconstruction goes through the bottom layer only."""
         return self.decoder(self.encode_bottom(x, condition).mean)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(self, n, generator=None, condition=None):
         """n ancestral draws: z2 ~ N(0, I), z1 ~ p(z1 | z2), decoded to the likelihood's mean."""
         self._check_condition(condition)

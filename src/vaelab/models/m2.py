@@ -244,12 +244,12 @@ class M2(CVAE):
                               "(e.g. `vaelab sample RUN --label 3`)")
         return super().condition_vector(condition)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """q(y|x): the class probabilities of each input, (B, K)."""
         return torch.softmax(self.classifier(x.to(self._device())), dim=1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None,
                condition: torch.Tensor | None = None) -> torch.Tensor:
         """n draws of the generative model, decoded: y given (one class for all n, or n of them), or drawn from

@@ -89,7 +89,7 @@ class CodePrior(nn.Module):
         nll = F.cross_entropy(self(indices, labels), indices, reduction="none")  # (B, H, W)
         return -nll.flatten(1).sum(1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """n code maps (n, H, W) drawn position by position in raster order."""

@@ -231,19 +231,19 @@ class VQVAE(Autoencoder):
 
     # ----------------------------------------------------------------------------------- discrete codes
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
         """The code indices of x, (B, h, w) int64; decode_indices maps them back to reconstructions."""
         return self.quantizer(self._encode_map(x), update=False)[1]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Decode code indices (B, h, w) to data space: exactly `reconstruct(x)` for indices of x."""
         return self.decode(self.quantizer.lookup(indices.to(self._device())))
 
     # ----------------------------------------------------------------------------------------- sampling
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None,
                condition: torch.Tensor | None = None) -> torch.Tensor:
         """n code grids drawn from the trained prior, decoded. A class-conditional prior takes a label (one for
