@@ -39,6 +39,7 @@ COMMANDS = (
     ("detect", "anomaly", "score rows for anomalies and flag the anomalous ones"),
     ("one-class", "anomaly", "the one-class anomaly protocol on MNIST / Fashion-MNIST (AUROC)"),
     ("train-prior", "prior", "fit the code prior of a VQ-VAE run, so that `vaelab sample` can generate"),
+    ("export", "export", "the encoder and decoder of a run as ONNX files or torch.export programs"),
     ("tune", "tune", "search hyperparameters with Optuna (resumable, several processes at once)"),
 )
 
