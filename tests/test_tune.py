@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 optuna = pytest.importorskip("optuna")
 
@@ -72,7 +71,7 @@ def test_every_problem_of_a_search_file_is_named_at_once(tmp_path, capsys):
                         'hidden = {choices = ["x"]}\n',
                         fixed='model = "vae"\nout = "somewhere"\nbatchsize = 64\n',
                         study='objective = "nl"\nn_trails = 3\n')
-    rc, out, err = tune(capsys, path, "--out", tmp_path / "s")
+    rc, _, err = tune(capsys, path, "--out", tmp_path / "s")
     assert rc == 1 and "Traceback" not in err
     assert err.startswith("vaelab: error: invalid search file")
     for needle in ("[space] latnt_dim: not a `vaelab train` setting (did you mean 'latent_dim' or 'latent2_dim'?)",
@@ -90,7 +89,8 @@ def test_every_problem_of_a_search_file_is_named_at_once(tmp_path, capsys):
 
 
 def test_a_searched_value_train_refuses_fails_before_any_trial(tmp_path, capsys):
-    path = write_search(tmp_path / "s.toml", "latent-dim = {low = 0, high = 4}", fixed=FIXED.replace("latent-dim = 2\n", ""))
+    path = write_search(tmp_path / "s.toml", "latent-dim = {low = 0, high = 4}",
+                        fixed=FIXED.replace("latent-dim = 2\n", ""))
     rc, _, err = tune(capsys, path, "--out", tmp_path / "s")
     assert rc == 1
     assert "with latent_dim = 0: latent_dim=0" in err, err
@@ -118,6 +118,25 @@ def test_a_study_cannot_be_continued_with_another_search(tmp_path, capsys):
     rc, _, err = tune(capsys, path, "--out", out)
     assert rc == 1 and "study 'tune' in 'sqlite:///" in err and "was started from a different search" in err
     assert len(trials(out)) == 1
+
+
+def test_a_yaml_search_file_is_the_same_search_as_its_toml(tmp_path):
+    from vaelab.cli.tune import TrainTrainer
+    from vaelab.tune import read_spec
+
+    toml = write_search(tmp_path / "s.toml", 'beta = {low = 0.5, high = 8, log = true}\nlatent-dim = {choices = [2, 8]}\n'
+                        'hidden = {choices = [[16], [32, 16]]}', fixed='model = "vae"\narch = "mlp"\nthreads = 1',
+                        study='objective = "nll"\npruner = "hyperband"')
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text("space:\n  beta: {low: 0.5, high: 8, log: true}\n  latent_dim: {choices: [2, 8]}\n"
+                    "  hidden: {choices: [[16], [32, 16]]}\n"
+                    "fixed: {model: vae, arch: mlp, threads: 1}\n"
+                    "study: {objective: nll, pruner: hyperband}\n", encoding="utf-8")
+    trainer = TrainTrainer()
+    a, b = read_spec(toml, trainer), read_spec(yaml, trainer)
+    assert a.space == b.space and a.study == b.study and a.fixed == b.fixed
+    assert a.space[2].choices == ((16,), (32, 16)) and a.space[2].labels == ["16", "32,16"]
+    assert a.direction == "minimize" and a.prune_on == "val_elbo" and a.models == ("vae",)
 
 
 # ==================================================================================== a whole search
@@ -171,7 +190,7 @@ def test_bad_trials_are_pruned_on_their_per_epoch_numbers(tmp_path, capsys):
     out = tmp_path / "study"
     path = write_search(tmp_path / "s.toml", "lr = {choices = [0.01, 1e-06]}",
                         fixed=FIXED + "epochs = 4\n",
-                        study='n_trials = 5\nsampler = "random"\nseed = 0\npruner_startup_trials = 1\n'
+                        study='n_trials = 5\nsampler = "random"\nseed = 2\npruner_startup_trials = 1\n'
                               'pruner_warmup_epochs = 0\nprune_on = "val_elbo"')
     assert tune(capsys, path, "--out", out)[0] == 0
     ts = trials(out)
@@ -209,7 +228,8 @@ def test_each_objective_is_the_task_measure_of_the_trial_run(tmp_path, capsys, o
     data = load_dataset("digits")
     if objective == "nll":
         assert t.value == importance_nll(model, data.test, n_samples=8)["nll"]
-        assert optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}").direction.name == "MINIMIZE"
+        study = optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}")
+        assert study.direction.name == "MINIMIZE"
     elif objective == "probe_accuracy":
         expected = probe_accuracy(latent_codes(model, data.train), data.train.y.numpy(),
                                   latent_codes(model, data.test), data.test.y.numpy())["linear_probe_accuracy"]
@@ -220,6 +240,17 @@ def test_each_objective_is_the_task_measure_of_the_trial_run(tmp_path, capsys, o
         assert rows[0]["step"] == -(-n3 // 128)
         scores = anomaly_scores(model, data.test, ("elbo",))["elbo"]
         assert t.value == auroc(scores, data.test.y.numpy() != 3) and t.value > 0.5
+
+
+def test_diverging_trials_fail_and_the_search_stops_after_three_in_a_row(tmp_path, capsys):
+    out = tmp_path / "study"
+    path = write_search(tmp_path / "s.toml", "lr = {choices = [1e6]}", fixed=FIXED + "epochs = 2\n",
+                        study="n_trials = 2")
+    rc, stdout, err = tune(capsys, path, "--out", out)
+    assert rc == 1 and "Traceback" not in err
+    assert "vaelab: error: 3 trials of this process failed, the last with:" in err
+    assert stdout.count("failed: ") == 3
+    assert states(trials(out)) == {"FAIL": 3}
 
 
 # ============================================================================== kill -9, two processes
@@ -266,7 +297,7 @@ def test_two_processes_share_one_study(tmp_path):
     out = tmp_path / "study"
     space, fixed, _ = KILL_SEARCH
     path = write_search(tmp_path / "s.toml", space, fixed.replace("epochs = 30", "epochs = 12"),
-                        'n_trials = 6\npruner = "none"\nheartbeat = 2')
+                        'n_trials = 6\npruner = "none"\nheartbeat = 5')
     argv = [sys.executable, "-m", "vaelab", "tune", str(path), "--out", str(out)]
     procs = [subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

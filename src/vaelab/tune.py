@@ -291,7 +291,7 @@ def _check_space(given: dict, fixed: dict, trainer: Trainer, source: str, proble
         bad = [k for k in entry if k not in SPACE_KEYS]
         if bad:
             problems.append(f"{where}: unknown key(s) {bad}" + _close(bad[0], SPACE_KEYS)
-                            + f"; a range has low, high, step, log; a list has choices")
+                            + "; a range has low, high, step, log; a list has choices")
             continue
         param = _param(name, entry, trainer, source, where, problems)
         if param is not None:
@@ -337,8 +337,8 @@ def _param(name: str, entry: dict, trainer: Trainer, source: str, where: str, pr
     before = len(problems)
     for key, v in (("low", low), ("high", high)) + ((("step", step),) if step is not None else ()):
         if not number(v):
-            problems.append(f"{where}: {key} = {v!r} must be {want} ({name} is {'an integer' if kind == 'int' else 'a real'} "
-                            "setting)")
+            what = "an integer" if kind == "int" else "a real"
+            problems.append(f"{where}: {key} = {v!r} must be {want} ({name} is {what} setting)")
     if not isinstance(log, bool):
         problems.append(f"{where}: log = {log!r} must be true or false")
     if len(problems) > before:
@@ -424,7 +424,8 @@ def objective_value(spec: TuneSpec, model, data, history: list[dict]) -> float:
         losses = [row["val_loss"] for row in history if "val_loss" in row]
         if not losses:
             raise DataError("objective 'val_loss' needs a test split to validate on; the data has none")
-        return float(min(losses)) if _early_stopping(spec, history) else float(losses[-1])
+        # with early stopping the run ends on its best epoch's weights, else on the last epoch's
+        return float(min(losses)) if spec.fixed.get("early_stopping", 0) else float(losses[-1])
     if spec.objective == "nll":
         from vaelab.evaluation.nll import importance_nll
 
@@ -444,10 +445,6 @@ def objective_value(spec: TuneSpec, model, data, history: list[dict]) -> float:
     stats = latent_statistics(latent_codes(model, data.train)) if kind == "latent" else None
     scores = anomaly_scores(model, data.test, (kind,), latent_stats=stats)[kind]
     return auroc(scores, data.test.y.numpy() != spec.study["normal_class"])
-
-
-def _early_stopping(spec: TuneSpec, history) -> bool:
-    return bool(spec.fixed.get("early_stopping", 0))
 
 
 # ========================================================================================== the study
@@ -470,15 +467,15 @@ def default_storage(out) -> str:
 def open_study(spec: TuneSpec, out, study_name: str, storage_url: str | None = None):
     """Create the study, or load it when it exists (then it must be the same search)."""
     optuna = optuna_module()
-    import optuna.storages as storages
+    from optuna import storages
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed here instead
     url = storage_url or default_storage(out)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     if url == default_storage(out):
         Path(out).mkdir(parents=True, exist_ok=True)
-    try:
-        with _quiet():
+    try:  # under the lock: two processes creating the tables of one new SQLite file at once collide
+        with _lock(out, study_name), _quiet():
             storage = storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=spec.study["heartbeat"],
                                           grace_period=2 * spec.study["heartbeat"],
                                           heartbeat_stale_trial_callback=_retry_callback()(
@@ -488,7 +485,7 @@ def open_study(spec: TuneSpec, out, study_name: str, storage_url: str | None = N
                           "such as sqlite:///study.db", "--storage") from None
     with _lock(out, study_name):
         study = optuna.create_study(study_name=study_name, storage=storage, direction=spec.direction,
-                                    sampler=_sampler(spec, optuna, 0), pruner=_pruner(spec, optuna),
+                                    pruner=_pruner(spec, optuna),
                                     load_if_exists=True)
         saved = study.user_attrs.get("vaelab_search")
         if saved is None:
@@ -499,15 +496,12 @@ def open_study(spec: TuneSpec, out, study_name: str, storage_url: str | None = N
                               f"({study.user_attrs.get('vaelab_source')!r}: its space, fixed settings or "
                               "objective differ); use another --study name or --out, or the original file",
                               "study")
-    # a process's own sampler seed: the study's seed plus the trials already there, so that a second process
-    # (or a resumed search) does not propose the same settings again
-    study.sampler = _sampler(spec, optuna, len(study.trials))
     return study, storage
 
 
 def _retry_callback():
     """Optuna's callback that re-enqueues a trial failed for its stale heartbeat (renamed in Optuna 4.9)."""
-    import optuna.storages as storages
+    from optuna import storages
 
     return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
 
@@ -524,8 +518,7 @@ def _pruner(spec: TuneSpec, optuna):
         return optuna.pruners.NopPruner()
     if spec.study["pruner"] == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=spec.study["pruner_warmup_epochs"] + 1,
-                                              max_resource=int(spec.fixed.get("epochs", "auto")) if "epochs"
-                                              in spec.fixed else "auto")
+                                              max_resource=spec.fixed.get("epochs", "auto"))
     # a trial reports epoch e as step e (1, 2, ...): the earliest step Optuna prunes at is n_warmup_steps
     return optuna.pruners.MedianPruner(n_startup_trials=spec.study["pruner_startup_trials"],
                                        n_warmup_steps=spec.study["pruner_warmup_epochs"] + 1)
@@ -596,6 +589,9 @@ def _next_trial(study, storage, spec: TuneSpec, out, study_name: str, optuna):
             if finished >= spec.study["n_trials"]:
                 return None
             if finished + running < spec.study["n_trials"]:
+                # the sampler is seeded per trial, with the study's seed plus the trial's number: a search is
+                # reproducible, yet two processes (or a resumed search) never propose the same settings again
+                study.sampler = _sampler(spec, optuna, len(study.get_trials(deepcopy=False)))
                 trial = study.ask()
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial.number)
                 storage.record_heartbeat(trial_id)  # a trial without a heartbeat is never seen as stale
@@ -634,10 +630,15 @@ def run_study(spec: TuneSpec, trainer: Trainer, out, *, study_name: str = "tune"
                                     "resumes")
             continue
         failures = 0
-        if state == "pruned":
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            study.tell(trial, value)
+        try:
+            if state == "pruned":
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, value)
+        except optuna.exceptions.UpdateFinishedTrialError:  # its heartbeat came too late for another process
+            log(f"trial {trial.number} was failed by another process while it ran (its heartbeat was more than "
+                f"{2 * spec.study['heartbeat']} s late: raise [study] heartbeat on a busy machine); it is retried")
+            continue
         frozen = study.get_trials(deepcopy=False)[trial.number]
         log(_trial_line(spec, frozen))
     summary = write_results(spec, study, out, study_name)
@@ -649,7 +650,8 @@ def _run_trial(spec: TuneSpec, trainer: Trainer, out: Path, study_name: str, tri
     """Train and score one trial: ('complete', value, None), ('pruned', None, None) or ('fail', None, error)."""
     values = {p.name: p.suggest(trial) for p in spec.space}
     with _quiet():
-        history_of_retries = _retry_callback().retry_history(storage.get_trial(trial_id))  # the trials this one retries, oldest first
+        # the trials this one retries, oldest first ([] for a fresh trial)
+        history_of_retries = _retry_callback().retry_history(storage.get_trial(trial_id))
     number = history_of_retries[0] if history_of_retries else trial.number  # the run directory is the original's
     run_dir = out / "trials" / f"trial-{number:04d}"
     resume = bool(history_of_retries) and (run_dir / "checkpoint.safetensors").is_file()
