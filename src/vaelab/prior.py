@@ -115,8 +115,7 @@ def _checkpoint_files(checkpoint):
     if checkpoint is None:
         return None, RunFiles()
     checkpoint = Path(checkpoint)
-    return checkpoint.parent, RunFiles(checkpoint=checkpoint.name, config=None, model=False, metrics=None,
-                                       tensorboard=None)
+    return checkpoint.parent, RunFiles(checkpoint=checkpoint.name, config=None, model=False, metrics=None)
 
 
 def prior_history(history: list[dict]) -> list[dict]:

@@ -8,6 +8,7 @@ Building the parser imports the model registry (vaelab.models, hence torch): the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -87,7 +88,8 @@ RESUMABLE_MODEL_FIELDS = ("logvar_min", "logvar_max")
 NOT_FLAGS = {"input_shape", "settings", "networks"}  # set from the data or in Python; own settings get flags below
 SETTINGS = "model's own settings"  # the group of the flags made from the registered models' Settings fields
 # config-file keys besides the ModelConfig/TrainConfig fields (the same names as the flags)
-RUN_KEYS = ("preset", "dataset", "data_dir", "factors", "out", "pictures")
+RUN_KEYS = ("preset", "dataset", "data_dir", "factors", "out", "pictures", "tracker", "mlflow_uri", "mlflow_experiment")
+TRACKER_CHOICES = ("none", "tensorboard", "mlflow")  # as vaelab.training.tracking.TRACKERS (that needs torch)
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors")
 
 DESCRIPTION = """
@@ -102,6 +104,9 @@ DESCRIPTION = """
                               pictures (unless --no-pictures; samples, manifold and traversal need
                               a VAE, the traversal a latent of more than 2 dimensions, image pictures
                               image data; a conditional model's samples.png has one row per class)
+      tracking.json, tensorboard/
+                              with --tracker: the tracker the run uses (its MLflow run id), and
+                              TensorBoard's event files (docs/tracking.md)
 
     Models: vae (beta != 1 makes a beta-VAE; --kl-schedule, --capacity and --free-bits shape its KL
     term; --iw-samples K > 1 trains on the IWAE bound), ae (with --noise: a denoising autoencoder), and
@@ -120,7 +125,8 @@ EPILOG = """
       vaelab train --model cvae --dataset mnist --epochs 10 --out runs/cvae
       vaelab train --model ae --noise gaussian --noise-level 0.5 --dataset fashion-mnist
       vaelab train --config my.toml --epochs 3        # keys mirror the flags: latent-dim = 3
-      vaelab train --out runs/x --resume --epochs 20  # continue runs/x up to epoch 20"""
+      vaelab train --out runs/x --resume --epochs 20  # continue runs/x up to epoch 20
+      vaelab train --tracker mlflow --mlflow-uri http://127.0.0.1:5000 --mlflow-experiment vaes"""
 
 
 # ============================================================================================ the parser
@@ -161,6 +167,17 @@ def _add_run_flags(run) -> None:
     add_trust_code(run, default=argparse.SUPPRESS)
     run.add_argument("--no-pictures", dest="pictures", action="store_false", default=argparse.SUPPRESS,
                      help="skip the PNG pictures after training")
+    run.add_argument("--tracker", choices=TRACKER_CHOICES, default=argparse.SUPPRESS,
+                     help="log the run to an experiment tracker: tensorboard (event files in <out>/tensorboard) or "
+                          "mlflow (settings, every epoch's metrics, pictures and model on an MLflow server); "
+                          "--resume continues the run's own tracker unless given (none: stop tracking) "
+                          "[default none]")
+    run.add_argument("--mlflow-uri", metavar="URI", default=argparse.SUPPRESS,
+                     help="the MLflow tracking server (http://host:port) or store [default $MLFLOW_TRACKING_URI, "
+                          "then MLflow's default; --resume: the server of the run's MLflow run]")
+    run.add_argument("--mlflow-experiment", metavar="NAME", default=argparse.SUPPRESS,
+                     help="the MLflow experiment of a new run, created if missing [default "
+                          "$MLFLOW_EXPERIMENT_NAME, then MLflow's 'Default']")
 
 
 def _settings_fields() -> list[dataclasses.Field]:
@@ -387,7 +404,8 @@ def _plan(given: dict) -> dict:
         raise VaelabError(f"{str(out)!r} already holds a run; continue it with --resume, start it afresh "
                           "with --overwrite, or choose another --out")
     return {**plan, "resume": resume, "pictures": settings.get("pictures", True),
-            "condition_from_data": condition_from_data}
+            "condition_from_data": condition_from_data,
+            **{k: settings.get(k) for k in ("tracker", "mlflow_uri", "mlflow_experiment")}}
 
 
 def _plan_fresh(settings: dict, m_over: dict, t_over: dict) -> dict:
@@ -517,6 +535,7 @@ def _saved_run(out: Path):
 
 def cmd_train(args) -> int:
     plan = _plan(_given(args))
+    tracker = _tracker(plan)  # before the data loads: a missing package or an unreachable server fails at once
     import torch
 
     from vaelab.data import load_dataset
@@ -532,14 +551,35 @@ def cmd_train(args) -> int:
     name = plan["preset"] or mc.model
     epochs_before = _epochs_done(out) if plan["resume"] else 0
     _announce(plan, model, data, name, epochs_before)
-    t0 = time.perf_counter()
-    history = _fit(model, data, plan, _run_info(plan, model, data))
-    seconds = time.perf_counter() - t0
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun, rank 0 alone reports, evaluates and draws; the other ranks are done
-    _report_training(history, epochs_before, tc, plan["resume"], seconds)
-    _finish(model, data, tc, out, name, plan["pictures"])
+    with tracker if tracker is not None else contextlib.nullcontext():  # ends the tracked run, FAILED on errors
+        t0 = time.perf_counter()
+        history = _fit(model, data, plan, _run_info(plan, model, data), tracker)
+        seconds = time.perf_counter() - t0
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # under torchrun, rank 0 alone reports, evaluates and draws; the other ranks are done
+        _report_training(history, epochs_before, tc, plan["resume"], seconds)
+        _finish(model, data, tc, out, name, plan["pictures"])
+        if tracker is not None and tracker.started:  # the pictures and the test split's numbers, as files
+            tracker.log_files(sorted(out.glob("*.png")), "pictures")
+            tracker.log_files([out / "evaluation.json"])
+            print(f"tracked in {tracker.name}: {tracker.where()}")
     return 0
+
+
+def _tracker(plan: dict):
+    """The tracker of --tracker, on rank 0 alone (the process that writes the files); on --resume without
+    --tracker, the one the run uses (its tracking.json), on its MLflow server unless --mlflow-uri is given."""
+    from vaelab.training.tracking import make_tracker, read_tracking
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    name, uri = plan["tracker"], plan["mlflow_uri"]
+    saved = (read_tracking(plan["out"]) or {}) if plan["resume"] else {}
+    if name is None:
+        name = saved.get("tracker")
+    if name == "mlflow" and uri is None and saved.get("tracker") == "mlflow":
+        uri = saved.get("tracking_uri")
+    return make_tracker(name, mlflow_uri=uri, mlflow_experiment=plan["mlflow_experiment"])
 
 
 def _with_factors(data, plan: dict):
@@ -588,13 +628,14 @@ def _run_info(plan: dict, model, data) -> dict:
     return info
 
 
-def _fit(model, data, plan: dict, run_info: dict) -> list[dict]:
+def _fit(model, data, plan: dict, run_info: dict, tracker=None) -> list[dict]:
     """Train (fit), turning Ctrl-C into an Interrupted that says whether there is a checkpoint to resume."""
     from vaelab.training import fit
 
     out = plan["out"]
     try:
-        return fit(model, data.train, data.test, plan["train"], out=out, resume=plan["resume"], run_info=run_info)
+        return fit(model, data.train, data.test, plan["train"], out=out, resume=plan["resume"], run_info=run_info,
+                   tracker=tracker)
     except KeyboardInterrupt:
         if (out / "checkpoint.safetensors").is_file():
             raise Interrupted(f"the last checkpoint (its epoch's end, or --checkpoint-every step) in "

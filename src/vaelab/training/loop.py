@@ -27,12 +27,13 @@ from vaelab.data.semisupervised import mixed_batches
 from vaelab.errors import ConfigError, DataError, TrainingError
 from vaelab.losses import Shaping
 from vaelab.models.networks import save_problems
-from vaelab.training.checkpoint import (CHECKPOINT_FILE, atomic_write_json, atomic_write_text,
+from vaelab.training.checkpoint import (CHECKPOINT_FILE, WEIGHTS_FILE, atomic_write_json, atomic_write_text,
                                         load_checkpoint, save_checkpoint, save_pretrained)
 from vaelab.training.corruption import corrupt
 from vaelab.training.distributed import Dist
 from vaelab.training.runtime import Meter, autocast, keep_freed_memory  # noqa: F401 (also for old importers)
 from vaelab.training.schedules import beta_at, capacity_at, lr_at
+from vaelab.training.tracking import Tracker, make_tracker
 from vaelab.training.validation import loss_terms
 
 METRICS_FILE = "metrics.jsonl"
@@ -48,7 +49,6 @@ class RunFiles:
     config: str | None = "config.json"  # the model and training settings, with run_info
     model: bool = True  # save_pretrained: model.safetensors, and the model section of config.json
     metrics: str | None = METRICS_FILE  # the history, one JSON row per epoch
-    tensorboard: str | None = "tensorboard"  # TensorBoard's event files (when it is installed)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -71,7 +71,8 @@ def shaping_at(cfg: TrainConfig, step: int, steps_per_epoch: int, dataset_size: 
 
 def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, resume: bool = False,
         run_info: dict | None = None, files: RunFiles = RunFiles(),
-        on_epoch: Callable[[list[dict]], None] | None = None, **overrides) -> list[dict]:
+        on_epoch: Callable[[list[dict]], None] | None = None, tracker: Tracker | str | None = None,
+        **overrides) -> list[dict]:
     """Train `model` on `train` (an ArrayDataset), validating on `val` after every epoch.
 
     `config` (or keyword overrides such as epochs=5, batch_size=64) sets the training options; `out` is a
@@ -80,16 +81,32 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
     config.json and every checkpoint. `on_epoch(history)` is called after every epoch, once its files are
     written (by the process that writes them). Returns the per-epoch metrics. With early stopping, the best
     validation weights are restored at the end.
+
+    `tracker` ('tensorboard', 'mlflow' or a vaelab.training.tracking.Tracker; needs `out`) receives the
+    settings, every epoch's row and the final model's files (see vaelab.training.tracking). A tracker given
+    by name is fit's own and ends with it; one given as an object is ended by its owner (a `with` block),
+    who may log more files first.
     """
+    if isinstance(tracker, str):  # fit's own tracker: it ends with the run, FAILED if the run raises
+        own = make_tracker(tracker)
+        if own is not None:
+            with own:
+                return fit(model, train, val, config, out=out, resume=resume, run_info=run_info, files=files,
+                           on_epoch=on_epoch, tracker=own, **overrides)
+        tracker = None
     cfg = (config or TrainConfig()).replace(**overrides).validate()
     _check_fit(model, train, cfg, out)
+    if tracker is not None and out is None:
+        raise ConfigError(f"tracker {tracker.name} logs a run directory's run: give fit a run directory (out=...)",
+                          "tracker")
     run = _Run(model, train, val, cfg, Path(out) if out is not None else None, files=files, run_info=run_info,
-               on_epoch=on_epoch)
+               on_epoch=on_epoch, tracker=tracker)
     if resume:
         run.resume()
         if run.start_epoch >= cfg.epochs:  # done already: end as the run did, on its best weights
             if run.best_state is not None:
                 model.load_state_dict(run.best_state)
+            run.catch_up_tracker()
             return run.history
     run.open()
     for epoch in range(run.start_epoch, cfg.epochs):
@@ -126,7 +143,8 @@ class _Run:
     `open`, then per epoch `train_epoch` (its steps: `_step`, `_step_checkpoint`) and `end_epoch`, and `close`."""
 
     def __init__(self, model, train, val, cfg: TrainConfig, run_dir: Path | None, *, files: RunFiles = RunFiles(),
-                 run_info: dict | None = None, on_epoch: Callable[[list[dict]], None] | None = None):
+                 run_info: dict | None = None, on_epoch: Callable[[list[dict]], None] | None = None,
+                 tracker: Tracker | None = None):
         self.model, self.train, self.val, self.cfg, self.run_dir = model, train, val, cfg, run_dir
         self.files, self.run_info, self.on_epoch = files, run_info, on_epoch
         self.checkpoint = run_dir / files.checkpoint if run_dir is not None else None
@@ -147,7 +165,8 @@ class _Run:
         self.start_epoch, self.step = 0, 0  # the first epoch to run (past 0 when resuming), optimizer steps done
         self.best_loss, self.best_state, self.bad_epochs = math.inf, None, 0
         self.position, self.saved = None, {}  # where a checkpoint written inside an epoch left off
-        self.writer, self.net = None, model
+        self.net, self.resumed = model, False
+        self.tracker = tracker if run_dir is not None and self.main else None  # only the writing process logs
 
     def resume(self) -> None:
         """Take up the state of the run's checkpoint: weights, optimizer, history, and (written inside an
@@ -157,21 +176,36 @@ class _Run:
         state, self.saved = load_checkpoint(self.checkpoint, self.model, self.optimizer,
                                             auxiliary=self.aux_optimizers)
         self.start_epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.resumed = True
         self.best_loss, self.bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
         self.position = state.get("position")
         if self.cfg.early_stopping and any(k.startswith("best.") for k in self.saved):
             self.best_state = {k[5:]: v for k, v in self.saved.items() if k.startswith("best.")}
 
     def open(self) -> None:
-        """Write the run's config.json, open TensorBoard, and wrap the model for the world of processes."""
+        """Write the run's config.json, start the tracker, and wrap the model for the world of processes."""
         writes = self.run_dir is not None and self.main
+        settings = _run_config(self.model, self.cfg, self.run_info)
+        failed = None
+        if self.tracker is not None:  # one that cannot start stops the run here, before a file changes
+            try:
+                self.tracker.start(self.run_dir, settings, self.history, self.resumed)
+            except Exception as e:  # noqa: BLE001 (raised below, once every rank knows)
+                failed = e
+        if self.dist.any(failed is not None):  # rank 0's tracker failed: every rank stops, none waits for it
+            raise failed or TrainingError("rank 0's experiment tracker could not start (its error is on rank 0)")
         if writes and self.files.config:
-            _write_run_config(self.run_dir / self.files.config, self.model, self.cfg, self.run_info)
-        if writes and self.files.tensorboard:
-            self.writer = _tensorboard(self.run_dir / self.files.tensorboard)
+            atomic_write_json(self.run_dir / self.files.config, settings)
         if self.aux_optimizers and self.dist.active:
             _keep_out_of_ddp(self.model, [a.module for a in self.model.auxiliaries().values()], self.dist)
         self.net = self.dist.wrap(self.model)  # DistributedDataParallel under torchrun: all-reduces the gradients
+
+    def catch_up_tracker(self) -> None:
+        """For a resumed run with nothing left to train: give the tracker the epochs and model it lacks (a run
+        tracked only from now on, or one whose tracking server was down)."""
+        if self.tracker is not None:
+            self.tracker.start(self.run_dir, _run_config(self.model, self.cfg, self.run_info), self.history, True)
+            self._track_model()
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the training data, then validation: the epoch's row of metrics (appended to history)."""
@@ -293,7 +327,7 @@ class _Run:
 
     def end_epoch(self, epoch: int, row: dict) -> bool:
         """The bookkeeping after epoch `epoch`: the best loss so far, the epoch's checkpoint, model and metrics
-        files, TensorBoard. Returns whether early stopping ends the run here."""
+        files, the tracker. Returns whether early stopping ends the run here."""
         cfg = self.cfg
         monitored = row.get("val_loss", row["train_loss"])
         if monitored < self.best_loss:
@@ -314,25 +348,26 @@ class _Run:
                                   "".join(json.dumps(r) + "\n" for r in self.history))
         if self.on_epoch is not None and self.main:
             self.on_epoch(self.history)
-        if self.writer is not None:
-            for k, v in row.items():
-                if k not in ("epoch", "step"):
-                    self.writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-            self.writer.flush()
+        if self.tracker is not None:  # after the run's own files: a tracker's failure cannot cost them
+            self.tracker.log_epoch(row)
         return stop
 
     def close(self) -> None:
-        """End the run: the best weights under early stopping, every rank waiting for rank 0's files, the model
-        in eval mode on the CPU."""
+        """End the run: the best weights under early stopping, the final model's files to the tracker, every rank
+        waiting for rank 0's files, the model in eval mode on the CPU."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)  # early stopping: keep the best validation weights
             if self.run_dir is not None and self.main and self.files.model:
                 save_pretrained(self.model, self.run_dir)
-        if self.writer is not None:
-            self.writer.close()
+        self._track_model()
         self.dist.barrier()  # no rank returns before rank 0 has written the final files
         self.model.eval()
         self.model.to("cpu")  # the rest of vaelab (data, pictures, evaluation) works on the CPU
+
+    def _track_model(self) -> None:
+        if self.tracker is not None and self.files.model:
+            names = [WEIGHTS_FILE] + ([self.files.config] if self.files.config else [])
+            self.tracker.log_files([self.run_dir / n for n in names], "model")
 
 
 _SHOWN = ("loss", "recon", "kl", "bce")
@@ -456,17 +491,10 @@ def _nonfinite(terms: dict, loss: torch.Tensor, norm: torch.Tensor, model, epoch
         "the log-variance tighter (--logvar-max 10, --logvar-min -10), or check the data for extreme values")
 
 
-def _write_run_config(path: Path, model, cfg: TrainConfig, run_info: dict | None) -> None:
+def _run_config(model, cfg: TrainConfig, run_info: dict | None) -> dict:
+    """What config.json holds (and a tracker gets as the run's settings)."""
     from vaelab.config import FORMAT_VERSION
 
     payload = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), "train": cfg.to_dict()}
     payload.update(run_info or {})
-    atomic_write_json(path, payload)
-
-
-def _tensorboard(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # TensorBoard is optional: not installed means no event files
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return payload
