@@ -345,7 +345,7 @@ def test_the_pages_lines_encode_and_decode_with_onnxruntime_alone(trained, expor
     from vaelab.models import from_pretrained
 
     page = (REPO / "docs" / "export.md").read_text()
-    snippet = re.search(r"## Encode and decode with onnxruntime alone.*?```python\n(.*?)```", page, re.S).group(1)
+    snippet = re.search(r"## Encode and decode with onnxruntime alone.*?```python\n(.*?)```", page, re.DOTALL).group(1)
     out, spec = exported("vae-conv", "onnx")
     assert spec["preprocessing"]["pixel_scale"] is None  # export_run without data: the run's data was not read
     pixels = (test_split.x[:, 0].numpy()).astype(np.uint8)  # (N, 8, 8) in 0..16

@@ -88,8 +88,9 @@ class _Decoder(nn.Module):
 def encoder_outputs(model) -> list[tuple[str, str]]:
     """(name, meaning) of each encoder output of `model`, in the order the encoder file gives them."""
     if model.capabilities.discrete:
-        return [("indices", "the code indices of each sample: which codebook entry each position of the code grid "
-                            "is quantized to (model.settings holds the codebook's size); the decoder takes them")]
+        return [("indices", ("the code indices of each sample: which codebook entry each position of the code grid "
+                             "is quantized to (the model's settings give the codebook's size); the decoder takes "
+                             "them"))]
     if not model.capabilities.stochastic:
         return [("z", "the code (deterministic encoder); the decoder takes it")]
     x = torch.zeros(EXAMPLE_BATCH, *model.config.input_shape)
@@ -100,8 +101,8 @@ def encoder_outputs(model) -> list[tuple[str, str]]:
         prefix, which = (f"{layer}_", f"of the model's {layer!r} stochastic layer") if layer else \
             ("", "of the latent z, whose prior is N(0, I); the mean is the code the decoder takes")
         out += [(f"{prefix}mean", f"the mean of the Gaussian posterior q(z|x) {which}"),
-                (f"{prefix}logvar", f"the log-variance of that posterior: a sample is mean + exp(logvar / 2) * eps, "
-                                    "eps ~ N(0, I)")]
+                (f"{prefix}logvar", ("the log-variance of that posterior: a sample is mean + exp(logvar / 2) * eps, "
+                                     "eps ~ N(0, I)"))]
     return out
 
 
@@ -347,7 +348,7 @@ def _spec(model, format: str, written: dict, run_config: dict | None, run: str |
         "format": format,
         "model": {"name": config.model, "preset": saved.get("preset"), "run": run,
                   "capabilities": dataclasses.asdict(model.capabilities), "likelihood": likelihood,
-                  "input_shape": list(config.input_shape), "latent_shape": list(encoded[0].shape[1:]),
+                  "input_shape": list(config.input_shape), "latent_shape": list(model.latent_shape),
                   "condition_dim": config.condition_dim, "settings": model.settings.to_dict()},
         "preprocessing": _preprocessing(model, saved, data),
         "encoder": {"file": f"encoder{SUFFIX[format]}",
