@@ -1,5 +1,7 @@
 """`vaelab tune`: the search file's checks, every objective, pruning, best.toml that `vaelab train --config` takes,
-the plots, and the study in SQLite surviving a kill -9 and shared by two processes (real subprocesses).
+the plots, and the study in SQLite surviving a kill -9 and shared by two processes (real subprocesses). Selection
+happens on a validation split held out of the training split (the same rows in every trial and process); the test
+split is measured once, for the best trial.
 
 Everything trains small MLP VAEs on scikit-learn's digits with one thread.
 """
@@ -49,6 +51,30 @@ def states(ts) -> dict:
 
 def history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def held_out(out: Path) -> dict:
+    return json.loads((out / "validation.json").read_text(encoding="utf-8"))
+
+
+def digest(index) -> str:
+    import hashlib
+
+    import torch
+
+    return hashlib.sha256(torch.as_tensor(index, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def selection_data(out: Path):
+    """digits as a trial saw it: (its training rows, the validation rows, the test split), from validation.json."""
+    import torch
+
+    from vaelab.data import load_dataset
+
+    data = load_dataset("digits")
+    held = torch.tensor(held_out(out)["validation_index"])
+    rest = torch.tensor(sorted(set(range(len(data.train))) - set(held.tolist())))
+    return data.train.subset(rest), data.train.subset(held), data.test
 
 
 def env() -> dict:
@@ -108,6 +134,40 @@ def test_the_objective_must_fit_the_model(tmp_path, capsys):
     assert "direction = 'maximize' contradicts objective = 'nll', which is minimized" in err
 
 
+@pytest.mark.parametrize("value", ["0", "0.6", "true", '"tset"', "-0.1"])
+def test_the_validation_share_is_a_fraction_or_test(tmp_path, capsys, value):
+    path = write_search(tmp_path / "s.toml", "lr = {low = 1e-3, high = 1e-2}", study=f"validation = {value}")
+    rc, _, err = tune(capsys, path, "--out", tmp_path / "s")
+    assert rc == 1 and "Traceback" not in err
+    shown = {"true": "True", '"tset"': "'tset'"}.get(value, value)
+    assert (f"[study] validation = {shown} must be a fraction of the training split in (0, 0.5] to hold out for "
+            'validation (e.g. 0.1), or "test" to select on the test split (optimistic)') in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_validation_test_selects_on_the_test_split_as_asked(tmp_path, capsys):
+    from vaelab import from_pretrained
+    from vaelab.data import load_dataset
+    from vaelab.training.validation import loss_terms
+
+    out = tmp_path / "study"
+    path = write_search(tmp_path / "s.toml", "lr = {low = 1e-3, high = 1e-2, log = true}",
+                        fixed=FIXED + "epochs = 1\n", study='validation = "test"\nn_trials = 1\npruner = "none"')
+    rc, stdout, err = tune(capsys, path, "--out", out)
+    assert rc == 0, err
+    (t,) = trials(out)
+    run = Path(t.user_attrs["run_dir"])
+    data = load_dataset("digits")
+    assert history(run)[0]["step"] == -(-1617 // 128)  # the whole training split
+    assert t.value == loss_terms(from_pretrained(run), data.test, batch_size=256)["loss"]
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["best_value_split"] == "test" and summary["best_test_value"] == t.value
+    assert summary["validation"]["split"] == "test" and not (out / "validation.json").exists()
+    assert json.loads((run / "evaluation.json").read_text())["split"] == "test"
+    assert "selecting on the test split (180 rows; validation = \"test\": the best value is optimistic)" in stdout
+    assert f"test split: val_loss {t.value:.6g}  (the split it was selected on: optimistic)" in stdout
+
+
 def test_a_study_cannot_be_continued_with_another_search(tmp_path, capsys):
     out = tmp_path / "s"
     path = write_search(tmp_path / "s.toml", "lr = {low = 1e-3, high = 1e-2, log = true}",
@@ -155,16 +215,51 @@ def test_search_writes_best_settings_that_train_reproduces(tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads((out / "study.json").read_text())
     assert summary["states"] == {"COMPLETE": 3}
+    # the validation split: 10 % of digits' 1617 training rows, each class giving its share, seeded by seed = 1
+    split = held_out(out)
+    index = split["validation_index"]
+    assert (split["fraction"], split["seed"], split["of"], split["validation_rows"], split["train_rows"]) == \
+        (0.1, 1, 1617, 162, 1455)
+    assert len(index) == len(set(index)) == 162 and index == sorted(index) and 0 <= index[0] and index[-1] < 1617
+    from vaelab.data import load_dataset
+    from vaelab.tune import holdout
+
+    labels = load_dataset("digits").train.y
+    per_class = {c: int((labels == c).sum()) for c in range(10)}
+    assert {c: sum(int(labels[i]) == c for i in index) for c in range(10)} == \
+        {c: round(n * 0.1) for c, n in per_class.items()}
+    assert holdout(load_dataset("digits").train, 0.1, 1)[1].tolist() == index  # recomputed: the same rows
+    assert holdout(load_dataset("digits").train, 0.1, 2)[1].tolist() != index  # another seed, other rows
+    for t in summary["trials"]:  # every trial trained on the other 1455 rows and validated on those 162
+        recorded = json.loads((Path(t["run_dir"]) / "config.json").read_text())["tune"]["validation"]
+        assert recorded == {k: v for k, v in split.items() if k not in ("validation_index", "dataset")}
+        assert recorded["validation_sha256"] == digest(index)
+        assert recorded["train_sha256"] == digest(sorted(set(range(1617)) - set(index)))
+        assert history(Path(t["run_dir"]))[0]["step"] == -(-1455 // t["params"]["batch_size"])
+    assert summary["validation"] == {k: v for k, v in split.items() if k != "validation_index"}
     assert [t["number"] for t in summary["trials"]] == [0, 1, 2]
     best = min(summary["trials"], key=lambda t: t["value"])
     assert summary["best_trial"] == best["number"] and summary["best_value"] == best["value"]
-    # the objective is the run's own last validation loss, and the trial's run is an ordinary run
+    # the objective is the run's own last validation loss, which is the saved model's loss on the held-out rows
+    from vaelab import from_pretrained
+    from vaelab.training.validation import loss_terms
+
     run = out / "trials" / f"trial-{best['number']:04d}"
     assert best["value"] == history(run)[-1]["val_loss"]
+    bs = max(best["params"]["batch_size"], 256)
+    _, validation, test = selection_data(out)
+    model = from_pretrained(run)
+    assert best["value"] == loss_terms(model, validation, batch_size=bs)["loss"]
+    # the test split is measured once, for the best trial, and reported apart
+    assert summary["best_value_split"] == "validation"
+    assert summary["best_test_value"] == loss_terms(model, test, batch_size=bs)["loss"] != best["value"]
     config = json.loads((run / "config.json").read_text())
     assert config["tune"]["trial"] == best["number"] and config["tune"]["objective"] == "val_loss"
-    assert (run / "model.safetensors").is_file() and (run / "evaluation.json").is_file()
-    assert f"best: val_loss {best['value']:.6g} (trial {best['number']}:" in stdout
+    assert (run / "model.safetensors").is_file()
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["split"] == "validation" and evaluation["loss"] == best["value"]
+    assert f"best: val_loss {best['value']:.6g} on the validation split (trial {best['number']}:" in stdout
+    assert f"best trial on the test split: val_loss {summary['best_test_value']:.6g}\n" in stdout
     assert len(re.findall(r"^  \d+ +complete +\d", stdout, re.M)) == 3  # the summary table
     assert "tune: 3 complete;" in stdout
     for png in ("optimization_history.png", "param_importances.png"):
@@ -179,8 +274,9 @@ def test_search_writes_best_settings_that_train_reproduces(tmp_path, capsys):
     assert trained["model"]["latent_dim"] == 3
     assert trained["train"]["lr"] == p["lr"] and trained["train"]["batch_size"] == p["batch_size"]
     assert trained["train"]["epochs"] == 2
-    # and it reproduces the best trial exactly (same settings, same seed, same data)
-    assert history(tmp_path / "best")[-1]["val_loss"] == best["value"]
+    # it trains on the whole training split (the validation rows too) and validates on the test split
+    assert history(tmp_path / "best")[0]["step"] == -(-1617 // p["batch_size"])
+    assert "tune" not in trained
     # a finished study run again trains nothing more
     rc, stdout, _ = tune(capsys, path, "--out", out)
     assert rc == 0 and len(trials(out)) == 3 and "trial 0:" not in stdout
@@ -213,7 +309,6 @@ def test_bad_trials_are_pruned_on_their_per_epoch_numbers(tmp_path, capsys):
 @pytest.mark.parametrize("objective", ["nll", "probe_accuracy", "auroc"])
 def test_each_objective_is_the_task_measure_of_the_trial_run(tmp_path, capsys, objective):
     from vaelab import from_pretrained
-    from vaelab.data import load_dataset
     from vaelab.evaluation.metrics import probe_accuracy
     from vaelab.evaluation.nll import importance_nll
     from vaelab.evaluation.scores import anomaly_scores, auroc, latent_codes
@@ -225,21 +320,32 @@ def test_each_objective_is_the_task_measure_of_the_trial_run(tmp_path, capsys, o
     assert tune(capsys, path, "--out", out)[0] == 0
     (t,) = trials(out)
     model = from_pretrained(t.user_attrs["run_dir"])
-    data = load_dataset("digits")
+    train, validation, test = selection_data(out)  # the trial's training rows, the held-out rows, the test split
+    assert len(train) == 1455 and len(validation) == 162 and len(test) == 180
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["best_value"] == t.value and summary["best_value_split"] == "validation"
     if objective == "nll":
-        assert t.value == importance_nll(model, data.test, n_samples=8)["nll"]
+        assert t.value == importance_nll(model, validation, n_samples=8)["nll"]
+        assert summary["best_test_value"] == importance_nll(model, test, n_samples=8)["nll"]
         study = optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}")
         assert study.direction.name == "MINIMIZE"
     elif objective == "probe_accuracy":
-        expected = probe_accuracy(latent_codes(model, data.train), data.train.y.numpy(),
-                                  latent_codes(model, data.test), data.test.y.numpy())["linear_probe_accuracy"]
+        codes = latent_codes(model, train)
+        expected = probe_accuracy(codes, train.y.numpy(), latent_codes(model, validation),
+                                  validation.y.numpy())["linear_probe_accuracy"]
         assert t.value == expected and 0.1 < t.value <= 1.0  # above chance (10 classes)
-    else:  # trained on class 3 alone: its run holds 1 epoch of (train rows of class 3) / batch steps
+        assert summary["best_test_value"] == probe_accuracy(codes, train.y.numpy(), latent_codes(model, test),
+                                                            test.y.numpy())["linear_probe_accuracy"]
+    else:  # trained on class 3 of the training rows alone: 1 epoch of (those rows) / batch steps
         rows = history(Path(t.user_attrs["run_dir"]))
-        n3 = int((data.train.y == 3).sum())
+        n3 = int((train.y == 3).sum())
         assert rows[0]["step"] == -(-n3 // 128)
-        scores = anomaly_scores(model, data.test, ("elbo",))["elbo"]
-        assert t.value == auroc(scores, data.test.y.numpy() != 3) and t.value > 0.5
+        recorded = json.loads((Path(t.user_attrs["run_dir"]) / "config.json").read_text())["tune"]["validation"]
+        assert recorded["trained_rows"] == n3 and recorded["validation_rows"] == 162
+        scores = anomaly_scores(model, validation, ("elbo",))["elbo"]
+        assert t.value == auroc(scores, validation.y.numpy() != 3) and t.value > 0.5
+        test_scores = anomaly_scores(model, test, ("elbo",))["elbo"]
+        assert summary["best_test_value"] == auroc(test_scores, test.y.numpy() != 3)
 
 
 def test_diverging_trials_fail_and_the_search_stops_after_three_in_a_row(tmp_path, capsys):
@@ -311,3 +417,10 @@ def test_two_processes_share_one_study(tmp_path):
     assert len({t.user_attrs["run_dir"] for t in ts}) == 6
     for stdout, _ in results:  # each process ends with the whole study's summary
         assert "tune: 6 complete" in stdout
+    # both processes drew the same validation split: every trial trained and validated on the same rows
+    index = held_out(out)["validation_index"]
+    recorded = [json.loads((Path(t.user_attrs["run_dir"]) / "config.json").read_text())["tune"]["validation"]
+                for t in ts]
+    assert {r["validation_sha256"] for r in recorded} == {digest(index)}
+    assert {r["train_sha256"] for r in recorded} == {digest(sorted(set(range(1617)) - set(index)))}
+    assert {(r["train_rows"], r["validation_rows"]) for r in recorded} == {(1455, 162)}

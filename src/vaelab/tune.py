@@ -10,6 +10,13 @@
     [study]
     objective = "nll"                         # val_loss, nll, probe_accuracy or auroc (OBJECTIVES)
     n_trials = 16
+    validation = 0.1                          # the held-out share of the training split ("test": the test split)
+
+Model selection never sees the test split: every trial trains on the training split less a held-out validation
+split (`validation`, a fraction of it, drawn with the study's seed, stratified by label where there are labels: the
+same rows in every trial and every process), its per-epoch validation numbers (what the pruner judges) and its
+objective are measured on that validation split, and only the best trial is then measured on the test split once,
+for the report (best_test_value). `validation = "test"` selects on the test split instead (optimistic).
 
 Each trial is one ordinary run directory (DIR/trials/trial-NNNN, made by `vaelab train`'s own plan, so `vaelab
 evaluate` and the other commands read it). After every epoch the trial reports the epoch's validation number
@@ -45,15 +52,17 @@ from vaelab.errors import ConfigError, DataError, TrainingError, VaelabError
 
 # objective name -> (direction, what it is)
 OBJECTIVES = {
-    "val_loss": ("minimize", "the validation loss (the test split, as `vaelab train` validates) of the last "
-                             "epoch, or of the best epoch with early stopping"),
-    "nll": ("minimize", "the importance-sampled negative log-likelihood -log p(x) of the test split, nats "
+    "val_loss": ("minimize", "the loss on the validation split of the last epoch, or of the best epoch with early "
+                             "stopping"),
+    "nll": ("minimize", "the importance-sampled negative log-likelihood -log p(x) of the validation split, nats "
                         "(nll_samples samples per image; models with a stochastic posterior)"),
-    "probe_accuracy": ("maximize", "accuracy of a logistic-regression probe fitted on the train split's latent "
-                                   "means, on the test split's (labelled data)"),
-    "auroc": ("maximize", "one-class anomaly detection: train on the class normal_class only, score the test "
-                          "split with anomaly_score, AUROC with the other classes as anomalies (labelled data)"),
+    "probe_accuracy": ("maximize", "accuracy of a logistic-regression probe fitted on the latent means of the "
+                                   "trial's training rows, on the validation split's (labelled data)"),
+    "auroc": ("maximize", "one-class anomaly detection: train on the class normal_class only, score the "
+                          "validation split with anomaly_score, AUROC with the other classes as anomalies "
+                          "(labelled data)"),
 }
+MAX_VALIDATION = 0.5
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 SPACE_KEYS = ("low", "high", "step", "log", "choices")
@@ -63,6 +72,9 @@ NOT_FIXED = ("out",)  # every trial has its own run directory under --out
 # [study] keys: name -> (kind, default, help)
 STUDY_KEYS = {
     "objective": ("str", "val_loss", f"what the search optimizes: one of {list(OBJECTIVES)}"),
+    "validation": ("fraction", 0.1, "the share of the training split held out to validate and select on (the "
+                                    "study's seed draws it, stratified by label), or \"test\" to select on the "
+                                    "test split (optimistic: the reported value is no longer an unbiased estimate)"),
     "direction": ("str", None, "minimize or maximize; follows the objective (may be given, must agree)"),
     "n_trials": ("int", 20, "finished (COMPLETE or PRUNED) trials the study ends with, over all processes"),
     "sampler": ("str", "tpe", f"Optuna's sampler: one of {list(SAMPLERS)}"),
@@ -93,9 +105,16 @@ class Trainer(Protocol):
     def model_name(self, settings: dict) -> str:
         """The registered model the settings train (ConfigError naming every problem of the settings)."""
 
+    def data(self, settings: dict):
+        """The dataset the settings name, loaded (a DataSplits: its train and test splits)."""
+
+    def load(self, run_dir: Path):
+        """The model a trial saved in its run directory."""
+
     def train(self, settings: dict, run_dir: Path, *, resume: bool, prepare: Callable, on_epoch: Callable,
               info: dict) -> tuple:
-        """Train a run into run_dir (or continue it there) on prepare(data); returns (model, data, history)."""
+        """Train a run into run_dir (or continue it there) on prepare(data), validating on the prepared data's
+        test split (the held-out validation rows); returns (model, prepared data, history)."""
 
 
 # ======================================================================================== the search file
@@ -171,7 +190,7 @@ class TuneSpec:
 
     def fingerprint(self) -> dict:
         """What makes two searches the same study (n_trials and the process settings may differ)."""
-        keep = ("objective", "sampler", "pruner", "nll_samples", "normal_class")
+        keep = ("objective", "validation", "seed", "sampler", "pruner", "nll_samples", "normal_class")
         return {"space": [p.to_json() for p in self.space], "fixed": _jsonable(self.fixed),
                 "study": {k: self.study[k] for k in keep}, "prune_on": self.prune_on,
                 "anomaly_score": self.anomaly_score if self.objective == "auroc" else None}
@@ -229,6 +248,15 @@ def _check_study(given: dict, problems: list) -> dict:
                             + ", ".join(STUDY_KEYS))
             continue
         kind = STUDY_KEYS[key][0]
+        if kind == "fraction":
+            if value == "test" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                   and 0 < value <= MAX_VALIDATION):
+                study[key] = float(value) if value != "test" else value
+            else:
+                problems.append(f"[study] {key} = {value!r} must be a fraction of the training split in (0, "
+                                f"{MAX_VALIDATION}] to hold out for validation (e.g. 0.1), or \"test\" to select "
+                                "on the test split (optimistic)")
+            continue
         ok = isinstance(value, str) if kind == "str" else (isinstance(value, int) and not isinstance(value, bool))
         if not ok:
             problems.append(f"[study] {key} = {value!r} must be {'a string' if kind == 'str' else 'an integer'}: "
@@ -402,19 +430,83 @@ def _jsonable(settings: dict) -> dict:
 # ========================================================================================= objectives
 
 
-def _prepare(spec: TuneSpec):
-    """The data a trial trains on, from the loaded data: as is, or (auroc) the normal class of its train split."""
+def holdout(train, fraction: float, seed: int) -> tuple:
+    """(rest, held_out): sorted int64 indices into `train` (an ArrayDataset) that split it into the rows a trial
+    trains on and a validation split of round(fraction * rows), drawn by a permutation seeded with `seed`;
+    stratified by label where there are labels (each class gives its share, at least one row of a class with
+    two or more), so the same data and seed give the same split in every process."""
+    import torch
+
+    n = len(train)
+    gen = torch.Generator().manual_seed(int(seed))
+    if train.y is None:
+        if n < 2:
+            raise DataError(f"dataset {train.name!r}: its training split holds {n} sample(s), too few to hold out a "
+                            "validation split; use [study] validation = \"test\"")
+        perm = torch.randperm(n, generator=gen)
+        held = perm[:min(max(round(n * fraction), 1), n - 1)]
+    else:
+        y = train.y.long()
+        parts = []
+        for c in torch.unique(y).tolist():
+            members = (y == c).nonzero().squeeze(1)
+            perm = members[torch.randperm(len(members), generator=gen)]
+            k = min(max(round(len(members) * fraction), 1), len(members) - 1) if len(members) > 1 else 0
+            parts.append(perm[:k])
+        held = torch.cat(parts)
+        if len(held) == 0:
+            raise DataError(f"dataset {train.name!r}: no class of its training split has two samples, so no "
+                            "validation split can be held out; use [study] validation = \"test\"")
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held] = False
+    return mask.nonzero().squeeze(1), held.sort().values
+
+
+def index_digest(index) -> str:
+    """A short fingerprint of an index tensor (sha256 of its int64 bytes, 16 hex digits)."""
+    import hashlib
+
+    return hashlib.sha256(index.long().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def validation_split(spec: TuneSpec, data) -> tuple:
+    """(data a trial trains and validates on, what config.json records of the split): the training split less
+    the held-out rows, and those rows as its test split (which `fit` validates on); with validation = "test" the
+    data as loaded."""
+    fraction, seed = spec.study["validation"], spec.study["seed"]
+    if fraction == "test":
+        return data, {"split": "test", "note": "selected on the test split (optimistic)",
+                      "train_rows": len(data.train), "validation_rows": len(data.test)}
+    rest, held = holdout(data.train, fraction, seed)
+    record = {"split": "train", "fraction": fraction, "seed": seed, "stratified": data.train.y is not None,
+              "of": len(data.train), "train_rows": len(rest), "validation_rows": len(held),
+              "validation_sha256": index_digest(held), "train_sha256": index_digest(rest),
+              "test_rows": len(data.test)}
+    return dataclasses.replace(data, train=data.train.subset(rest), test=data.train.subset(held),
+                               source_index=None), record
+
+
+def _prepare(spec: TuneSpec, info: dict | None = None):
+    """The data a trial trains on, from the loaded data: the training split less the validation split (which
+    becomes the split it validates on), and (auroc) of that only the normal class. The split is recorded in
+    info["tune"]["validation"] (config.json)."""
     def prepare(data):
         if spec.objective in ("probe_accuracy", "auroc") and (data.train.y is None or data.test.y is None):
             raise DataError(f"objective {spec.objective!r} needs class labels, but dataset {data.name!r} has none; "
                             "use objective 'val_loss' or 'nll', or labelled data")
-        if spec.objective != "auroc":
-            return data
-        c, k = spec.study["normal_class"], data.train.num_classes
-        if c >= k:
-            raise DataError(f"normal_class = {c} is not a class of {data.name!r}; choose 0..{k - 1}")
-        return dataclasses.replace(data, train=data.train.subset((data.train.y == c).nonzero().squeeze(1)),
-                                   source_index=None)
+        if spec.objective == "auroc":
+            c, k = spec.study["normal_class"], data.train.num_classes
+            if c >= k:
+                raise DataError(f"normal_class = {c} is not a class of {data.name!r}; choose 0..{k - 1}")
+        data, record = validation_split(spec, data)
+        if spec.objective == "auroc":
+            c = spec.study["normal_class"]
+            data = dataclasses.replace(data, train=data.train.subset((data.train.y == c).nonzero().squeeze(1)),
+                                       source_index=None)
+            record["trained_rows"] = len(data.train)  # the normal class of the training rows
+        if info is not None:
+            info.setdefault("tune", {})["validation"] = record
+        return data
     return prepare
 
 
@@ -423,7 +515,7 @@ def objective_value(spec: TuneSpec, model, data, history: list[dict]) -> float:
     if spec.objective == "val_loss":
         losses = [row["val_loss"] for row in history if "val_loss" in row]
         if not losses:
-            raise DataError("objective 'val_loss' needs a test split to validate on; the data has none")
+            raise DataError("objective 'val_loss' needs a split to validate on; the data has none")
         # with early stopping the run ends on its best epoch's weights, else on the last epoch's
         return float(min(losses)) if spec.fixed.get("early_stopping", 0) else float(losses[-1])
     if spec.objective == "nll":
@@ -445,6 +537,25 @@ def objective_value(spec: TuneSpec, model, data, history: list[dict]) -> float:
     stats = latent_statistics(latent_codes(model, data.train)) if kind == "latent" else None
     scores = anomaly_scores(model, data.test, (kind,), latent_stats=stats)[kind]
     return auroc(scores, data.test.y.numpy() != spec.study["normal_class"])
+
+
+def test_value(spec: TuneSpec, trainer: Trainer, settings: dict, run_dir) -> float:
+    """The objective of a trained trial measured on the dataset's test split (the trial's model as saved in its
+    run directory; the probe and the latent statistics fitted on the trial's own training rows, as in selection;
+    val_loss as the loss on the test split, computed as the training loop validates)."""
+    from vaelab.io import read_config
+
+    full = trainer.data(settings)
+    data = dataclasses.replace(_prepare(spec)(full), test=full.test)
+    model = trainer.load(Path(run_dir))
+    if spec.objective != "val_loss":
+        return float(objective_value(spec, model, data, []))
+    from vaelab.training.validation import loss_terms
+
+    tc = read_config(run_dir).get("train", {})
+    return float(loss_terms(model, full.test, batch_size=max(int(tc.get("batch_size", 128)), 256),
+                            binarize=bool(tc.get("binarize", False)),
+                            precision=tc.get("precision") or "fp32")["loss"])
 
 
 # ========================================================================================== the study
@@ -493,8 +604,8 @@ def open_study(spec: TuneSpec, out, study_name: str, storage_url: str | None = N
             study.set_user_attr("vaelab_source", spec.source)
         elif saved != json.loads(json.dumps(spec.fingerprint())):
             raise ConfigError(f"study {study_name!r} in {url!r} was started from a different search "
-                              f"({study.user_attrs.get('vaelab_source')!r}: its space, fixed settings or "
-                              "objective differ); use another --study name or --out, or the original file",
+                              f"({study.user_attrs.get('vaelab_source')!r}: its space, fixed settings, "
+                              "objective, validation split or seed differ); use another --study name or --out, or the original file",
                               "study")
     return study, storage
 
@@ -609,6 +720,8 @@ def run_study(spec: TuneSpec, trainer: Trainer, out, *, study_name: str = "tune"
     t0, failures = time.perf_counter(), 0
     log(f"study {study_name!r}: {spec.objective} ({spec.direction}), {spec.study['n_trials']} trials, space: "
         + "; ".join(f"{p.name} {p.describe()}" for p in spec.space))
+    split = write_validation(spec, trainer.data(spec.fixed), out)
+    log(_split_line(split))
     while (started := _next_trial(study, storage, spec, out, study_name, optuna)) is not None:
         trial, trial_id = started
         try:
@@ -641,9 +754,32 @@ def run_study(spec: TuneSpec, trainer: Trainer, out, *, study_name: str = "tune"
             continue
         frozen = study.get_trials(deepcopy=False)[trial.number]
         log(_trial_line(spec, frozen))
-    summary = write_results(spec, study, out, study_name)
+    summary = write_results(spec, study, out, study_name, trainer=trainer, split=split)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def write_validation(spec: TuneSpec, data, out: Path) -> dict:
+    """The study's validation split, recorded in DIR/validation.json (with its row indices into the dataset's
+    training split); every process draws the same one. Returns the record (without the indices)."""
+    from vaelab.io import atomic_write_json
+
+    _, record = validation_split(spec, data)
+    record = {"dataset": data.name, **record}
+    if spec.study["validation"] != "test":
+        _, held = holdout(data.train, spec.study["validation"], spec.study["seed"])
+        atomic_write_json(out / "validation.json", {**record, "validation_index": held.tolist()})
+    return record
+
+
+def _split_line(split: dict) -> str:
+    if split["split"] == "test":
+        return (f"selecting on the test split ({split['validation_rows']} rows; validation = \"test\": the best "
+                "value is optimistic)")
+    return (f"selecting on a validation split of {split['validation_rows']} of the {split['of']} training rows "
+            f"(fraction {split['fraction']:g}, seed {split['seed']}{', stratified' if split['stratified'] else ''}); "
+            f"trials train on the other {split['train_rows']}; the test split ({split['test_rows']} rows) is used "
+            "once, for the best trial")
 
 
 def _run_trial(spec: TuneSpec, trainer: Trainer, out: Path, study_name: str, trial, trial_id: int, storage, optuna):
@@ -678,8 +814,8 @@ def _run_trial(spec: TuneSpec, trainer: Trainer, out: Path, study_name: str, tri
     info = {"tune": {"study": study_name, "trial": trial.number, "objective": spec.objective,
                      "params": _jsonable(values)}}
     try:
-        model, data, history = trainer.train(spec.settings(values), run_dir, resume=resume, prepare=_prepare(spec),
-                                             on_epoch=on_epoch, info=info)
+        model, data, history = trainer.train(spec.settings(values), run_dir, resume=resume,
+                                             prepare=_prepare(spec, info), on_epoch=on_epoch, info=info)
         value = objective_value(spec, model, data, history)
     except optuna.TrialPruned:
         return "pruned", None, None
@@ -724,8 +860,10 @@ def best_settings(spec: TuneSpec, study) -> dict:
     return spec.settings({p.name: p.value(params[p.name]) for p in spec.space if p.name in params})
 
 
-def write_results(spec: TuneSpec, study, out: Path, study_name: str) -> dict:
-    """study.json (every trial), best.toml (`vaelab train --config` accepts it) and the plots, in `out`."""
+def write_results(spec: TuneSpec, study, out: Path, study_name: str, *, trainer: Trainer | None = None,
+                  split: dict | None = None) -> dict:
+    """study.json (every trial), best.toml (`vaelab train --config` accepts it) and the plots, in `out`; with the
+    trainer, the best trial measured on the test split too (best_test_value)."""
     from vaelab.io import atomic_write_json, atomic_write_text
 
     trials = study.get_trials(deepcopy=False)
@@ -741,19 +879,28 @@ def write_results(spec: TuneSpec, study, out: Path, study_name: str) -> dict:
         states[t.state.name] = states.get(t.state.name, 0) + 1
     summary = {"study": study_name, "objective": spec.objective, "direction": spec.direction,
                "n_trials": spec.study["n_trials"], "states": states, "space": [p.to_json() for p in spec.space],
-               "fixed": _jsonable(spec.fixed), "prune_on": spec.prune_on, "trials": rows, "written": []}
+               "fixed": _jsonable(spec.fixed), "prune_on": spec.prune_on, "validation": split, "trials": rows,
+               "written": []}
     if states.get("COMPLETE"):
         best = study.best_trial
         settings = best_settings(spec, study)
         summary.update(best_value=best.value, best_trial=best.number, best_params=_jsonable(
             {p.name: p.value(best.params[p.name]) for p in spec.space}), best_run=best.user_attrs.get("run_dir"))
-        header = (f"# the best settings of study {study_name!r} ({spec.objective} {best.value:.6g}, trial "
-                  f"{best.number}); train with: vaelab train --config {out / 'best.toml'}")
+        on = "validation" if spec.study["validation"] != "test" else "test"
+        summary["best_value_split"] = on
+        if trainer is not None and best.user_attrs.get("run_dir"):
+            summary["best_test_value"] = test_value(spec, trainer, settings, best.user_attrs["run_dir"])
+        tested = f", test {summary['best_test_value']:.6g}" if "best_test_value" in summary else ""
+        header = (f"# the best settings of study {study_name!r} ({spec.objective} {best.value:.6g} on the {on} "
+                  f"split{tested}, trial {best.number});\n# train with: vaelab train --config "
+                  f"{out / 'best.toml'} (it trains on the whole training split)")
         atomic_write_text(out / "best.toml", header + "\n" + to_toml(settings))
         summary["written"].append(str(out / "best.toml"))
         summary["written"] += save_plots(study, out)
     atomic_write_json(out / "study.json", summary)
     summary["written"].insert(0, str(out / "study.json"))
+    if split is not None and split["split"] == "train":
+        summary["written"].insert(1, str(out / "validation.json"))
     return summary
 
 

@@ -18,19 +18,28 @@ DESCRIPTION = """
                 as a range, beta = {low = 0.5, high = 8, log = true}, epochs = {low = 2, high = 10, step = 2},
                 or a list, latent-dim = {choices = [2, 8, 16]}
       [fixed]   the settings every trial shares: model = "vae", dataset = "mnist", epochs = 5, ...
-      [study]   objective: val_loss (the test split's loss, as train validates), nll (importance-sampled
-                -log p(x); stochastic models), probe_accuracy (a logistic-regression probe on the latent
-                means; labelled data) or auroc (one-class anomaly detection of normal_class; labelled data);
-                the direction follows it. n_trials (20), sampler (tpe, random), seed (0), pruner (median,
+      [study]   objective: val_loss (the validation split's loss), nll (importance-sampled -log p(x);
+                stochastic models), probe_accuracy (a logistic-regression probe on the latent means;
+                labelled data) or auroc (one-class anomaly detection of normal_class; labelled data); the
+                direction follows it. validation (0.1: the share of the training split held out to select
+                on, drawn with the seed, stratified by label; "test" selects on the test split, which makes
+                the best value optimistic). n_trials (20), sampler (tpe, random), seed (0), pruner (median,
                 hyperband, none), pruner_startup_trials (5), pruner_warmup_epochs (1), prune_on (the
                 history column the pruner judges: val_elbo for models with an ELBO, else val_loss),
                 nll_samples (100), normal_class (0), anomaly_score, heartbeat (10 s), max_retry (1).
 
+    The test split stays out of the search: each trial trains on the training split less the held-out
+    validation rows (the same rows in every trial and process), its per-epoch numbers and its objective
+    are measured on them, and only the best trial is measured on the test split, once (best_test_value).
+
     It writes into --out DIR:
       study.db                the Optuna study (SQLite), unless --storage names another
+      validation.json         the held-out rows (indices into the training split), fraction, seed, sizes
       trials/trial-NNNN/      one ordinary run directory per trial (`vaelab evaluate` etc. read it)
-      study.json              every trial (state, value, settings, epochs), the best value and settings
+      study.json              every trial (state, value, settings, epochs), the best value and settings,
+                              and best_test_value: the best trial's objective on the test split
       best.toml               the best settings: vaelab train --config DIR/best.toml --out runs/best
+                              trains on the whole training split (validation rows included)
       optimization_history.png, param_importances.png   Optuna's plots
 
     Bad trials stop early: after every epoch the trial reports its validation number and the pruner
@@ -81,6 +90,21 @@ class TrainTrainer:
         self.kinds.update({k: "bool" if k == "pictures" else "str" for k in train_cli.RUN_KEYS})
         self._data: dict = {}
 
+    def data(self, settings: dict):
+        from vaelab.data import load_dataset
+
+        plan = train_cli._plan({**settings, "out": Path(os.devnull) / "unused", "overwrite": True})
+        key = (plan["dataset"], plan["data_dir"], plan["factors"])
+        if key not in self._data:
+            self._data[key] = train_cli._with_factors(load_dataset(plan["dataset"], plan["data_dir"], progress=False),
+                                                      plan)
+        return self._data[key]
+
+    def load(self, run_dir: Path):
+        from vaelab.models import from_pretrained
+
+        return from_pretrained(run_dir, trust_code=self.trust_code)
+
     def coerce(self, values: dict, source: str) -> dict:
         return train_cli._coerce(values, source)
 
@@ -91,7 +115,6 @@ class TrainTrainer:
     def train(self, settings: dict, run_dir: Path, *, resume: bool, prepare, on_epoch, info: dict):
         import torch
 
-        from vaelab.data import load_dataset
         from vaelab.evaluation import evaluate
         from vaelab.models import build_model
         from vaelab.training import fit
@@ -100,11 +123,7 @@ class TrainTrainer:
                  ("resume" if resume else "overwrite"): True}
         plan = train_cli._plan(given)
         tc = plan["train"]
-        key = (plan["dataset"], plan["data_dir"], plan["factors"])
-        if key not in self._data:
-            self._data[key] = train_cli._with_factors(load_dataset(plan["dataset"], plan["data_dir"], progress=False),
-                                                      plan)
-        data = prepare(self._data[key])
+        data = prepare(self.data(settings))  # the training rows, and the held-out validation rows as `test`
         mc = train_cli._condition_dim(plan["model"], data, plan["condition_from_data"])
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -114,7 +133,9 @@ class TrainTrainer:
         history = fit(model, data.train, data.test, tc, out=plan["out"], resume=plan["resume"], run_info=run_info,
                       on_epoch=on_epoch)
         metrics = evaluate(model, data.test, batch_size=max(tc.batch_size, 256), binarize=tc.binarize)
-        write_evaluation(plan["out"] / "evaluation.json", metrics, "test", data.name)
+        split = info.get("tune", {}).get("validation", {}).get("split")
+        write_evaluation(plan["out"] / "evaluation.json", metrics, "validation" if split == "train" else "test",
+                         data.name)
         if plan["pictures"]:
             from vaelab.cli.drawing import run_pictures
 
@@ -156,8 +177,12 @@ def _print_summary(summary: dict) -> None:
     print(f"\n{summary['study']}: {states}; {summary['wall_s']} s in this process")
     if "best_value" in summary:
         params = ", ".join(f"{k}={_cell(v)}" for k, v in summary["best_params"].items())
-        print(f"best: {summary['objective']} {summary['best_value']:.6g} (trial {summary['best_trial']}: {params}; "
-              f"run {summary['best_run']})")
+        on = summary.get("best_value_split", "validation")
+        print(f"best: {summary['objective']} {summary['best_value']:.6g} on the {on} split (trial "
+              f"{summary['best_trial']}: {params}; run {summary['best_run']})")
+        if "best_test_value" in summary:
+            note = "  (the split it was selected on: optimistic)" if on == "test" else ""
+            print(f"best trial on the test split: {summary['objective']} {summary['best_test_value']:.6g}{note}")
     else:
         print("no trial completed, so there are no best settings yet")
 
