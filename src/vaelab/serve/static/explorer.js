@@ -115,6 +115,9 @@
       if (x < x0) x0 = x; if (x > x1) x1 = x; if (y < y0) y0 = y; if (y > y1) y1 = y;
     }
     if (!pts.length) { x0 = y0 = -3; x1 = y1 = 3; }
+    if (state.info.capabilities.stochastic) { // at least two prior standard deviations: collapsed codes leave room
+      x0 = Math.min(x0, -2); y0 = Math.min(y0, -2); x1 = Math.max(x1, 2); y1 = Math.max(y1, 2);
+    }
     const span = Math.max(x1 - x0, y1 - y0, 1e-6) * 1.12; // same scale on both axes: distances stay true
     state.view = { cx: (x0 + x1) / 2, cy: (y0 + y1) / 2, span: span, size: $("map").width };
   }
