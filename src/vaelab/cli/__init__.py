@@ -41,6 +41,7 @@ COMMANDS = (
     ("train-prior", "prior", "fit the code prior of a VQ-VAE run, so that `vaelab sample` can generate"),
     ("export", "export", "the encoder and decoder of a run as ONNX files or torch.export programs"),
     ("tune", "tune", "search hyperparameters with Optuna (resumable, several processes at once)"),
+    ("serve", "serve", "serve a run's model over HTTP: a JSON API and the latent explorer page"),
 )
 
 EPILOG = """

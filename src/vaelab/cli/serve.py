@@ -1,0 +1,78 @@
+"""`vaelab serve RUN`: the run's model over HTTP (the JSON API of vaelab.serve) and the latent explorer page."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vaelab.cli.common import add_trust_code, positive, sub
+from vaelab.errors import ConfigError, VaelabError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # vaelab.serve.app.LOOPBACK, without importing FastAPI for --help
+
+
+def add_serve_parser(subs) -> argparse.ArgumentParser:
+    p = sub(subs, "serve", """
+        Serve the run's model over HTTP until Ctrl-C: a JSON API (encode, decode, reconstruct, sample,
+        interpolate, traverse, anomaly scores, the run's metrics and pictures; see /docs) and the latent
+        explorer page at /. The model is loaded once, in fp32 on the CPU.
+
+        It listens on 127.0.0.1 (this machine only) by default. Any other address (--host 0.0.0.0) needs
+        --token: every request must then carry `Authorization: Bearer TOKEN` (or ?token=TOKEN in the address).
+        Needs the serve extra: pip install "vaelab[serve]".""")
+    p.add_argument("run", metavar="RUN", help="a run directory written by `vaelab train` (its --out)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [default 127.0.0.1]")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on [default 8000]")
+    p.add_argument("--token", default=None, metavar="T",
+                   help="a secret every request must carry (required for a --host other than 127.0.0.1, "
+                        "localhost or ::1)")
+    p.add_argument("--max-batch", type=int, default=1024, metavar="N",
+                   help="the most rows (images, latent points, samples) one request may carry [default 1024]")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="folder holding the dataset files, if they moved since training (the latent map and "
+                        "the test images need the run's test split)")
+    add_trust_code(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token."""
+    if token is not None and not token.strip():
+        raise VaelabError("--token is empty; give a secret string (e.g. from `python -c \"import secrets; "
+                          "print(secrets.token_urlsafe())\"`)")
+    if host.strip("[]") not in LOOPBACK and token is None:
+        raise VaelabError(f"--host {host} would let other machines reach this server, and the API runs the model "
+                          "for whoever asks; give --token T as well (every request must then carry "
+                          "'Authorization: Bearer T'), or keep the default --host 127.0.0.1")
+
+
+def url(host: str, port: int, token: str | None = None) -> str:
+    shown = host.strip("[]")
+    shown = "127.0.0.1" if shown in ("0.0.0.0", "") else ("[::1]" if shown == "::" else shown)
+    shown = f"[{shown}]" if ":" in shown and not shown.startswith("[") else shown
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+
+
+def cmd_serve(args) -> int:
+    check_bind(args.host, args.token)
+    positive(args.max_batch, "--max-batch")
+    if not 0 <= args.port <= 65535:
+        raise VaelabError(f"--port {args.port} is not a port number; give one in 1..65535")
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("`vaelab serve` needs uvicorn and FastAPI: pip install \"vaelab[serve]\"", "setup") \
+            from None
+    from vaelab.serve import create_app
+
+    app = create_app(args.run, token=args.token, max_batch=args.max_batch, trust_code=args.trust_code,
+                     data_dir=args.data_dir)
+    served = app.state.served
+    if served.data is None:
+        print(f"vaelab: warning: {served.data_problem}; the latent map, test images and test scores are "
+              "unavailable", file=sys.stderr)
+    print(f"serving {args.run} ({served.model.config.model}) at {url(args.host, args.port, args.token)}  "
+          f"(API docs: {url(args.host, args.port)}docs; Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host.strip("[]"), port=args.port, log_level="warning")
+    return 0
