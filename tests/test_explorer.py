@@ -428,6 +428,38 @@ def test_the_run_record_is_shown(serve, driver):
     assert (rgba[..., :3] != 255).any(axis=-1).sum() > 100  # something is drawn
 
 
+def test_the_score_histogram_flags_the_rows_above_the_threshold(serve, driver, shot):
+    server = serve("vae2")
+    open_page(driver, server)
+    info = server.get("api/info")
+    WebDriverWait(driver, 60).until(lambda d: state(d, "s.scores && s.scores.threshold !== null"))
+    assert driver.find_element(By.ID, "scores-panel").is_displayed()
+    scores = np.asarray(server.get(f"api/scores?kind={info['default_score']}")["score"])
+    n = len(scores)
+    slider = driver.find_element(By.ID, "threshold")
+    for key, quantile in [(None, 0.95), (Keys.HOME, 0.0), (Keys.END, 1.0)]:
+        if key is not None:
+            slider.send_keys(key)
+        page = state(driver, "{kind: s.scores.kind, threshold: s.scores.threshold, flagged: s.scores.flagged, "
+                             "top: s.scores.top}")
+        assert page["kind"] == info["default_score"]
+        assert page["threshold"] == np.sort(scores)[min(n - 1, int(np.floor(quantile * n)))]
+        flagged = scores >= page["threshold"]
+        assert page["flagged"] == flagged.sum()
+        expected_top = [i for i in np.argsort(-scores, kind="stable") if flagged[i]][:12]
+        assert sorted(page["top"]) == sorted(expected_top)  # the highest flagged rows (ties in any order)
+        shown = driver.find_elements(By.CSS_SELECTOR, "#anomalies img")
+        assert len(shown) == min(12, flagged.sum())
+        if key is None:
+            shot("scores")
+    assert state(driver, "s.scores.flagged") == (scores == scores.max()).sum()
+
+
+def test_a_conditional_model_has_no_score_panel(serve, driver):
+    open_page(driver, serve("cvae"))
+    assert not driver.find_element(By.ID, "scores-panel").is_displayed()
+
+
 # ============================================================================== a 10,000-point latent map
 
 

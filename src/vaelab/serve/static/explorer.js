@@ -391,12 +391,93 @@
         const img = document.createElement("img");
         img.src = withToken("api/pictures/" + encodeURIComponent(name));
         img.alt = name;
+        const link = document.createElement("a"); // full size in a tab of its own
+        link.href = img.src;
+        link.target = "_blank";
+        link.appendChild(img);
         const cap = document.createElement("figcaption");
         cap.textContent = name;
-        fig.append(img, cap);
+        fig.append(link, cap);
         box.appendChild(fig);
       }
     } catch (e) { showError(e); }
+  }
+
+  // ------------------------------------------------------------------------------------ anomaly scores
+  // The test split's scores as a histogram; the threshold slider is a quantile (0.1% steps) of them, and
+  // the rows at or above it are flagged, the highest shown as thumbnails.
+  const TOP = 12;
+
+  async function loadScores(kind) {
+    try {
+      const out = await api("api/scores?kind=" + encodeURIComponent(kind));
+      const sorted = out.score.slice().sort((a, b) => a - b);
+      state.scores = { kind: out.kind, score: out.score, sorted: sorted, threshold: null, flagged: 0, top: [] };
+      updateThreshold();
+    } catch (e) { showError(e); }
+  }
+
+  function updateThreshold() {
+    const sc = state.scores;
+    if (!sc || !sc.score.length) return;
+    const n = sc.sorted.length, p = parseInt($("threshold").value, 10) / 1000;
+    sc.threshold = sc.sorted[Math.min(n - 1, Math.floor(p * n))];
+    const flagged = sc.score.map((v, i) => [v, i]).filter(([v]) => v >= sc.threshold).sort((a, b) => b[0] - a[0]);
+    sc.flagged = flagged.length;
+    sc.top = flagged.slice(0, TOP).map(([, i]) => i);
+    $("threshold-text").textContent = sc.threshold.toPrecision(4) + " (" + (100 * p).toFixed(1) +
+      "th percentile): " + sc.flagged + " of " + n + " flagged";
+    drawHistogram();
+    const box = $("anomalies");
+    box.textContent = "";
+    for (const [v, i] of flagged.slice(0, TOP)) {
+      const fig = document.createElement("figure");
+      if (state.info.image) {
+        const img = document.createElement("img");
+        img.src = withToken("api/test-image/" + i);
+        img.alt = "test #" + i;
+        fig.appendChild(img);
+      }
+      const cap = document.createElement("figcaption");
+      cap.textContent = "#" + i + " · " + v.toPrecision(4);
+      fig.appendChild(cap);
+      box.appendChild(fig);
+    }
+  }
+
+  function drawHistogram() {
+    const sc = state.scores, canvas = $("histogram"), ctx = canvas.getContext("2d");
+    const W = canvas.width, H = canvas.height, B = 18, BINS = 40;
+    const lo = sc.sorted[0], hi = sc.sorted[sc.sorted.length - 1], width = (hi - lo) / BINS || 1;
+    const counts = new Array(BINS).fill(0);
+    for (const v of sc.score) counts[Math.min(BINS - 1, Math.floor((v - lo) / width))]++;
+    const top = Math.max(...counts);
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, W, H);
+    const bw = W / BINS;
+    counts.forEach((c, b) => {
+      ctx.fillStyle = lo + (b + 1) * width > sc.threshold ? "#d62728" : "#90a4ae";
+      const h = (c / top) * (H - B - 6);
+      ctx.fillRect(b * bw + 1, H - B - h, bw - 2, h);
+    });
+    const x = ((sc.threshold - lo) / (hi - lo || 1)) * W;
+    ctx.strokeStyle = "#000"; ctx.lineWidth = 1;
+    ctx.beginPath(); ctx.moveTo(x, 0); ctx.lineTo(x, H - B); ctx.stroke();
+    ctx.fillStyle = "#444"; ctx.font = "11px sans-serif";
+    ctx.fillText(lo.toPrecision(4), 2, H - 4);
+    const right = hi.toPrecision(4);
+    ctx.fillText(right, W - ctx.measureText(right).width - 2, H - 4);
+  }
+
+  function setupScores() {
+    const kinds = state.info.score_kinds || [];
+    if (!kinds.length) return;
+    const select = $("score-kind");
+    for (const k of kinds) select.add(new Option(k, k));
+    select.value = state.info.default_score || kinds[0];
+    select.addEventListener("change", () => loadScores(select.value));
+    $("threshold").addEventListener("input", updateThreshold);
+    $("scores-panel").hidden = false;
+    loadScores(select.value);
   }
 
   // --------------------------------------------------------------------------------------- start-up
@@ -465,7 +546,7 @@
       const info = await api("api/info");
       state.info = info;
       $("run-info").textContent = info.run + " · " + info.model + " on " + info.dataset + " · latent " +
-        info.latent_shape.join("×") + (info.epochs !== undefined ? " · " + info.epochs + " epochs" : "");
+        info.latent_shape.join("×") + (info.epochs !== undefined ? " · " + info.epochs + (info.epochs === 1 ? " epoch" : " epochs") : "");
       if (info.image) {
         const [, H, W] = info.input_shape;
         state.scale = Math.max(1, Math.floor(196 / Math.max(H, W)));
@@ -503,6 +584,7 @@
       setZ(project(state.view.cx, state.view.cy)); // start at the map's centre
       state.ready = true;
       loadRecord();
+      setupScores();
     } catch (e) { showError(e); }
   }
 
