@@ -45,6 +45,7 @@ RUNS = {  # kind: `vaelab train` flags (digits, 1 epoch)
     "vae2": ["--model", "vae", "--arch", "mlp", "--latent-dim", "2"],
     "vae8": ["--model", "vae", "--arch", "mlp", "--latent-dim", "8"],
     "cvae": ["--model", "cvae", "--arch", "mlp", "--latent-dim", "2"],
+    "vqvae": ["--model", "vqvae", "--codebook-size", "16"],
 }
 HALF_LEVEL = 0.5 / 255 + 1e-6  # the page draws round(255 x): a pixel is within half a level of 255 x
 
@@ -458,6 +459,40 @@ def test_the_score_histogram_flags_the_rows_above_the_threshold(serve, driver, s
 def test_a_conditional_model_has_no_score_panel(serve, driver):
     open_page(driver, serve("cvae"))
     assert not driver.find_element(By.ID, "scores-panel").is_displayed()
+
+
+def test_painting_a_code_decodes_the_edited_grid(serve, trained, driver, shot):
+    """A VQ-VAE's code grid is that of test image 0 (its PNG, as the page sends it); a painted cell changes the
+    grid, and the image beside it is decode_indices of the edited grid."""
+    from PIL import Image
+
+    server = serve("vqvae")
+    model = load_model(trained("vqvae"))
+    open_page(driver, server)
+    assert driver.find_element(By.ID, "codes-panel").is_displayed()
+    idle = "s.codesShown && !s.codesBusy && JSON.stringify(s.codesShown) === JSON.stringify(s.codes)"
+    WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda d: state(d, idle))
+    with urllib.request.urlopen(server.url + "api/test-image/0", timeout=30) as r:
+        png = np.asarray(Image.open(r), dtype=np.float32) / 255  # (H, W): the digits are grey
+    with torch.no_grad():
+        codes = model.encode_indices(torch.from_numpy(png)[None, None])[0]  # (h, w)
+    assert state(driver, "s.codes") == codes.tolist()
+    h, w = codes.shape
+    for (i, j), code in [((0, 0), (int(codes[0, 0]) + 5) % 16), ((h - 1, w - 1), (int(codes[-1, -1]) + 9) % 16)]:
+        box = driver.find_element(By.ID, "paint-code")
+        box.clear()
+        box.send_keys(str(code))
+        grid = driver.find_element(By.ID, "code-grid")
+        cell = int(grid.get_attribute("width")) // w
+        ActionChains(driver).move_to_element_with_offset(grid, int((j + 0.5 - w / 2) * cell),
+                                                         int((i + 0.5 - h / 2) * cell)).click().perform()
+        codes[i, j] = code
+        WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda d: state(d, idle))
+        assert state(driver, "s.codesShown") == codes.tolist()
+        with torch.no_grad():
+            expected = model.decode_indices(codes[None])[0]
+        assert_shows(image_of(canvas_pixels(driver, "#code-decoded"), model.config.input_shape), expected)
+    shot("painted")
 
 
 # ============================================================================== a 10,000-point latent map

@@ -254,7 +254,8 @@
 
   function setZ(z, t0) {
     state.z = z;
-    $("z-text").textContent = "z = [" + z.map((v) => v.toFixed(3)).join(", ") + "]";
+    $("z-text").textContent = "z = [" + z.slice(0, 32).map((v) => v.toFixed(3)).join(", ") +
+      (z.length > 32 ? ", … (" + z.length + " numbers)" : "") + "]";
     updateSliders();
     drawMap();
     requestDecode(z, t0);
@@ -307,11 +308,17 @@
 
   // --------------------------------------------------------------------------------------- sliders
   const SLIDER_RANGE = 3; // prior standard deviations either side
+  const MAX_SLIDERS = 32;
 
   function buildSliders() {
     const box = $("sliders");
     box.textContent = "";
     const dims = state.kl ? state.kl.dims : [...Array(state.info.latent_dim).keys()];
+    if (!state.kl && dims.length > MAX_SLIDERS) {
+      box.textContent = state.info.latent_dim + " latent numbers and no KL order (a deterministic code): no sliders";
+      return;
+    }
+    $("sliders-order").textContent = state.kl ? "(sorted by KL)" : "(a deterministic code: no KL order)";
     dims.forEach((d, k) => {
       const row = document.createElement("label");
       row.className = "slider";
@@ -401,6 +408,115 @@
         box.appendChild(fig);
       }
     } catch (e) { showError(e); }
+  }
+
+  // ------------------------------------------------------------------------------ VQ-VAE code painting
+  // The code grid of a test image (its PNG, encoded by the server), one cell per code: painting a cell
+  // decodes the edited grid (/api/decode-codes) with the same one-in-flight rule as the map.
+  let CELL = 32; // the grid's cell in canvas pixels: setupCodes makes the grid about 224 pixels wide
+  const codeColour = (k) => "hsl(" + ((k * 137.508) % 360).toFixed(1) + ", 65%, " + (k % 2 ? 62 : 48) + "%)";
+
+  async function loadCodes(row) {
+    try {
+      const blob = await (await fetch(withToken("api/test-image/" + row),
+                                      TOKEN ? { headers: { Authorization: "Bearer " + TOKEN } } : {})).blob();
+      const b64 = await new Promise((resolve) => {
+        const reader = new FileReader();
+        reader.onload = () => resolve(String(reader.result).split(",")[1]);
+        reader.readAsDataURL(blob);
+      });
+      const out = await api("api/encode", { png: [b64] });
+      state.codes = out.indices[0];
+      state.codesRow = row;
+      drawCodes();
+      requestCodes();
+    } catch (e) { showError(e); }
+  }
+
+  function drawCodes() {
+    const [h, w] = state.info.code_grid, canvas = $("code-grid"), ctx = canvas.getContext("2d");
+    canvas.width = w * CELL; canvas.height = h * CELL;
+    ctx.font = "11px sans-serif"; ctx.textAlign = "center"; ctx.textBaseline = "middle";
+    for (let i = 0; i < h; i++) {
+      for (let j = 0; j < w; j++) {
+        const k = state.codes[i][j];
+        ctx.fillStyle = codeColour(k);
+        ctx.fillRect(j * CELL, i * CELL, CELL - 1, CELL - 1);
+        ctx.fillStyle = "#000";
+        ctx.fillText(String(k), j * CELL + CELL / 2, i * CELL + CELL / 2);
+      }
+    }
+  }
+
+  let codesPending = null, codesBusy = false;
+
+  function requestCodes() {
+    codesPending = JSON.parse(JSON.stringify(state.codes));
+    if (!codesBusy) pumpCodes();
+  }
+
+  async function pumpCodes() {
+    codesBusy = true;
+    state.codesBusy = true;
+    while (codesPending) {
+      const grid = codesPending;
+      codesPending = null;
+      try {
+        const out = await api("api/decode-codes", { indices: [grid], format: "array" });
+        const canvas = $("code-decoded");
+        drawImage(canvas, out.x[0], state.scale);
+        state.codesShown = grid;
+        canvas.dataset.codes = JSON.stringify(grid);
+      } catch (e) { showError(e); }
+    }
+    codesBusy = false;
+    state.codesBusy = false;
+  }
+
+  function setupCodes() {
+    if (!state.info.capabilities.discrete || !state.info.code_grid || !state.info.image) return;
+    const K = state.info.codebook_size;
+    CELL = Math.max(20, Math.min(64, Math.floor(224 / Math.max(...state.info.code_grid))));
+    $("paint-code").max = K - 1;
+    $("code-row").max = (state.info.test_size || 1) - 1;
+    if (K <= 64) { // a swatch per code
+      for (let k = 0; k < K; k++) {
+        const b = document.createElement("button");
+        b.type = "button"; b.className = "swatch"; b.textContent = k; b.style.background = codeColour(k);
+        b.addEventListener("click", () => { $("paint-code").value = k; });
+        $("swatches").appendChild(b);
+      }
+    }
+    const grid = $("code-grid");
+    let painting = false;
+    const cell = (e) => {
+      const rect = grid.getBoundingClientRect();
+      const j = Math.floor((e.clientX - rect.left) * grid.width / rect.width / CELL);
+      const i = Math.floor((e.clientY - rect.top) * grid.height / rect.height / CELL);
+      const [h, w] = state.info.code_grid;
+      return i >= 0 && i < h && j >= 0 && j < w ? [i, j] : null;
+    };
+    const paint = (e) => {
+      const at = cell(e);
+      if (!at || !state.codes) return;
+      const k = parseInt($("paint-code").value, 10);
+      if (!(k >= 0 && k < K)) { showError(new Error("paint code must be in 0.." + (K - 1) + ", got " + $("paint-code").value)); return; }
+      if (state.codes[at[0]][at[1]] === k) return;
+      state.codes[at[0]][at[1]] = k;
+      drawCodes();
+      requestCodes();
+    };
+    grid.addEventListener("pointerdown", (e) => {
+      if (e.altKey) { const at = cell(e); if (at) $("paint-code").value = state.codes[at[0]][at[1]]; return; }
+      painting = true;
+      grid.setPointerCapture(e.pointerId);
+      paint(e);
+    });
+    grid.addEventListener("pointermove", (e) => { if (painting) paint(e); });
+    grid.addEventListener("pointerup", () => { painting = false; });
+    $("code-load").addEventListener("click", () => loadCodes(parseInt($("code-row").value, 10)));
+    $("codes-panel").hidden = false;
+    loadCodes(0);
   }
 
   // ------------------------------------------------------------------------------------ anomaly scores
@@ -585,6 +701,7 @@
       state.ready = true;
       loadRecord();
       setupScores();
+      setupCodes();
     } catch (e) { showError(e); }
   }
 
