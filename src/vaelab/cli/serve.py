@@ -20,6 +20,13 @@ def add_serve_parser(subs) -> argparse.ArgumentParser:
         It listens on 127.0.0.1 (this machine only) by default. Any other address (--host 0.0.0.0) needs
         --token: every request must then carry `Authorization: Bearer TOKEN` (or ?token=TOKEN in the address).
         Needs the serve extra: pip install "vaelab[serve]".""")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def add_serve_arguments(p) -> None:
+    """RUN and every flag of the server (vaelab explore takes them too)."""
     p.add_argument("run", metavar="RUN", help="a run directory written by `vaelab train` (its --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on [default 127.0.0.1]")
     p.add_argument("--port", type=int, default=8000, help="port to listen on [default 8000]")
@@ -32,8 +39,6 @@ def add_serve_parser(subs) -> argparse.ArgumentParser:
                    help="folder holding the dataset files, if they moved since training (the latent map and "
                         "the test images need the run's test split)")
     add_trust_code(p)
-    p.set_defaults(func=cmd_serve)
-    return p
 
 
 def check_bind(host: str, token: str | None) -> None:
@@ -55,6 +60,12 @@ def url(host: str, port: int, token: str | None = None) -> str:
 
 
 def cmd_serve(args) -> int:
+    return run_server(args)
+
+
+def run_server(args, on_listening=None) -> int:
+    """Check the flags (the host/token rule), build the app and serve it until Ctrl-C. on_listening(url), when
+    given, is called (from another thread) once the socket listens; url is the page's, with ?token=T."""
     check_bind(args.host, args.token)
     positive(args.max_batch, "--max-batch")
     if not 0 <= args.port <= 65535:
@@ -72,7 +83,22 @@ def cmd_serve(args) -> int:
     if served.data is None:
         print(f"vaelab: warning: {served.data_problem}; the latent map, test images and test scores are "
               "unavailable", file=sys.stderr)
-    print(f"serving {args.run} ({served.model.config.model}) at {url(args.host, args.port, args.token)}  "
-          f"(API docs: {url(args.host, args.port)}docs; Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=args.host.strip("[]"), port=args.port, log_level="warning")
+    page = url(args.host, args.port, args.token)
+    print(f"serving {args.run} ({served.model.config.model}) at {page}  (API docs: {url(args.host, args.port)}docs; "
+          "Ctrl-C stops)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host.strip("[]"), port=args.port, log_level="warning"))
+    if on_listening is not None:
+        import threading
+        import time
+
+        def announce():
+            while not server.started and not server.should_exit:
+                time.sleep(0.05)
+            if server.started:
+                on_listening(page)
+
+        threading.Thread(target=announce, daemon=True).start()
+    server.run()
+    if not server.started:  # uvicorn could not listen (the port is taken, the address is not this machine's)
+        raise VaelabError(f"could not listen on {args.host}:{args.port} (is the port in use? try another --port)")
     return 0

@@ -23,7 +23,7 @@ from vaelab.serve.served import DEFAULT_MAX_BATCH, LATENT_MAP_DEFAULT, RequestEr
 STATIC = Path(__file__).resolve().parent / "static"
 
 try:  # the serve extra; vaelab.serve.create_app says what to install when it is missing
-    from fastapi import FastAPI, Query, Request
+    from fastapi import FastAPI, Query
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, Response
     from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
@@ -147,6 +147,19 @@ def create_app(run_dir, *, token: str | None = None, max_batch: int = DEFAULT_MA
                               "errors are {\"error\": message}.")
     app.state.served = served
 
+    _error_handlers(app)
+    _page_and_run_routes(app, served)
+    _model_routes(app, served)
+    _test_split_routes(app, served)
+
+    # the outermost layers: the token first, then the body's size (a request without the token is not read)
+    app.add_middleware(BodyLimit, max_body=max_body)
+    if token is not None:
+        app.add_middleware(TokenCheck, token=token)
+    return app
+
+
+def _error_handlers(app) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
         return _error(_validation_message(exc), 422)
@@ -169,6 +182,8 @@ def create_app(run_dir, *, token: str | None = None, max_batch: int = DEFAULT_MA
     async def _unexpected(request, exc):
         return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
+
+def _page_and_run_routes(app, served: ServedRun) -> None:
     # ---------------------------------------------------------------------------------------- the page
 
     @app.get("/", include_in_schema=False)
@@ -205,6 +220,8 @@ def create_app(run_dir, *, token: str | None = None, max_batch: int = DEFAULT_MA
     def picture(name: str):
         return FileResponse(served.picture_path(name), media_type="image/png")
 
+
+def _model_routes(app, served: ServedRun) -> None:
     # ------------------------------------------------------------------------------------- the model
 
     @app.post("/api/encode", summary="posterior means (and log-variances, VQ code indices) of inputs")
@@ -240,6 +257,8 @@ def create_app(run_dir, *, token: str | None = None, max_batch: int = DEFAULT_MA
     def score(body: ScoreRequest):
         return _json(served.score(body.x, body.png, body.kind))
 
+
+def _test_split_routes(app, served: ServedRun) -> None:
     # ------------------------------------------------------------------------------------ the test split
 
     @app.get("/api/latent-map", summary="the test split's codes as 2-D points (identity or PCA)")
@@ -257,12 +276,6 @@ def create_app(run_dir, *, token: str | None = None, max_batch: int = DEFAULT_MA
     @app.get("/api/scores", summary="anomaly scores of the test split, with its labels")
     def scores(kind: Optional[str] = Query(None, description="recon | elbo | iwae | latent")):
         return _json(served.test_scores(kind))
-
-    # the outermost layers: the token first, then the body's size (a request without the token is not read)
-    app.add_middleware(BodyLimit, max_body=max_body)
-    if token is not None:
-        app.add_middleware(TokenCheck, token=token)
-    return app
 
 
 class BodyLimit:

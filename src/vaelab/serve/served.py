@@ -211,8 +211,9 @@ class ServedRun:
         """The batch of a request: `x` (B, *input_shape) numbers, or `png` (B base64 PNG images of the input's
         size, images only); float32 (B, *input_shape)."""
         if (x is None) == (png is None):
-            raise RequestError(f"give the inputs as one of \"x\" (an array of shape {_shape(('B', *self.input_shape))}) "
-                               "or \"png\" (a list of base64 PNG images)")
+            want = _shape(("B", *self.input_shape))
+            raise RequestError(f"give the inputs as one of \"x\" (an array of shape {want}) or \"png\" (a list of "
+                               "base64 PNG images)")
         if x is not None:
             return torch.from_numpy(self._array(x, "x", self.input_shape).astype(np.float32))
         if not self.is_image:
