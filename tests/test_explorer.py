@@ -173,7 +173,8 @@ def shot(driver, tmp_path, request):
 
 def state(driver, expr: str = "s"):
     """A JSON-able expression of the page's state `s` (window.explorer.state)."""
-    return driver.execute_script(f"const s = window.explorer.state; return JSON.parse(JSON.stringify({expr}));")
+    return driver.execute_script(f"const s = window.explorer.state, v = ({expr});"
+                                 "return v === undefined ? null : JSON.parse(JSON.stringify(v));")
 
 
 def settled(driver, timeout: float = 30) -> None:
@@ -470,7 +471,7 @@ def test_painting_a_code_decodes_the_edited_grid(serve, trained, driver, shot):
     model = load_model(trained("vqvae"))
     open_page(driver, server)
     assert driver.find_element(By.ID, "codes-panel").is_displayed()
-    idle = "s.codesShown && !s.codesBusy && JSON.stringify(s.codesShown) === JSON.stringify(s.codes)"
+    idle = "!!(s.codesShown && !s.codesBusy && JSON.stringify(s.codesShown) === JSON.stringify(s.codes))"
     WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda d: state(d, idle))
     with urllib.request.urlopen(server.url + "api/test-image/0", timeout=30) as r:
         png = np.asarray(Image.open(r), dtype=np.float32) / 255  # (H, W): the digits are grey
@@ -493,6 +494,79 @@ def test_painting_a_code_decodes_the_edited_grid(serve, trained, driver, shot):
             expected = model.decode_indices(codes[None])[0]
         assert_shows(image_of(canvas_pixels(driver, "#code-decoded"), model.config.input_shape), expected)
     shot("painted")
+
+
+# ======================================================================================== vaelab explore
+
+
+def explore(run: Path, out: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+    """`vaelab explore RUN` with BROWSER set to headless Chromium dumping the page's DOM once its scripts ran
+    (webbrowser runs $BROWSER with the address for %s): the browser's output lands in `out` with explore's."""
+    port = free_port()
+    browser = (f"{CHROMIUM} --headless=new --no-sandbox --disable-gpu --virtual-time-budget=10000 "
+               f"--user-data-dir={out.parent / 'chromium-profile'} --dump-dom %s")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "BROWSER": browser}
+    log = open(out, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vaelab", "explore", str(run), "--port", str(port), *flags],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, port
+
+
+def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text()
+        if text in content:
+            return content
+        assert proc.poll() is None, f"vaelab explore exited with {proc.returncode}:\n{content}"
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} did not appear in vaelab explore's output:\n{path.read_text()}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_explore_opens_the_page_in_the_browser(trained, tmp_path):
+    """The browser (headless Chromium, via $BROWSER) gets the page's address once the server listens; the DOM
+    it dumps is the explorer's after its scripts ran: the run's name and the latent map's caption are in it."""
+    run = trained("vae2")
+    proc, port = explore(run, tmp_path / "explore.log", "--token", "t0k3n")
+    try:
+        out = wait_for(tmp_path / "explore.log", "opened the explorer", proc)  # webbrowser waits for the dump
+        assert f"opened the explorer in your browser: http://127.0.0.1:{port}/?token=t0k3n" in out
+        assert f'<span id="run-info">{run.name} · vae on digits' in out
+        assert "180 test points · the latent means" in out
+    finally:
+        stop(proc)
+
+
+def test_explore_no_browser_prints_the_address_only(trained, tmp_path):
+    run = trained("vae2")
+    proc, port = explore(run, tmp_path / "explore.log", "--no-browser")
+    try:
+        out = wait_for(tmp_path / "explore.log", "the explorer: ", proc)
+        assert f"the explorer: http://127.0.0.1:{port}/\n" in out
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:  # the server runs
+            assert b"vaelab explorer" in r.read()
+        time.sleep(3)
+        assert "<html" not in (tmp_path / "explore.log").read_text()  # no browser ran
+    finally:
+        stop(proc)
+
+
+def test_explore_refuses_a_public_address_without_a_token(trained):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "vaelab", "explore", str(trained("vae2")), "--host", "0.0.0.0",
+                           "--no-browser"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--host 0.0.0.0" in done.stderr and "--token" in done.stderr
 
 
 # ============================================================================== a 10,000-point latent map

@@ -42,6 +42,7 @@ COMMANDS = (
     ("export", "export", "the encoder and decoder of a run as ONNX files or torch.export programs"),
     ("tune", "tune", "search hyperparameters with Optuna (resumable, several processes at once)"),
     ("serve", "serve", "serve a run's model over HTTP: a JSON API and the latent explorer page"),
+    ("explore", "explore", "serve a run and open the latent explorer page in your browser"),
 )
 
 EPILOG = """
