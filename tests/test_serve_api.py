@@ -481,3 +481,17 @@ def test_the_cli_refuses_an_open_address_without_a_token(runs):
     p = subprocess.run([sys.executable, "-m", "vaelab", "serve", str(runs["vae"]) + "-missing"], env=env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "does not exist" in p.stderr
+
+
+def test_the_cli_prints_the_address_and_refuses_a_taken_port(servers, runs):
+    line = servers["vae"].proc.stdout.readline()
+    assert line.startswith(f"serving {runs['vae']} (vae) at {servers['vae'].url}/ ")
+    assert f"{servers['token'].url}/?token={TOKEN}" in servers["token"].proc.stdout.readline()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "vaelab", "serve", str(runs["vae"]), "--port", str(port)],
+                           env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"could not listen on 127.0.0.1:{port}" in p.stderr and "serving" not in p.stdout

@@ -84,21 +84,26 @@ def run_server(args, on_listening=None) -> int:
         print(f"vaelab: warning: {served.data_problem}; the latent map, test images and test scores are "
               "unavailable", file=sys.stderr)
     page = url(args.host, args.port, args.token)
-    print(f"serving {args.run} ({served.model.config.model}) at {page}  (API docs: {url(args.host, args.port)}docs; "
-          "Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host.strip("[]"), port=args.port, log_level="warning"))
-    if on_listening is not None:
-        import threading
+
+    def announce():  # once the socket listens: the address to open, then the caller's hook
         import time
 
-        def announce():
-            while not server.started and not server.should_exit:
-                time.sleep(0.05)
-            if server.started:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(f"serving {args.run} ({served.model.config.model}) at {page}  (API docs: "
+                  f"{url(args.host, args.port)}docs; Ctrl-C stops)", flush=True)
+            if on_listening is not None:
                 on_listening(page)
 
-        threading.Thread(target=announce, daemon=True).start()
-    server.run()
-    if not server.started:  # uvicorn could not listen (the port is taken, the address is not this machine's)
-        raise VaelabError(f"could not listen on {args.host}:{args.port} (is the port in use? try another --port)")
+    import threading
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn could not listen; it has said why (the port is taken, the address is not ours)
+        server.should_exit = True
+        raise VaelabError(f"could not listen on {args.host}:{args.port}; is the port in use? try another --port") \
+            from None
     return 0
