@@ -22,7 +22,8 @@ FORMAT_VERSION = 2  # bumped when the saved config or weight layout changes; old
 # version 2 keeps them in "settings", the fields of the model's own Settings (see training/checkpoint.migrate)
 
 ARCHS = ("auto", "conv", "conv-pool", "mlp")
-LIKELIHOODS = ("bernoulli", "gaussian")
+# losses.LIKELIHOOD_KINDS builds each (the continuous ones on [0, 1] or the reals; the discretized ones on 8-bit data)
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli", "discretized-logistic", "discretized-gaussian")
 PRECISIONS = ("fp32", "bf16")
 # the training options' choices (the modules that implement them check that they know each one)
 NOISES = ("none", "gaussian", "masking", "salt-pepper")
@@ -62,6 +63,7 @@ class ModelConfig:
     hidden: tuple[int, ...] = (256,)
     likelihood: str = "bernoulli"
     gaussian_sigma: float = 1.0  # fixed observation noise of the Gaussian likelihood
+    mixtures: int = 5  # logistics per sub-pixel of the discretized-logistic likelihood
     # bounds of the Gaussian posterior's log σ² (VAE family): exp(20) ≈ 5e8 and exp(-30) ≈ 1e-13 lie far
     # outside what a healthy posterior uses and far inside float32's exp range (±88), so the clamp only acts
     # on a diverging run, where it keeps exp(log σ²) and the KL finite (the bounds of diffusers' VAEs)
@@ -75,12 +77,12 @@ class ModelConfig:
 
     def __init__(self, model: str = "vae", arch: str = "auto", input_shape: tuple[int, ...] | None = None,
                  latent_dim: int = 16, channels: tuple[int, ...] = (32, 64), hidden: tuple[int, ...] = (256,),
-                 likelihood: str = "bernoulli", gaussian_sigma: float = 1.0, logvar_min: float = -30.0,
-                 logvar_max: float = 20.0, condition_dim: int = 0, networks: dict | None = None,
-                 settings: dict | None = None, **model_settings):
+                 likelihood: str = "bernoulli", gaussian_sigma: float = 1.0, mixtures: int = 5,
+                 logvar_min: float = -30.0, logvar_max: float = 20.0, condition_dim: int = 0,
+                 networks: dict | None = None, settings: dict | None = None, **model_settings):
         common = dict(model=model, arch=arch, input_shape=input_shape, latent_dim=latent_dim, channels=channels,
-                      hidden=hidden, likelihood=likelihood, gaussian_sigma=gaussian_sigma, logvar_min=logvar_min,
-                      logvar_max=logvar_max, condition_dim=condition_dim)
+                      hidden=hidden, likelihood=likelihood, gaussian_sigma=gaussian_sigma, mixtures=mixtures,
+                      logvar_min=logvar_min, logvar_max=logvar_max, condition_dim=condition_dim)
         for k, v in common.items():
             object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
         object.__setattr__(self, "networks", copy.deepcopy(networks))
@@ -115,6 +117,9 @@ class ModelConfig:
             out.append(f"arch={self.arch!r} needs at least one entry in channels")
         if not is_pos(self.gaussian_sigma):
             out.append(f"gaussian_sigma={self.gaussian_sigma!r} must be a positive number")
+        if not is_int(self.mixtures) or self.mixtures < 1:
+            out.append(f"mixtures={self.mixtures!r} must be a positive integer (logistics per sub-pixel of the "
+                       "discretized-logistic likelihood; PixelCNN++ used 10 on CIFAR-10)")
         bounds = (self.logvar_min, self.logvar_max)
         finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bounds)
         if not (finite and self.logvar_min < self.logvar_max):

@@ -335,9 +335,7 @@ def _spec(model, format: str, written: dict, run_config: dict | None, run: str |
 
     latent_name = "indices" if model.capabilities.discrete else "z"
     likelihood = config.likelihood
-    mean = ("pixel probabilities in [0, 1] (the sigmoid of the Bernoulli decoder's logits)"
-            if likelihood == "bernoulli" else
-            f"the mean of the Gaussian likelihood (its standard deviation is {config.gaussian_sigma:g})")
+    mean = model.likelihood.mean_meaning
     versions = {"vaelab": vaelab.__version__, "torch": torch.__version__}
     if format == "onnx":
         import onnx

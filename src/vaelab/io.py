@@ -153,7 +153,7 @@ def read_config(directory: str | os.PathLike) -> dict:
 READABLE_VERSIONS = (1, FORMAT_VERSION)
 # the fields every model shares (ModelConfig's own); in version 1 the model's own settings sat beside them
 _COMMON_MODEL_KEYS = ("model", "arch", "input_shape", "latent_dim", "channels", "hidden", "likelihood",
-                      "gaussian_sigma", "logvar_min", "logvar_max", "condition_dim")
+                      "gaussian_sigma", "mixtures", "logvar_min", "logvar_max", "condition_dim")
 
 
 def migrate(cfg: dict) -> dict:

@@ -24,11 +24,13 @@ TERM_MEANINGS = {
     "bce": "binary cross-entropy per pixel (Keras' binary_crossentropy)",
     "mse": "squared error per pixel",
     "iwae": "importance-weighted bound log p(x) >= IWAE_K per sample, nats (training with --iw-samples K)",
-    "elbo_bits_per_dim": "-ELBO in bits per dimension",
+    "elbo_bits_per_dim": "-ELBO in bits per dimension (the convention below)",
+    "bits_per_dim": "bits per sub-pixel: nll_bits_per_dim with --nll-samples, else elbo_bits_per_dim",
     "psnr": "peak signal-to-noise ratio of the posterior-mean reconstruction, dB",
+    "ssim": "structural similarity of the posterior-mean reconstruction (Wang et al. 2004; 1 = identical)",
     "nll": "importance-sampled -log p(x) per sample, nats",
     "nll_se": "standard error of nll, nats",
-    "nll_bits_per_dim": "nll in bits per dimension",
+    "nll_bits_per_dim": "nll in bits per dimension (the convention below)",
     "active_units": "latent dimensions whose posterior mean varies with x (variance > 0.01)",
     "latent_dims": "latent dimensions in all",
     "bottom_active_units": "hvae: active dimensions of the bottom layer z1 (the rows above are the top layer z2's)",
@@ -222,6 +224,8 @@ def print_terms(metrics: dict, what: str, meanings: dict | None = None) -> None:
     print_table(rows)
     if "kl_per_dim" in metrics:
         print("  KL per latent dimension (nats): " + " ".join(f"{v:.3g}" for v in metrics["kl_per_dim"]))
+    if metrics.get("bits_per_dim_convention"):
+        print(f"  bits/dim: {metrics['bits_per_dim_convention']}")
     if metrics.get("warning"):
         print(f"warning: {metrics['warning']}")
 

@@ -36,8 +36,12 @@ FIELD_HELP = {
     "latent_dim": "size of the latent vector (arch conv and mlp)",
     "channels": "conv channels, one per down-sampling layer, comma-separated (e.g. 32,64)",
     "hidden": "dense layer sizes before the latent, comma-separated (e.g. 256 or 512,256; '' for none)",
-    "likelihood": "the decoder's output distribution: bernoulli (binary cross-entropy; data in [0, 1]) "
-                  "or gaussian (squared error)",
+    "likelihood": "the decoder's output distribution: bernoulli (binary cross-entropy; data in [0, 1]), "
+                  "gaussian (squared error, fixed --gaussian-sigma), continuous-bernoulli (a normalized density on "
+                  "[0, 1]), discretized-logistic (a mixture of --mixtures logistics per sub-pixel, PixelCNN++) or "
+                  "discretized-gaussian (learned mean and scale per sub-pixel); the discretized ones model 8-bit "
+                  "pixels and give exact bits/dim (docs: Likelihoods)",
+    "mixtures": "logistics per sub-pixel of --likelihood discretized-logistic",
     "gaussian_sigma": "fixed standard deviation of the gaussian likelihood",
     "logvar_min": "lower bound of the posterior's log-variance (VAE family; values inside the bounds pass "
                   "unchanged; may change on --resume)",

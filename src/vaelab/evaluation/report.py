@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from vaelab.evaluation.metrics import latent_health, layer_stats, posterior_stats, probe_accuracy, psnr
+from vaelab.evaluation.metrics import (bits_convention, latent_health, layer_stats, posterior_stats, probe_accuracy,
+                                      psnr, ssim)
 from vaelab.evaluation.nll import importance_nll
 from vaelab.training.validation import EVAL_SEED, loss_terms
 
@@ -17,8 +18,11 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
 
     - loss terms, mean per sample: `loss` (the training objective; for a VAE the negative ELBO in nats =
       the tutorial's 784*BCE + KL on MNIST), `recon` (reconstruction NLL, nats), `kl`, `elbo`, and the
-      per-pixel means `bce`, `mse`; `elbo_bits_per_dim`; `psnr` (dB, of the posterior-mean reconstruction);
+      per-pixel means `bce`, `mse`; `psnr` (dB) and `ssim` of the posterior-mean reconstruction (images);
     - `nll`, `nll_se`, `nll_bits_per_dim` with nll_samples = K > 0: the importance-sampled -log p(x);
+    - `elbo_bits_per_dim`, `nll_bits_per_dim` and `bits_per_dim` (the NLL's with K > 0, else the ELBO's): bits
+      per sub-pixel as the literature reports them, `bits_per_dim_convention` says how (metrics.bits_convention:
+      exact for the discretized likelihoods on 8-bit data, + ln 256 per dim for a density of 8-bit pixels);
     - latent health (VAEs, latent=True): `kl_per_dim`, `active_units`, and `warning` on posterior collapse;
       for two stochastic layers (hvae) these are the top layer's, and `bottom_active_units` counts z1's;
     - with labelled data and `train_data` given: `linear_probe_accuracy` and `knn5_accuracy` on the latents;
@@ -34,19 +38,29 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
             out["accuracy"] = 1.0 - out["error"]
     out["n"] = len(data)
     dims = math.prod(data.sample_shape)
+    convention, offset = bits_convention(model.likelihood, data.batch(torch.arange(min(len(data), 1024))), binarize)
+    to_bits = 1.0 / (dims * math.log(2))
     if "elbo" in out:
-        out["elbo_bits_per_dim"] = -out["elbo"] / (dims * math.log(2))
+        out["elbo_bits_per_dim"] = (-out["elbo"] + dims * offset) * to_bits
     if data.is_image:
-        values = []
+        values, similarity = [], []
         with torch.inference_mode():
             for start in range(0, len(data), batch_size):
                 idx = torch.arange(start, min(start + batch_size, len(data)))
                 x = data.batch(idx)
                 cond = data.labels(idx) if model.capabilities.conditional else None
-                values.append(psnr(x, model.reconstruct(x, cond)))
+                x_hat = model.reconstruct(x, cond)
+                values.append(psnr(x, x_hat))
+                similarity.append(ssim(x, x_hat))
         out["psnr"] = float(torch.cat(values).clamp(max=100.0).mean())
+        out["ssim"] = float(torch.cat(similarity).mean())
     if nll_samples:
         out.update(importance_nll(model, data, n_samples=nll_samples, binarize=binarize, seed=seed))
+        out["nll_bits_per_dim"] = (out["nll"] + dims * offset) * to_bits
+    best = out.get("nll_bits_per_dim", out.get("elbo_bits_per_dim"))
+    if best is not None:
+        out["bits_per_dim"] = best
+        out["bits_per_dim_convention"] = convention
     if latent and model.capabilities.stochastic:
         layers = layer_stats(model, data, batch_size)  # {layer: (means, logvars)}; "" is the model's latent
         means = layers[""][0]

@@ -114,8 +114,7 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
         for start in range(0, len(data), step):
             x = data.batch(slice(start, start + step)).to(dtype)  # (B, *sample_shape)
             if "recon" in kinds:
-                parts["recon"].append(recon_nll(x, model.reconstruct_raw(x), model.config.likelihood,
-                                                model.config.gaussian_sigma))
+                parts["recon"].append(recon_nll(x, model.reconstruct_raw(x), model.likelihood))
             if sampled:
                 bounds = model.anomaly_bounds(x, eps)  # the model's own ELBO and IWAE bound, (B,) each
                 for k in ("elbo", "iwae"):

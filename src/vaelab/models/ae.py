@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from vaelab.losses import pixel_metrics, recon_nll
+from vaelab.losses import Likelihood, pixel_metrics, recon_nll
 from vaelab.models.base import Autoencoder, Capabilities, ModelOutput, PointMass
 from vaelab.models.registry import register
 
 
-def autoencoder_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0,
+def autoencoder_loss(x, out: ModelOutput, *, likelihood: Likelihood | str = "bernoulli", sigma: float = 1.0,
                      target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Reconstruction NLL of a deterministic autoencoder. `target` is the clean input (denoising)."""
     target = x if target is None else target

@@ -18,7 +18,8 @@ from torch import nn
 
 from vaelab.config import ARCHS, ModelConfig
 from vaelab.errors import CheckpointError, VaelabError
-from vaelab.losses import NO_SHAPING, Shaping, kl_standard_normal, log_importance_weights
+from vaelab.losses import (NO_SHAPING, Likelihood, Shaping, kl_standard_normal, likelihood_of,
+                           log_importance_weights)
 
 
 class DiagonalGaussian:
@@ -70,7 +71,8 @@ class PointMass:
 class ModelOutput:
     """The one record every model's forward returns."""
 
-    # the decoder's raw output, shaped like x: logits (Bernoulli) or mean (Gaussian); with K posterior
+    # the decoder's raw output (B, P*C, ...), P = the likelihood's params_per_channel (shaped like x for P = 1):
+    # logits (Bernoulli), mean (Gaussian), a logistic mixture's parameters, ...; with K posterior
     # samples (forward(..., n_samples=K > 1)) recon is (K, B, ...) and z is (K, B, *latent_shape)
     recon: torch.Tensor
     z: torch.Tensor  # (B, *latent_shape) the code that was decoded
@@ -193,7 +195,12 @@ class Autoencoder(nn.Module):
 
     def loss_weights(self, shaping: Shaping) -> dict:
         """The keywords of `objective` besides (x, out, target): from the config, the settings and `shaping`."""
-        return {"likelihood": self.config.likelihood, "sigma": self.config.gaussian_sigma}
+        return {"likelihood": self.likelihood, "sigma": self.config.gaussian_sigma}
+
+    @property
+    def likelihood(self) -> Likelihood:
+        """p(x | decoder output): the object that scores, averages and samples the decoder's raw output."""
+        return likelihood_of(self.config)
 
     def loss(self, x: torch.Tensor, out: ModelOutput, *, target: torch.Tensor | None = None,
              shaping: Shaping = NO_SHAPING) -> dict[str, torch.Tensor]:
@@ -302,8 +309,8 @@ class Autoencoder(nn.Module):
         return self.mean_of(self.decode_raw(z, condition))
 
     def mean_of(self, raw: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean from the decoder's raw output: probabilities for Bernoulli logits."""
-        return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
+        """The likelihood's mean from the decoder's raw output (B, P*C, ...): probabilities for Bernoulli logits."""
+        return self.likelihood.mean(raw)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, n_samples: int = 1) -> ModelOutput:
         posterior = self.encode(x, condition)
@@ -315,7 +322,7 @@ class Autoencoder(nn.Module):
         z = posterior.sample(n=n_samples)  # (K, B, *latent): K importance samples per input (IWAE)
         cond = None if condition is None else condition.expand(n_samples, *condition.shape).flatten(0, 1)
         recon = self.decode_raw(z.flatten(0, 1), cond)
-        return ModelOutput(recon=recon.view(n_samples, *x.shape), z=z, posterior=posterior)
+        return ModelOutput(recon=recon.unflatten(0, (n_samples, x.shape[0])), z=z, posterior=posterior)
 
     def importance_sampler(self, x: torch.Tensor, condition: torch.Tensor | None = None):
         """(noise shape per sample, log_weights) for importance sampling from q(z|x): log_weights(eps) maps
@@ -330,9 +337,8 @@ class Autoencoder(nn.Module):
             k = eps.shape[0]
             z = post.mean + post.std * eps  # (K, B, *latent)
             cond = None if condition is None else condition.expand(k, *condition.shape).flatten(0, 1)
-            recon = self.decode_raw(z.flatten(0, 1), cond).view(k, *x.shape)  # (K, B, *x)
-            return log_importance_weights(x, recon, z, post.mean, post.logvar, self.config.likelihood,
-                                          self.config.gaussian_sigma)
+            recon = self.decode_raw(z.flatten(0, 1), cond).unflatten(0, (k, x.shape[0]))  # (K, B, *raw)
+            return log_importance_weights(x, recon, z, post.mean, post.logvar, self.likelihood)
 
         return tuple(post.mean.shape[1:]), log_weights
 

@@ -52,7 +52,7 @@ import torch
 
 from vaelab.config import is_nonneg
 from vaelab.errors import VaelabError
-from vaelab.losses import Shaping, log_normal_diag, pixel_metrics, recon_nll
+from vaelab.losses import Likelihood, Shaping, log_normal_diag, pixel_metrics, recon_nll
 from vaelab.models.base import Autoencoder, Capabilities, ModelOutput, ModelSettings
 from vaelab.models.registry import register
 from vaelab.models.vae import vae_loss
@@ -116,7 +116,8 @@ def kl_decomposition(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, 
     return log_qz_x - log_qz, log_qz - log_prod_qzd, log_prod_qzd - log_pz
 
 
-def btcvae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, alpha: float = 1.0,
+def btcvae_loss(x, out: ModelOutput, *, likelihood: Likelihood | str = "bernoulli",
+                sigma: float = 1.0, alpha: float = 1.0,
                 beta: float = 6.0, gamma: float = 1.0, estimator: str = "mws", dataset_size: int = 0,
                 target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """recon + α·MI + β·TC + γ·dw-KL per sample (module doc), with the ELBO's terms.

@@ -34,7 +34,7 @@ import torch
 
 from vaelab.config import is_nonneg
 from vaelab.errors import VaelabError
-from vaelab.losses import Shaping
+from vaelab.losses import Likelihood, Shaping
 from vaelab.models.base import Autoencoder, Capabilities, ModelOutput, ModelSettings
 from vaelab.models.registry import register
 from vaelab.models.vae import vae_loss
@@ -84,7 +84,8 @@ def dip_covariance(mean: torch.Tensor, logvar: torch.Tensor, variant: str) -> to
     return cov
 
 
-def dipvae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
+def dipvae_loss(x, out: ModelOutput, *, likelihood: Likelihood | str = "bernoulli",
+                sigma: float = 1.0, beta: float = 1.0,
                 capacity: float | None = None, free_bits: float = 0.0, variant: str = "i", lambda_od: float = 10.0,
                 lambda_d: float = 100.0, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The VAE's loss (vae_loss: beta, capacity and free_bits are the training loop's KL shaping) plus the DIP

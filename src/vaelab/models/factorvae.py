@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.config import is_int, is_nonneg
-from vaelab.losses import Shaping
+from vaelab.losses import Likelihood, Shaping
 from vaelab.models.base import Auxiliary, ModelOutput
 from vaelab.models.registry import register
 from vaelab.models.vae import VAE, VAESettings, vae_loss
@@ -75,7 +75,8 @@ class FactorOutput(ModelOutput):
                             tc=self.tc.float())
 
 
-def factorvae_loss(x, out: FactorOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
+def factorvae_loss(x, out: FactorOutput, *, likelihood: Likelihood | str = "bernoulli",
+                   sigma: float = 1.0, beta: float = 1.0,
                    gamma: float = 10.0, target: torch.Tensor | None = None, capacity: float | None = None,
                    free_bits: float = 0.0) -> dict[str, torch.Tensor]:
     """The VAE's loss (models/vae.py vae_loss: recon + β·KL, and its capacity and free bits) plus γ·TC, TC the

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from vaelab.config import is_int, is_nonneg
-from vaelab.losses import (Shaping, iwae_bound, kl_standard_normal, log_normal_diag, pixel_metrics,
+from vaelab.losses import (Likelihood, Shaping, iwae_bound, kl_standard_normal, log_normal_diag, pixel_metrics,
                            recon_nll_samples)
 from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
 from vaelab.models.nets import _dense, _init_like_keras
@@ -75,7 +75,8 @@ class HVAEOutput(ModelOutput):
                           top=g(self.top), prior1=g(self.prior1))
 
 
-def hvae_log_parts(x: torch.Tensor, out: HVAEOutput, likelihood: str, sigma: float = 1.0) -> dict[str, torch.Tensor]:
+def hvae_log_parts(x: torch.Tensor, out: HVAEOutput, likelihood: Likelihood | str,
+                   sigma: float = 1.0) -> dict[str, torch.Tensor]:
     """The log-densities of a two-layer VAE's samples, (K, B) each: log p(x|z1), log p(z1|z2), log p(z2),
     log q(z1|x), log q(z2|z1). out.recon is (K, B, ...); z1, z2 and the Gaussians over them carry the same
     leading (K, B) (q(z1|x) only (B, ...): it is shared by the K samples)."""
@@ -87,7 +88,8 @@ def hvae_log_parts(x: torch.Tensor, out: HVAEOutput, likelihood: str, sigma: flo
             "log_q2": log_normal_diag(out.z, q2.mean, q2.logvar, event_dims=1)}
 
 
-def hvae_log_weights(x: torch.Tensor, out: HVAEOutput, likelihood: str, sigma: float = 1.0) -> torch.Tensor:
+def hvae_log_weights(x: torch.Tensor, out: HVAEOutput, likelihood: Likelihood | str,
+                     sigma: float = 1.0) -> torch.Tensor:
     """log w_k = log p(x, z1_k, z2_k) - log q(z1_k, z2_k | x), (K, B): the IWAE bound's and the importance-sampled
     likelihood's building block for the two-layer model."""
     return _joint_minus_proposal(hvae_log_parts(x, out, likelihood, sigma))
@@ -97,7 +99,7 @@ def _joint_minus_proposal(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return t["log_px"] + t["log_p1"] + t["log_p2"] - t["log_q1"] - t["log_q2"]
 
 
-def hvae_loss(x, out: HVAEOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
+def hvae_loss(x, out: HVAEOutput, *, likelihood: Likelihood | str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
               target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The two-stochastic-layer VAE (the model below): p(z2) p(z1|z2) p(x|z1) with q(z1|x) q(z2|z1), per sample.
 
@@ -197,7 +199,8 @@ class HVAE(Autoencoder):
         top = self._gaussian_of(self.up, z1)
         z2 = top.mean + top.std * eps2
         prior1 = self._gaussian_of(self.down, z2)
-        recon = self.decoder(z1.reshape(-1, z1.shape[-1])).view(*z1.shape[:-1], *shape)
+        recon = self.decoder(z1.reshape(-1, z1.shape[-1]))
+        recon = recon.view(*z1.shape[:-1], *recon.shape[1:])  # (..., B, *raw)
         return HVAEOutput(recon=recon, z=z2, posterior=q1, z1=z1, top=top, prior1=prior1)
 
     def forward(self, x, condition=None, n_samples: int = 1) -> HVAEOutput:
@@ -215,7 +218,7 @@ class HVAE(Autoencoder):
 
         def log_weights(eps: torch.Tensor) -> torch.Tensor:
             out = self._chain(q1, eps[..., :l1], eps[..., l1:], x.shape[1:])  # (K, B, ...) records
-            return hvae_log_weights(x, out, self.config.likelihood, self.config.gaussian_sigma)
+            return hvae_log_weights(x, out, self.likelihood)
 
         return (l1 + self.latent_shape[0],), log_weights
 

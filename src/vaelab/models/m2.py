@@ -24,8 +24,8 @@ from torch import nn
 
 from vaelab.config import is_nonneg
 from vaelab.errors import VaelabError
-from vaelab.losses import (Shaping, iwae_bound, log_importance_weights, pixel_metrics, recon_nll,
-                           recon_nll_samples)
+from vaelab.losses import (Likelihood, Shaping, iwae_bound, likelihood_of, log_importance_weights, pixel_metrics,
+                           recon_nll, recon_nll_samples)
 from vaelab.models.base import Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
 from vaelab.models.cvae import CVAE
 from vaelab.models.nets import _dense, _init_like_keras
@@ -71,7 +71,8 @@ class M2Settings(ModelSettings):
         return out
 
 
-def m2_loss(x, out: M2Output, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0, alpha: float = 0.1,
+def m2_loss(x, out: M2Output, *, likelihood: Likelihood | str = "bernoulli",
+            sigma: float = 1.0, beta: float = 1.0, alpha: float = 0.1,
             target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The semi-supervised objective of M2 (Kingma et al. 2014, https://arxiv.org/abs/1406.5298, eqs. 6-9),
     per sample, with -ELBO(x, y) = L(x, y) = recon + KL - log p(y) and p(y) uniform over the K classes:
@@ -173,13 +174,14 @@ class M2(CVAE):
         self.classifier = nn.Sequential(nn.Flatten(), *_dense([d, *hidden]), nn.Linear(hidden[-1] if hidden else d, k))
         self.encoder = PairEncoder(d, k, hidden, 2 * latent)  # mean and log-variance
         rev = hidden[::-1]
-        self.decoder = nn.Sequential(*_dense([latent + k, *rev]), nn.Linear(rev[-1] if rev else latent + k, d),
-                                     nn.Unflatten(1, shape))
+        raw = likelihood_of(config).raw_shape(shape)  # the likelihood's parameters per dimension
+        self.decoder = nn.Sequential(*_dense([latent + k, *rev]),
+                                     nn.Linear(rev[-1] if rev else latent + k, math.prod(raw)), nn.Unflatten(1, raw))
         for net in (self.classifier, self.encoder, self.decoder):
             _init_like_keras(net)
 
     def loss_weights(self, shaping: Shaping) -> dict:
-        return {"likelihood": self.config.likelihood, "sigma": self.config.gaussian_sigma,
+        return {"likelihood": self.likelihood, "sigma": self.config.gaussian_sigma,
                 "beta": self.settings.beta * shaping.kl_scale, "alpha": shaping.classifier_weight(self.settings.alpha)}
 
     @property
@@ -206,7 +208,7 @@ class M2(CVAE):
         else:  # K importance samples per pair (the IWAE bound)
             z = post.sample(n=n_samples)  # (n, P, L)
             recon = self.decode_raw(z.flatten(0, 1), pair_label.repeat(n_samples))
-            recon = recon.view(n_samples, len(pair_row), *x.shape[1:])
+            recon = recon.unflatten(0, (n_samples, len(pair_row)))
         return M2Output(recon=recon, z=z, posterior=post, class_logits=logits, labels=labels, pair_row=pair_row,
                         pair_label=pair_label)
 

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from vaelab.losses import likelihood_of
 from vaelab.models.kernels import Conv2d, ConvTranspose2d, UpsampleConv2d
 
 
@@ -78,7 +79,8 @@ def _conv(cfg, k: int):
         pad = (1 - target[0] % 2, 1 - target[1] % 2)
         dec += [ConvTranspose2d(prev, c, 3, stride=2, padding=1, output_padding=pad), nn.ReLU()]
         prev = c
-    dec.append(ConvTranspose2d(prev, c_in, 3, stride=1, padding=1))  # the output layer, no activation
+    c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per pixel
+    dec.append(ConvTranspose2d(prev, c_out, 3, stride=1, padding=1))  # the output layer, no activation
     return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
 
 
@@ -103,7 +105,8 @@ def _conv_pool(cfg, k: int):
         conv = nn.Conv2d(prev, c, 3, padding=1) if i == 0 else UpsampleConv2d(prev, c, sizes[len(chans) - i])
         dec += [conv, nn.ReLU()]
         prev = c
-    dec.append(UpsampleConv2d(prev, c_in, sizes[0]))  # the output layer, no activation
+    c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per pixel
+    dec.append(UpsampleConv2d(prev, c_out, sizes[0]))  # the output layer, no activation
     return nn.Sequential(*enc), nn.Sequential(*dec), latent_shape
 
 
@@ -119,7 +122,8 @@ def _mlp(cfg, k: int):
                                                                 k * cfg.latent_dim)]
     rev = hidden[::-1]
     z_in = cfg.latent_dim + cond
-    dec = _dense([z_in, *rev]) + [nn.Linear(rev[-1] if rev else z_in, d), nn.Unflatten(1, shape)]
+    raw = likelihood_of(cfg).raw_shape(shape)  # the likelihood's parameters per dimension
+    dec = _dense([z_in, *rev]) + [nn.Linear(rev[-1] if rev else z_in, math.prod(raw)), nn.Unflatten(1, raw)]
     return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
 
 

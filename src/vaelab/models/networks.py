@@ -8,7 +8,8 @@ Shapes (B is the batch; k is the model's `encoder_outputs`: 2 for a Gaussian pos
 log-variance are the two halves of dim 1; 1 for the AE):
 
     encoder: x (B, *input_shape) -> (B, k * latent_dim)
-    decoder: z (B, latent_dim)   -> (B, *input_shape), the raw output (logits for a Bernoulli likelihood)
+    decoder: z (B, latent_dim)   -> (B, *input_shape), the raw output (logits for a Bernoulli likelihood);
+                                    (B, P*C, H, W) / (B, P*D) for a likelihood of P parameters per channel
 
 A conditional model (cvae) concatenates its condition to the networks' inputs as models/nets.py's networks
 expect: condition_dim more channels of x (B, C + condition_dim, H, W) or features (B, D + condition_dim), and
@@ -45,6 +46,7 @@ from torch import nn
 
 from vaelab.config import ModelConfig, networks_problems
 from vaelab.errors import CheckpointError, ConfigError
+from vaelab.losses import likelihood_of
 
 PARTS = ("encoder", "decoder")
 HOW_TO_SAVE = ("to make it savable, pass the class and its keyword arguments, encoder=(MyEncoder, {'width': 64}); "
@@ -302,9 +304,13 @@ def expected_shapes(cls: type, config: ModelConfig) -> list[tuple[tuple, tuple, 
     cond = f"; its input is x with {c} condition {'channels' if len(shape) == 3 else 'features'}" if c else ""
     head = (f"{k} x latent_dim {d}: the mean and log-variance halves" if k == 2 else
             f"latent_dim {d}" if k == 1 else f"{k} x latent_dim {d}")
+    likelihood = likelihood_of(config)
+    raw = likelihood.raw_shape(shape)
+    what = ("input_shape, the decoder's raw output" if raw == shape else
+            f"the decoder's raw output: {likelihood.params_per_channel} values per channel of input_shape "
+            f"{shape} for likelihood {config.likelihood!r}")
     return [(x_in, (k * d,), f"{head}{cond}"),
-            ((d + c,), shape, "input_shape, the decoder's raw output" + (f"; its input is z with {c} condition "
-                                                                            "features" if c else ""))]
+            ((d + c,), raw, what + (f"; its input is z with {c} condition features" if c else ""))]
 
 
 def _dry_run(part: str, net: nn.Module, shape_in: tuple, shape_out: tuple, what: str, config: ModelConfig) -> None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vaelab.config import is_nonneg
-from vaelab.losses import (Shaping, iwae_bound, kl_standard_normal_dims, log_importance_weights, pixel_metrics,
-                           recon_nll, recon_nll_samples)
+from vaelab.losses import (Likelihood, Shaping, iwae_bound, kl_standard_normal_dims, log_importance_weights,
+                           pixel_metrics, recon_nll, recon_nll_samples)
 from vaelab.models.base import Autoencoder, Capabilities, ModelOutput, ModelSettings
 from vaelab.models.registry import register
 
@@ -23,7 +23,7 @@ class VAESettings(ModelSettings):
         return []
 
 
-def vae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
+def vae_loss(x, out: ModelOutput, *, likelihood: Likelihood | str = "bernoulli", sigma: float = 1.0, beta: float = 1.0,
              target: torch.Tensor | None = None, capacity: float | None = None,
              free_bits: float = 0.0) -> dict[str, torch.Tensor]:
     """Negative ELBO with a β weight on the KL: recon + β·KL (β=1: the plain VAE).

@@ -21,7 +21,7 @@ from torch import nn
 
 from vaelab.config import is_int, is_nonneg
 from vaelab.errors import VaelabError
-from vaelab.losses import Shaping, flat, pixel_metrics, recon_nll
+from vaelab.losses import Likelihood, Shaping, flat, likelihood_of, pixel_metrics, recon_nll
 from vaelab.models.base import Autoencoder, Capabilities, ModelOutput, ModelSettings, PointMass
 from vaelab.models.nets import _init_like_keras, build_networks
 from vaelab.models.quantizer import VectorQuantizer, usage_metrics
@@ -60,7 +60,8 @@ class VQVAESettings(ModelSettings):
         return out
 
 
-def vqvae_loss(x, out: ModelOutput, *, likelihood: str = "bernoulli", sigma: float = 1.0, commitment: float = 0.25,
+def vqvae_loss(x, out: ModelOutput, *, likelihood: Likelihood | str = "bernoulli",
+               sigma: float = 1.0, commitment: float = 0.25,
                target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The VQ-VAE objective of van den Oord et al. 2017 (eq. 3), per sample:
 
@@ -134,7 +135,8 @@ def conv_networks(config, blocks: int = 2) -> tuple[nn.Module, nn.Module, tuple[
         pad = (1 - target[0] % 2, 1 - target[1] % 2)
         dec += [nn.ConvTranspose2d(prev, c, 3, stride=2, padding=1, output_padding=pad), nn.ReLU()]
         prev = c
-    dec.append(nn.Conv2d(prev, c_in, 3, padding=1))  # the output layer: logits or means, no activation
+    c_out = likelihood_of(config).raw_shape(config.input_shape)[0]  # the likelihood's parameters per pixel
+    dec.append(nn.Conv2d(prev, c_out, 3, padding=1))  # the output layer: logits, means, ..., no activation
     encoder, decoder = nn.Sequential(*enc), nn.Sequential(*dec)
     # Glorot weights and zero biases, as the other models: with PyTorch's default init the activations start
     # so small that the biases decide the sign, and a residual block's narrow ReLU can start dead

@@ -128,6 +128,13 @@ def _check_fit(model, train, cfg: TrainConfig, out=None) -> None:
     if model.capabilities.conditional and train.y is None:
         raise DataError(f"model {model.config.model!r} is conditional and needs labelled data; the training "
                         "set has no labels (use a dataset with labels, or an unconditional model)")
+    # the likelihood's domain (8-bit pixels, [0, 1]) on the first batch's worth of data; its own generator leaves
+    # the run's random streams untouched
+    probe = train.batch(torch.arange(min(len(train), 1024)), binarize=cfg.binarize,
+                        generator=torch.Generator().manual_seed(0))
+    problems = model.likelihood.data_problems(probe, "the training data")
+    if problems:
+        raise DataError(problems[0] + f" (dataset {getattr(train, 'name', '')!r})")
     problems = model.training_problems(cfg)
     if problems:
         raise ConfigError(problems, "training configuration")
