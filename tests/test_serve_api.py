@@ -84,6 +84,12 @@ def runs(tmp_path_factory):
     from vaelab.cli import main
 
     root, out = tmp_path_factory.mktemp("serve"), {}
+    rows = np.random.default_rng(0).normal(size=(200, 5))
+    np.savetxt(root / "rows.csv", rows, delimiter=",", header="a,b,c,d,e", comments="")
+    out["tabular"] = root / "tabular"
+    assert main(["train", "--model", "vae", "--latent-dim", "2", "--likelihood", "gaussian", "--dataset",
+                 str(root / "rows.csv"), "--epochs", "1", "--out", str(out["tabular"]), "--no-pictures",
+                 "--no-progress"]) == 0
     for kind, flags in RUNS.items():
         out[kind] = root / kind
         pictures = ["--no-pictures"] if kind != "vae" else []
@@ -94,7 +100,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(runs):
-    started = {kind: Server(run) for kind, run in runs.items()}
+    started = {kind: Server(run) for kind, run in runs.items()}  # the RUNS and "tabular"
     started["token"] = Server(runs["vae"], "--token", TOKEN)
     try:
         for kind, s in started.items():
@@ -495,3 +501,26 @@ def test_the_cli_prints_the_address_and_refuses_a_taken_port(servers, runs):
                            env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"could not listen on 127.0.0.1:{port}" in p.stderr and "serving" not in p.stdout
+
+
+def test_a_tabular_run_takes_rows(servers, models, runs):
+    from vaelab.data import ArrayDataset, load_dataset
+    from vaelab.evaluation.scores import anomaly_scores
+
+    s, model = servers["tabular"], models["tabular"]
+    info = s.get("/api/info").json()
+    assert info["input_shape"] == [5] and info["image"] is False and info["classes"] is None
+    test = load_dataset(runs["tabular"].parent / "rows.csv", progress=False).test
+    x = test.batch(slice(0, 6))
+    r = s.post("/api/score", {"x": x.tolist(), "kind": "elbo"}).json()
+    assert r["score"] == anomaly_scores(model, ArrayDataset(x, scale=1.0), ("elbo",))["elbo"].tolist()
+    r = s.post("/api/encode", {"x": x.tolist()}).json()
+    assert torch.equal(f32(r["mean"]), model.embed(x))
+    for path, body, words in (("/api/score", {"x": x[:, :4].tolist()}, "expected (B, 5)"),
+                              ("/api/score", {"png": [png_of(np.zeros((8, 8), np.uint8))]}, "not images"),
+                              ("/api/decode", {"z": [[0.0, 0.0]], "format": "png"}, "'array'")):
+        r = s.post(path, body)
+        assert r.status_code == 422 and words in r.json()["error"], (path, r.text)
+    r = s.get("/api/test-image/0")
+    assert r.status_code == 404 and "not images" in r.json()["error"]
+    assert s.get("/api/latent-map").json()["labels"] is None
