@@ -291,6 +291,27 @@ def test_a_click_shows_the_decoded_projection_of_the_clicked_pixel(kind, serve, 
     shot("after-clicks")
 
 
+def test_hovering_a_point_shows_its_test_image(serve, driver, shot):
+    server = serve("vae2")
+    open_page(driver, server)
+    i = 17
+    u, v = driver.execute_script("return window.explorer.toCanvas(...window.explorer.state.map.points[arguments[0]]);", i)
+    u0, v0 = map_origin(driver)
+    ActionChains(driver).move_to_element_with_offset(driver.find_element(By.ID, "map"), round(u - u0),
+                                                     round(v - v0)).perform()
+    WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "tooltip").is_displayed())
+    thumb = driver.find_element(By.ID, "thumb")
+    row = int(thumb.get_attribute("data-row"))  # the nearest point to the pointer: this one or a neighbour
+    near = driver.execute_script("return window.explorer.toCanvas(...window.explorer.state.map.points[arguments[0]]);",
+                                 row)
+    assert (near[0] - u) ** 2 + (near[1] - v) ** 2 <= 2 * 1.0 ** 2 + 1e-9 or row == i
+    assert thumb.get_attribute("src").endswith(f"/api/test-image/{row}")
+    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return arguments[0].complete && "
+                                                               "arguments[0].naturalWidth === 8;", thumb))
+    assert driver.find_element(By.ID, "tip-text").text.startswith(f"test #{row}")
+    shot("hover")
+
+
 def test_a_drag_is_followed_to_its_last_point(serve, trained, driver):
     server = serve("vae2")
     model = load_model(trained("vae2"))
@@ -345,7 +366,12 @@ def test_the_interpolation_strip_has_the_asked_frames_each_a_decode(kind, serve,
             image = image_of(canvas_pixels(driver, f"#strip canvas.frame:nth-child({k + 1})"),
                              model.config.input_shape)
             assert_shows(image, decode(model, strip["z"][k]))
+    assert driver.find_element(By.ID, "error").text == ""  # typing a number passes through an empty box
     shot("strip")
+    set_steps(driver, 1)
+    WebDriverWait(driver, 10).until(lambda d: "steps must be an integer of at least 2, got 1"
+                                    in d.find_element(By.ID, "error").text)
+    assert state(driver, "s.strip.frames") == 12  # the last good strip stays
 
 
 def test_two_test_images_are_interpolated_by_their_codes(serve, trained, driver):

@@ -264,8 +264,12 @@
   // ----------------------------------------------------------------------------------- interpolation
   async function interpolate() {
     if (state.ends.length !== 2) return;
-    const steps = parseInt($("steps").value, 10);
-    if (!(steps >= 2)) { showError(new Error("steps must be an integer of at least 2, got " + $("steps").value)); return; }
+    if ($("steps").value.trim() === "") return; // being typed
+    const steps = Number($("steps").value);
+    if (!(Number.isInteger(steps) && steps >= 2)) {
+      showError(new Error("steps must be an integer of at least 2, got " + $("steps").value));
+      return;
+    }
     const [a, b] = state.ends;
     const body = (a.index !== null && b.index !== null)
       ? { index0: a.index, index1: b.index, steps: steps }
@@ -287,6 +291,7 @@
         strip.appendChild(c);
       });
       state.strip = { frames: out.x.length, steps: steps, z: out.z.map(flatten), scale: scale, body: body };
+      $("error").textContent = "";
     } catch (e) { showError(e); }
   }
 
@@ -632,7 +637,7 @@
     if (thumb.dataset.row !== String(row)) { thumb.src = src; thumb.dataset.row = row; }
     const lab = state.map.labels ? state.map.labels[i] : null;
     $("tip-text").textContent = "test #" + row + (lab === null ? "" : " · " + className(lab));
-    tip.style.left = (u + 12) + "px";
+    tip.style.left = (u > $("map").width - 90 ? u - 80 : u + 12) + "px"; // inside the map near its right edge
     tip.style.top = (v + 12) + "px";
     tip.hidden = false;
   }
