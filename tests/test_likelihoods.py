@@ -206,7 +206,7 @@ def test_means_and_samples(name):
     lik = make_likelihood(name, sigma=0.3, mixtures=3)
     p = lik.params_per_channel
     raw = torch.randn(1, p * 6, generator=g)  # 6 dimensions
-    if lik.discrete:  # means inside the data's range, scales from a tenth of a bin to the whole range
+    if lik.discrete:  # means inside the data's range, scales from a quarter of a level to the whole range
         params = raw.view(1, p, 6)
         n = p // 2 if name == "discretized-gaussian" else p // 3  # means (and log-scales) per dimension
         first = 0 if name == "discretized-gaussian" else n  # the logistic mixture's logits come first

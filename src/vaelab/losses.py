@@ -46,7 +46,7 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Ten
 
 PIXEL_LEVELS = 256  # 8-bit data: x = k / 255, k = 0 .. 255
 _HALF_BIN = 0.5 / (PIXEL_LEVELS - 1)  # half the width of one 8-bit bin on [0, 1]
-# bounds of a discretized likelihood's log-scale on [0, 1]: exp(-9) is a tenth of a bin (one bin then holds all
+# bounds of a discretized likelihood's log-scale on [0, 1]: exp(-9) is 1/30 of a bin (one bin then holds all
 # the mass, so the bound costs no likelihood), exp(9) is 8,000 times the data's range (flat); beyond them exp()
 # of the log-scale and the bin edges' arguments would overflow to inf/0 and the gradients to NaN
 LOG_SCALE_MIN, LOG_SCALE_MAX = -9.0, 9.0
