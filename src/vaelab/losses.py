@@ -183,7 +183,9 @@ class Likelihood:
 
     def params(self, raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The P parameter tensors of raw (B, P*C, ...), each (B, C, ...)."""
-        return tuple(raw.unflatten(1, (self.params_per_channel, -1)).unbind(1))
+        # contiguous first: a conv decoder's channels-last output would make each parameter a strided view, which
+        # the elementwise ops below walk several times slower
+        return tuple(raw.contiguous().unflatten(1, (self.params_per_channel, -1)).unbind(1))
 
     def log_prob(self, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         """log p(x_i | raw) of every dimension, shaped like x."""
@@ -361,7 +363,7 @@ class DiscretizedLogistic(Likelihood):
 
     def components(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log mixture weights, means, log-scales), each (B, K, C, ...)."""
-        p = raw.unflatten(1, (3, self.mixtures, -1))
+        p = raw.contiguous().unflatten(1, (3, self.mixtures, -1))  # contiguous: see Likelihood.params
         return torch.log_softmax(p[:, 0], dim=1), p[:, 1], p[:, 2]
 
     def log_prob(self, x, raw):
