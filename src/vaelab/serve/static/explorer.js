@@ -598,7 +598,9 @@
     select.addEventListener("change", () => loadScores(select.value));
     $("threshold").addEventListener("input", updateThreshold);
     $("scores-panel").hidden = false;
-    loadScores(select.value);
+    $("scores-details").addEventListener("toggle", () => {
+      if ($("scores-details").open && !state.scores) loadScores(select.value);
+    });
   }
 
   // --------------------------------------------------------------------------------------- start-up
