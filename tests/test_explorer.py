@@ -31,12 +31,12 @@ import pytest
 import torch
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -93,7 +93,7 @@ class Server:
         args = [sys.executable, "-m", "vaelab", "serve", str(run), "--port", str(self.port), *flags]
         if token:
             args += ["--token", token]
-        self.log = open(Path(run) / f"serve-{self.port}.log", "w+")
+        self.log = open(Path(run) / f"serve-{self.port}.log", "w+")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
@@ -405,8 +405,8 @@ def test_the_class_selector_decodes_with_the_chosen_label(serve, trained, driver
     images = {}
     for label in (0, 3, 7):
         Select(driver.find_element(By.ID, "label")).select_by_value(str(label))
-        WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda d: d.find_element(By.ID, "decoded")
-                                                             .get_attribute("data-label") == str(label))
+        WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda d, label=label: d.find_element(
+            By.ID, "decoded").get_attribute("data-label") == str(label))
         settled(driver)
         images[label] = image_of(canvas_pixels(driver, "#decoded"), model.config.input_shape)
         assert_shows(images[label], decode(model, z, label))
@@ -536,7 +536,7 @@ def explore(run: Path, out: Path, *flags: str) -> tuple[subprocess.Popen, int]:
                f"--user-data-dir={out.parent / 'chromium-profile'} --dump-dom %s")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "BROWSER": browser}
-    log = open(out, "w")
+    log = open(out, "w")  # noqa: SIM115 - the child's output, for its lifetime
     proc = subprocess.Popen([sys.executable, "-m", "vaelab", "explore", str(run), "--port", str(port), *flags],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, port
@@ -593,7 +593,7 @@ def test_explore_no_browser_prints_the_address_only(trained, tmp_path):
 def test_explore_refuses_a_public_address_without_a_token(trained):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "vaelab", "explore", str(trained("vae2")), "--host", "0.0.0.0",
-                           "--no-browser"], env=env, capture_output=True, text=True, timeout=120)
+                           "--no-browser"], check=False, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "--host 0.0.0.0" in done.stderr and "--token" in done.stderr
 
