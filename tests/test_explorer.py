@@ -634,6 +634,23 @@ def test_a_10000_point_map_stays_usable(tmp_path, driver, shot, capsys):
         shot("mnist-dragged")
     finally:
         server.stop()
+
+    # the data moved (an empty --data-dir): no map points, but the page decodes the plane of z[0] and z[1]
+    server = Server(run, "--data-dir", str(tmp_path / "no-data"))
+    try:
+        driver.get(server.url)
+        WebDriverWait(driver, 30).until(lambda d: state(d, "!!(s.ready && s.shownZ && !s.busy)"))
+        assert "test split" in driver.find_element(By.ID, "error").text
+        assert state(driver, "s.map.points.length") == 0
+        click_map(driver, 100, -50)
+        settled(driver)
+        s = state(driver, "{z: s.z, pointer: s.pointer, view: s.view}")
+        np.testing.assert_allclose(s["z"], projected(s["view"], {"mean": [0, 0], "components": [[1, 0], [0, 1]]},
+                                                     s["pointer"]["u"], s["pointer"]["v"]), rtol=0, atol=1e-12)
+        assert_shows(image_of(canvas_pixels(driver, "#decoded"), model.config.input_shape), decode(model, s["z"]))
+        shot("no-data")
+    finally:
+        server.stop()
     timings = {"points": 10000, "first_paint_ms": first_paint, "map_draw_ms": map_draw,
                "decodes": len(latencies), "decode_p50_ms": float(np.median(latencies)),
                "decode_p90_ms": float(np.percentile(latencies, 90)), "decode_max_ms": float(latencies.max())}

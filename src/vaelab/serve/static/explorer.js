@@ -296,7 +296,7 @@
   }
 
   function describeEnd(e, k) {
-    return (k ? "B" : "A") + (e.index !== null ? " = test image " + state.map.indices[e.index] : " = point");
+    return (k ? "B" : "A") + (e.index !== null ? " = test image #" + e.index : " = point");
   }
 
   function addEnd(u, v) {
@@ -323,7 +323,8 @@
       box.textContent = state.info.latent_dim + " latent numbers and no KL order (a deterministic code): no sliders";
       return;
     }
-    $("sliders-order").textContent = state.kl ? "(sorted by KL)" : "(a deterministic code: no KL order)";
+    $("sliders-order").textContent = state.kl ? "(sorted by KL)"
+      : state.info.capabilities.stochastic ? "(in order: the KL needs the test split)" : "(in order: a deterministic code has no KL)";
     dims.forEach((d, k) => {
       const row = document.createElement("label");
       row.className = "slider";
@@ -686,11 +687,20 @@
           interpolate();
         });
       }
-      const map = await api("api/latent-map?n=10000");
+      let map;
+      try {
+        map = await api("api/latent-map?n=10000");
+        $("map-caption").textContent = map.points.length + " test points · " +
+          (map.projection.kind === "pca" ? "PCA of the " + info.latent_dim + "-d means" : "the latent means");
+      } catch (e) { // no test split (the data moved): the map is the plane of the first two latent numbers
+        showError(e);
+        const D = info.latent_dim, unit = (k) => [...Array(D).keys()].map((d) => (d === k ? 1 : 0));
+        map = { points: [], labels: null, indices: [],
+                projection: { kind: "identity", mean: unit(-1), components: [unit(0), unit(1)] } };
+        $("map-caption").textContent = "no test points: the plane of z[0] and z[1], the rest 0";
+      }
       state.map = map;
       state.perf.mapLoaded = performance.now();
-      $("map-caption").textContent = map.points.length + " test points · " +
-        (map.projection.kind === "pca" ? "PCA of the " + info.latent_dim + "-d means" : "the latent means");
       setupView();
       drawBase();
       buildLegend();
