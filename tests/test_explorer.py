@@ -431,6 +431,25 @@ def test_sliders_are_sorted_by_kl_and_move_the_point(serve, trained, driver):
     assert [a for d, a in enumerate(after) if d != dim] == [b for d, b in enumerate(before) if d != dim]
     assert_shows(image_of(canvas_pixels(driver, "#decoded"), model.config.input_shape), decode(model, after))
 
+    # the traversal strip: the point with the dimension of the slider moved last set to -3 .. 3 in turn
+    second = kl["dims"][1]
+    sliders[1].send_keys(Keys.HOME)  # the slider's minimum: -3
+    settled(driver)
+    after = state(driver, "s.z")
+    assert after[second] == -3 and after[dim] == 3
+    WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda d: state(
+        d, f"!!(s.traversal && s.traversal.dim === {second} && Math.abs(s.traversal.z[0][{dim}] - 3) < 1e-6)"))
+    traversal = state(driver, "s.traversal")
+    dim = second
+    values = [-3, -2.25, -1.5, -0.75, 0, 0.75, 1.5, 2.25, 3]
+    assert traversal["frames"] == len(values) == len(driver.find_elements(By.CSS_SELECTOR, "#traverse-strip canvas"))
+    for k, value in enumerate(values):
+        expected = list(after)
+        expected[dim] = value
+        np.testing.assert_allclose(traversal["z"][k], expected, rtol=0, atol=1e-6)  # float32 on the way back
+        image = image_of(canvas_pixels(driver, f"#traverse-strip canvas:nth-child({k + 1})"), model.config.input_shape)
+        assert_shows(image, decode(model, traversal["z"][k]))
+
 
 def test_a_token_server_works_through_the_page_address(trained, driver):
     server = Server(trained("vae2"), token="s3cret-t0ken")

@@ -319,6 +319,7 @@
     const box = $("sliders");
     box.textContent = "";
     const dims = state.kl ? state.kl.dims : [...Array(state.info.latent_dim).keys()];
+    state.traverseDim = dims.length <= MAX_SLIDERS || state.kl ? dims[0] : null;
     if (!state.kl && dims.length > MAX_SLIDERS) {
       box.textContent = state.info.latent_dim + " latent numbers and no KL order (a deterministic code): no sliders";
       return;
@@ -339,10 +340,42 @@
         z[d] = parseFloat(input.value);
         setZ(z);
       });
+      input.addEventListener("change", () => { state.traverseDim = d; traverse(); });
       const value = document.createElement("output");
       row.append(name, input, value);
       box.appendChild(row);
     });
+  }
+
+  // The traversal strip: the current point with one dimension (the slider touched last, at first the most
+  // informative) set to TRAVERSE_VALUES in turn (/api/traverse). Asked when a drag or a slider move ends, not
+  // on every pointer move: the live image has the model first.
+  const TRAVERSE_VALUES = [-3, -2.25, -1.5, -0.75, 0, 0.75, 1.5, 2.25, 3];
+  let traverseSeq = 0;
+
+  async function traverse() {
+    if (!state.z || state.traverseDim === null || state.traverseDim === undefined) return;
+    const seq = ++traverseSeq, dim = state.traverseDim;
+    const body = Object.assign({ z: nest(state.z, state.info.latent_shape), dim: dim, values: TRAVERSE_VALUES },
+                               labelBody());
+    try {
+      const out = await api("api/traverse", body);
+      if (seq !== traverseSeq) return; // a newer one was asked meanwhile
+      const strip = $("traverse-strip");
+      strip.textContent = "";
+      const side = Math.min(48, Math.floor((strip.clientWidth || 460) / TRAVERSE_VALUES.length) - 4);
+      const scale = Math.max(1, Math.floor(side / Math.max(state.info.input_shape[1], state.info.input_shape[2])));
+      out.x.forEach((x, k) => {
+        const c = document.createElement("canvas");
+        c.className = "frame";
+        if (state.info.image) drawImage(c, x, scale); else drawBars(c, flatten(x));
+        c.title = "z[" + dim + "] = " + TRAVERSE_VALUES[k];
+        strip.appendChild(c);
+      });
+      $("traverse-caption").textContent = "traversal of z[" + dim + "] from " + TRAVERSE_VALUES[0] + " to " +
+        TRAVERSE_VALUES[TRAVERSE_VALUES.length - 1] + " around the current point";
+      state.traversal = { dim: dim, z: out.z.map(flatten), frames: out.x.length, label: state.label };
+    } catch (e) { showError(e); }
   }
 
   function updateSliders() {
@@ -623,7 +656,7 @@
       if (dragging) { at(e); return; }
       hover(e);
     });
-    const stop = () => { dragging = false; };
+    const stop = () => { if (dragging) traverse(); dragging = false; };
     canvas.addEventListener("pointerup", stop);
     canvas.addEventListener("pointercancel", stop);
     canvas.addEventListener("pointerleave", () => { $("tooltip").hidden = true; });
@@ -685,6 +718,7 @@
           state.label = parseInt(select.value, 10);
           if (state.z) requestDecode(state.z);
           interpolate();
+          traverse();
         });
       }
       let map;
@@ -715,6 +749,7 @@
         $("ends").textContent = "shift-click two points on the map"; drawMap();
       });
       setZ(project(state.view.cx, state.view.cy)); // start at the map's centre
+      traverse();
       state.ready = true;
       loadRecord();
       setupScores();
