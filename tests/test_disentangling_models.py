@@ -215,9 +215,10 @@ def test_without_a_dataset_size_the_batch_is_the_data():
 def test_the_loop_gives_the_dataset_size_and_the_kl_schedule_scales_all_three_weights():
     assert shaping_at(TrainConfig(), step=0, steps_per_epoch=13, dataset_size=1617).dataset_size == 1617
     model = tiny("btcvae", alpha=0.5, beta=6.0, gamma=2.0, estimator="mss")
-    assert model.loss_weights(Shaping(kl_scale=0.25, dataset_size=100)) == {
-        "likelihood": "bernoulli", "sigma": 1.0, "alpha": 0.125, "beta": 1.5, "gamma": 0.5, "estimator": "mss",
-        "dataset_size": 100}
+    weights = model.loss_weights(Shaping(kl_scale=0.25, dataset_size=100))
+    assert weights.pop("likelihood").name == "bernoulli"
+    assert weights == {"sigma": 1.0, "alpha": 0.125, "beta": 1.5, "gamma": 0.5, "estimator": "mss",
+                       "dataset_size": 100}
     x = tiny_batch()
     out = model(x)
     off = model.loss(x, out, shaping=Shaping(kl_scale=0.0, dataset_size=100))
