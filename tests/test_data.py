@@ -450,7 +450,7 @@ def test_image_folder_rgb_modes_and_splits(tmp_path):
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 1] = 200
     rgba[..., 3] = 255
-    rgba[0, 0, 3] = 0  # a transparent pixel is composited onto black
+    rgba[0, 0, 3] = 0  # a transparent pixel is composited onto the background (white unless given)
     save(root / "train" / "b" / "1.png", rgba, "RGBA")
     save(root / "train" / "b" / "2.jpg", np.full((4, 4), 128, np.uint8))  # grayscale among colour
     save(root / "test" / "b" / "3.png", rgb)
@@ -461,7 +461,7 @@ def test_image_folder_rgb_modes_and_splits(tmp_path):
     assert s.train.sample_shape == (3, 4, 4) and len(s.train) == 3 and len(s.test) == 1
     assert s.train.classes == ["a", "b"] and s.train.y.tolist() == [0, 1, 1] and s.test.y.tolist() == [1]
     assert s.train.x[0, :, 1, 1].tolist() == [255, 0, 0]
-    assert s.train.x[1, :, 1, 1].tolist() == [0, 200, 0] and s.train.x[1, :, 0, 0].tolist() == [0, 0, 0]
+    assert s.train.x[1, :, 1, 1].tolist() == [0, 200, 0] and s.train.x[1, :, 0, 0].tolist() == [255, 255, 255]
     assert s.train.x[2, :, 1, 1].tolist() == [128, 128, 128]
 
 

@@ -1,7 +1,8 @@
 """Datasets for vaelab: built-in ones (digits, mnist, fashion-mnist, dsprites) and the user's own files.
 
 `load_dataset(name)` returns train/test `DataSplits` of compact in-memory `ArrayDataset`s (dsprites: bit-packed
-`PackedImageDataset`s with ground-truth factors). `attach_factors(splits, FILE)` adds the factors of a file.
+`PackedImageDataset`s with ground-truth factors; a large image folder: `LazyImageDataset`s that decode their files
+one batch at a time). `attach_factors(splits, FILE)` adds the factors of a file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from vaelab.data.arrays import ArrayDataset, DataSplits, PackedImageDataset, split, standardize
+from vaelab.data.images import LAZY_BYTES, LazyImageDataset
 from vaelab.data.factors import attach_factors, load_factors
 from vaelab.data.idx import read_idx
 from vaelab.data.sources import SYSTEM_DIRS, cache_dir, default_data_dirs, load_idx_dataset
@@ -23,19 +25,34 @@ FILE_KINDS = ("a .npy file", "a .npz file (x[, y] or x_train/y_train/x_test/y_te
               "a folder of PNG/JPEG images (optionally one sub-folder per class, or train/ and test/)",
               "a .csv file of numbers")
 
-__all__ = ["ArrayDataset", "DataSplits", "PackedImageDataset", "DATASETS", "SYSTEM_DIRS", "attach_factors",
+__all__ = ["ArrayDataset", "DataSplits", "LAZY_BYTES", "LazyImageDataset", "PackedImageDataset", "DATASETS", "SYSTEM_DIRS", "attach_factors",
            "cache_dir", "default_data_dirs", "load_dataset", "load_factors", "read_idx", "standardize"]
 
 
 def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, download: bool = True,
-                 test_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> DataSplits:
+                 test_fraction: float = 0.1, seed: int = 0, progress: bool = True, image_size: int | None = None,
+                 background: str | None = None, lazy: bool | None = None, workers: int = 0,
+                 cache: bool = False) -> DataSplits:
     """Load a built-in dataset by name, or the user's data from a path, as train/test splits.
 
     Built-in names win over a file of the same name in the current folder (write ./mnist for that).
     Data without explicit splits is split by a permutation seeded with `seed`, `test_fraction` to test.
     dsprites is generated into the user cache the first time (in seconds; `data_dir` does not apply).
+
+    Image folders only: `image_size` N resizes each image's short side to N and centre-crops N x N (needed when
+    the files differ in size); `background` ('white', 'black' or '#rrggbb'; default white) is what transparent
+    pixels are composited on; `lazy` decodes the files one batch at a time instead of all up front (None: lazily
+    when the decoded pixels would take more than 1 GiB), with `workers` DataLoader worker processes, and
+    `cache=True` keeps the decoded pixels in a uint8 .npy file in the user cache that later epochs read.
     """
+    folder_options = {"image_size": image_size, "background": background, "lazy": lazy, "workers": workers,
+                      "cache": cache}
+    given = [k for k, v in folder_options.items() if v not in (None, 0, False)]
     key = str(name).strip().lower().replace("_", "-") if isinstance(name, str) else None
+    path = Path(name).expanduser()
+    if given and (key in DATASETS or not path.is_dir()):
+        raise DataError(f"{', '.join(f'{k}={folder_options[k]!r}' for k in given)}: options of image folders, but "
+                        f"dataset {str(name)!r} is not a folder of images; leave them out for this data")
     if key in ("mnist", "fashion-mnist"):
         return load_idx_dataset(key, data_dir, download=download, progress=progress)
     if key == "digits":
@@ -45,7 +62,6 @@ def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = N
 
         return load_dsprites(test_fraction, seed)
 
-    path = Path(name).expanduser()
     if not path.exists():
         raise DataError(f"unknown dataset {str(name)!r}: not a built-in name ({', '.join(DATASETS)}) and no "
                         f"such file or folder. Expected a built-in name or a path to "
@@ -55,7 +71,7 @@ def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = N
     label = path.stem or path.name
     suffix = path.suffix.lower()
     if path.is_dir():
-        loaded = files.load_image_folder(path, label)
+        loaded = files.load_image_folder(path, label, **folder_options)
     elif suffix == ".npy":
         loaded = files.load_npy(path, label)
     elif suffix == ".npz":

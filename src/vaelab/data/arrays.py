@@ -13,6 +13,7 @@ the samples; the disentanglement metrics read them.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,7 +122,12 @@ class ArrayDataset:
               generator: torch.Generator | None = None) -> torch.Tensor:
         """float32 batch, scaled to [0,1] for images (x[idx].float() / scale); with binarize=True a
         dynamic binarization torch.bernoulli(p, generator=generator) (fresh each call)."""
-        p = self.x[idx].float()
+        return self.scaled(self.x[idx], binarize, generator)
+
+    def scaled(self, raw: torch.Tensor, binarize: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Stored samples `raw` (e.g. uint8 pixels) as batch() returns them: float32 / scale, binarized if asked."""
+        p = raw.float()
         if self.scale != 1.0:
             p = p / self.scale
         if binarize:
@@ -132,6 +138,13 @@ class ArrayDataset:
                                 f"batch spans [{lo:g}, {hi:g}]; turn binarization off for this data")
             p = torch.bernoulli(p, generator=generator)
         return p
+
+    def batches(self, indices: list, binarize: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """batch(i, binarize, generator) for each index tensor i of `indices`, in order, each made when asked for
+        (so `generator` is drawn from in the order of the calls). A dataset read from files decodes ahead."""
+        for idx in indices:
+            yield self.batch(idx, binarize, generator)
 
     def labels(self, idx) -> torch.Tensor | None:
         return None if self.y is None else self.y[idx]

@@ -19,15 +19,8 @@ import torch
 
 from vaelab.errors import DataError
 from vaelab.data.arrays import ArrayDataset
+from vaelab.data.images import IMAGE_SUFFIXES, images_dataset, scan
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Pillow decoders an image folder may use: by content, not by name, so an EPS file named .png never reaches
-# the EPS plugin (which runs Ghostscript) nor a TIFF one libtiff
-IMAGE_FORMATS = ("PNG", "JPEG")
-# Pixels an image's header may claim (4096x4096): checked after the header is parsed and before the pixels are
-# allocated, so a decompression bomb (a small file claiming a gigantic size) costs nothing. Pillow's own limit
-# (89 million pixels, an error only past twice that) is far above any image an autoencoder trains on.
-MAX_IMAGE_PIXELS = 2**24
 LABEL_COLUMNS = ("label", "y")
 
 # ---------------------------------------------------------------------------------------- arrays
@@ -178,20 +171,25 @@ def load_npz(path: Path, name: str):
 # ---------------------------------------------------------------------------------------- images
 
 
-def load_image_folder(folder: Path, name: str):
-    """A folder of images; class sub-folders give labels; train/ and test/ sub-folders give splits."""
+def load_image_folder(folder: Path, name: str, *, image_size: int | None = None, background=None,
+                      lazy: bool | None = None, workers: int = 0, cache: bool = False):
+    """A folder of images; class sub-folders give labels; train/ and test/ sub-folders give splits. Every file's
+    header is read first (sizes, grey or colour); the pixels are decoded into memory, or lazily (data.images)."""
     subdirs = _subdirs(folder)
     if {"train", "test"} <= {d.name for d in subdirs}:
-        train = _image_set(folder / "train", name, None)
-        test = _image_set(folder / "test", name, train.classes)
-        if (train.y is None) != (test.y is None):
+        train_files, train_y, classes = _image_set(folder / "train", None)
+        test_files, test_y, _ = _image_set(folder / "test", classes)
+        if (train_y is None) != (test_y is None):
             raise DataError(f"{folder}: only one of train/ and test/ has class sub-folders; expected both "
                             "(labelled) or neither (unlabelled)")
-        if train.sample_shape != test.sample_shape:
-            raise DataError(f"{folder}: train images are {train.sample_shape} (C, H, W) but test images are "
-                            f"{test.sample_shape}; both splits must share one size and mode")
-        return train, test
-    return _image_set(folder, name, None)
+        files = scan(train_files + test_files, image_size, background)  # one size and mode for both splits
+        whole = images_dataset(files, None if train_y is None else torch.cat([train_y, test_y]), classes, name,
+                               lazy=lazy, workers=workers, cache=cache)
+        n = len(train_files)
+        return whole.subset(torch.arange(n)), whole.subset(torch.arange(n, len(whole)))
+    paths, y, classes = _image_set(folder, None)
+    return images_dataset(scan(paths, image_size, background), y, classes, name, lazy=lazy, workers=workers,
+                          cache=cache)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -203,7 +201,8 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _image_set(folder: Path, name: str, classes: list[str] | None) -> ArrayDataset:
+def _image_set(folder: Path, classes: list[str] | None) -> tuple[list[Path], torch.Tensor | None, list[str] | None]:
+    """The image files of a folder (loose, or one sub-folder per class), their labels and the classes."""
     subdirs = _subdirs(folder)
     loose = _images_in(folder)
     if subdirs and loose:
@@ -214,7 +213,7 @@ def _image_set(folder: Path, name: str, classes: list[str] | None) -> ArrayDatas
         if not loose:
             raise DataError(f"{folder}: no images found; expected PNG or JPEG files "
                             f"({', '.join(IMAGE_SUFFIXES)}), or one sub-folder of them per class")
-        return ArrayDataset(_read_images(loose), None, 255.0, None, name)
+        return loose, None, None
 
     found = [d.name for d in subdirs]
     if classes is None:
@@ -231,71 +230,7 @@ def _image_set(folder: Path, name: str, classes: list[str] | None) -> ArrayDatas
                             "Add images or remove the folder")
         files += images
         labels += [classes.index(d.name)] * len(images)
-    return ArrayDataset(_read_images(files), torch.tensor(labels, dtype=torch.int64), 255.0, classes, name)
-
-
-def _read_images(files: list[Path]) -> torch.Tensor:
-    from PIL import Image
-
-    first_size = None
-    arrays = []
-    for path in files:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by size
-                img = Image.open(path, formats=IMAGE_FORMATS)
-            with img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise DataError(f"{path}: its header claims {w}x{h} pixels, more than the "
-                                    f"{MAX_IMAGE_PIXELS:,} vaelab reads (4096x4096): a decompression bomb, or an "
-                                    "image far larger than an autoencoder trains on. Resize it first (e.g. to "
-                                    "64x64)")
-                if first_size is None:
-                    first_size = (path, img.size)
-                elif img.size != first_size[1]:
-                    (w0, h0), (w, h) = first_size[1], img.size
-                    raise DataError(f"images differ in size: {first_size[0]} is {w0}x{h0} but {path} is "
-                                    f"{w}x{h}; expected one size for all. Resize them first")
-                img.load()
-                arrays.append(_to_array(img, path))
-        except DataError:
-            raise
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-            # UnidentifiedImageError (an OSError) also covers other formats: IMAGE_FORMATS alone are tried
-            raise DataError(f"{path}: cannot read this image ({type(e).__name__}: {e}); expected a valid "
-                            "PNG or JPEG file. Fix or remove it") from e
-    # A folder mixing grayscale and colour images is loaded as colour (lossless for the grayscale ones).
-    channels = max(a.shape[0] for a in arrays)
-    arrays = [np.repeat(a, channels, axis=0) if a.shape[0] < channels else a for a in arrays]
-    return torch.from_numpy(np.stack(arrays))
-
-
-def _to_array(img, path: Path) -> np.ndarray:
-    """One image as uint8 (C, H, W): grayscale modes -> 1 channel, colour -> 3 (alpha composited on black)."""
-    mode = img.mode
-    if mode in ("P", "PA"):
-        # A palette can hold greys or colours; look at the colours actually used.
-        img = img.convert("RGBA")
-        rgba = np.asarray(img)
-        if (rgba[..., 0] == rgba[..., 1]).all() and (rgba[..., 1] == rgba[..., 2]).all():
-            img = img.convert("LA")
-        mode = img.mode
-    if mode in ("1", "L"):
-        a = np.asarray(img.convert("L"))[None]
-    elif mode.startswith("I;16"):
-        a = (np.asarray(img).astype(np.uint32) * 255 + 32767) // 65535  # 16-bit -> 8-bit, rounded
-        a = a.astype(np.uint8)[None]
-    elif mode in ("LA", "RGBA", "La", "RGBa"):
-        # Transparent pixels hold arbitrary colours; compositing on black makes them deterministic.
-        arr = np.asarray(img.convert("LA" if mode.startswith("L") else "RGBA")).astype(np.uint32)
-        a = ((arr[..., :-1] * arr[..., -1:] + 127) // 255).astype(np.uint8).transpose(2, 0, 1)
-    elif mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        a = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
-    else:
-        raise DataError(f"{path}: image mode {mode!r} is not supported; expected 8-bit grayscale or colour "
-                        "(L, RGB, RGBA, P). Convert it to 8-bit first")
-    return np.ascontiguousarray(a)
+    return files, torch.tensor(labels, dtype=torch.int64), classes
 
 
 # ---------------------------------------------------------------------------------------- csv

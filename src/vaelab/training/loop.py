@@ -228,8 +228,12 @@ class _Run:
             first = _restore_position(self.position, self.saved, meter, gen, dist, self.steps, self.bs, self.n)
             self.position = None
         bar = _progress(cfg, self.steps, f"epoch {epoch + 1}/{cfg.epochs}", first) if self.main else None
-        for i in range(first, self.steps):
-            meter.add(self._step(epoch, perm[i * self.bs:(i + 1) * self.bs], gen))  # the global batch
+        # the global batches' samples of this rank, in step order; a dataset read from files decodes them ahead
+        # (workers), the binarization draws from `gen` as each batch is taken
+        batches = [perm[i * self.bs:(i + 1) * self.bs] for i in range(first, self.steps)]  # the global batches
+        shards = [dist.shard(b) for b in batches]  # this rank's samples of each, the same on every rank
+        for i, x in enumerate(self.train.batches(shards, binarize=cfg.binarize, generator=gen), start=first):
+            meter.add(self._step(epoch, batches[i - first], x, gen))
             if bar is not None:
                 bar.update(1)
                 if i % 20 == 0 or i == self.steps - 1:
@@ -252,11 +256,13 @@ class _Run:
             bar.close()
         return row
 
-    def _step(self, epoch: int, batch_idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """One optimizer step on the global batch `batch_idx`; returns this rank's per-sample loss terms."""
+    def _step(self, epoch: int, batch_idx: torch.Tensor, x: torch.Tensor,
+              gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """One optimizer step on the global batch `batch_idx`, of which this rank holds `x` (train.batch of its
+        shard); returns this rank's per-sample loss terms."""
         model, cfg, dist, train, semi = self.model, self.cfg, self.dist, self.train, self.semi
         idx = dist.shard(batch_idx)  # this rank's samples of the global batch, the same on every rank
-        x = train.batch(idx, binarize=cfg.binarize, generator=gen).to(dist.device)  # (B, C, H, W) / (B, D)
+        x = x.to(dist.device)  # (B, C, H, W) / (B, D)
         x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
         cond = None
         if model.capabilities.conditional:
