@@ -503,6 +503,23 @@ def test_the_cli_prints_the_address_and_refuses_a_taken_port(servers, runs):
     assert f"could not listen on 127.0.0.1:{port}" in p.stderr and "serving" not in p.stdout
 
 
+def test_port_0_listens_on_a_free_port_and_prints_it(runs):
+    import re
+
+    proc = subprocess.Popen([sys.executable, "-m", "vaelab", "serve", str(runs["ae"]), "--port", "0"], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        found = re.match(rf"serving {re.escape(str(runs['ae']))} \(ae\) at http://127\.0\.0\.1:(\d+)/ ", line)
+        assert found, line
+        port = int(found.group(1))
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=30).json()["model"] == "ae"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_a_tabular_run_takes_rows(servers, models, runs):
     from vaelab.data import ArrayDataset, load_dataset
     from vaelab.evaluation.scores import anomaly_scores

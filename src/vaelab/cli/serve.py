@@ -29,7 +29,8 @@ def add_serve_arguments(p) -> None:
     """RUN and every flag of the server (vaelab explore takes them too)."""
     p.add_argument("run", metavar="RUN", help="a run directory written by `vaelab train` (its --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on [default 127.0.0.1]")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on [default 8000]")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port to listen on (0: a free one, printed once listening) [default 8000]")
     p.add_argument("--token", default=None, metavar="T",
                    help="a secret every request must carry (required for a --host other than 127.0.0.1, "
                         "localhost or ::1)")
@@ -59,6 +60,14 @@ def url(host: str, port: int, token: str | None = None) -> str:
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
+def bound_port(server, asked: int) -> int:
+    """The port uvicorn's server listens on (asked, unless asked was 0 and the system chose one)."""
+    for s in getattr(server, "servers", []):
+        for sock in getattr(s, "sockets", []) or []:
+            return sock.getsockname()[1]
+    return asked
+
+
 def cmd_serve(args) -> int:
     return run_server(args)
 
@@ -69,7 +78,7 @@ def run_server(args, on_listening=None) -> int:
     check_bind(args.host, args.token)
     positive(args.max_batch, "--max-batch")
     if not 0 <= args.port <= 65535:
-        raise VaelabError(f"--port {args.port} is not a port number; give one in 1..65535")
+        raise VaelabError(f"--port {args.port} is not a port number; give one in 1..65535, or 0 for a free one")
     try:
         import uvicorn
     except ImportError:
@@ -83,7 +92,6 @@ def run_server(args, on_listening=None) -> int:
     if served.data is None:
         print(f"vaelab: warning: {served.data_problem}; the latent map, test images and test scores are "
               "unavailable", file=sys.stderr)
-    page = url(args.host, args.port, args.token)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host.strip("[]"), port=args.port, log_level="warning"))
 
     def announce():  # once the socket listens: the address to open, then the caller's hook
@@ -92,8 +100,10 @@ def run_server(args, on_listening=None) -> int:
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
+            port = bound_port(server, args.port)  # --port 0: the one the system chose
+            page = url(args.host, port, args.token)
             print(f"serving {args.run} ({served.model.config.model}) at {page}  (API docs: "
-                  f"{url(args.host, args.port)}docs; Ctrl-C stops)", flush=True)
+                  f"{url(args.host, port)}docs; Ctrl-C stops)", flush=True)
             if on_listening is not None:
                 on_listening(page)
 
