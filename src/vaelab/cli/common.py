@@ -139,7 +139,10 @@ def run_data(cfg: dict, run: str, model, args):
     if not dataset:
         raise VaelabError(f"{os.path.join(run, 'config.json')!r} names no dataset; pass --dataset NAME_OR_PATH")
     data_dir = args.data_dir if args.data_dir is not None else saved.get("data_dir")
-    data = load_dataset(dataset, data_dir, progress=True)
+    # how the run read its image folder (--image-size, --background, ...), where the data is the run's
+    options = {k: saved[k] for k in ("image_size", "background", "lazy", "workers", "cache")
+               if saved.get(k) is not None} if dataset == saved.get("dataset") else {}
+    data = load_dataset(dataset, data_dir, progress=True, **options)
     factors = getattr(args, "factors", None)
     if factors is not None:
         data = attach_factors(data, factors)

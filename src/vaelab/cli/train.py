@@ -92,7 +92,13 @@ RESUMABLE_MODEL_FIELDS = ("logvar_min", "logvar_max")
 NOT_FLAGS = {"input_shape", "settings", "networks"}  # set from the data or in Python; own settings get flags below
 SETTINGS = "model's own settings"  # the group of the flags made from the registered models' Settings fields
 # config-file keys besides the ModelConfig/TrainConfig fields (the same names as the flags)
-RUN_KEYS = ("preset", "dataset", "data_dir", "factors", "out", "pictures", "tracker", "mlflow_uri", "mlflow_experiment")
+RUN_KEYS = ("preset", "dataset", "data_dir", "factors", "out", "pictures", "tracker", "mlflow_uri", "mlflow_experiment",
+            "image_size", "background", "lazy", "workers", "cache")
+# how an image folder is read (vaelab.data.load_dataset's keywords), saved in config.json's data section; the first
+# two make the pixels, so a resumed run keeps them
+DATA_OPTIONS = ("image_size", "background", "lazy", "workers", "cache")
+PIXEL_OPTIONS = ("image_size", "background")
+RUN_KINDS = {"pictures": "bool", "image_size": "int", "lazy": "bool", "workers": "int", "cache": "bool"}
 TRACKER_CHOICES = ("none", "tensorboard", "mlflow")  # as vaelab.training.tracking.TRACKERS (that needs torch)
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "model.safetensors")
 
@@ -158,6 +164,21 @@ def _add_run_flags(run) -> None:
     run.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
                      help="folder holding the mnist/fashion-mnist files (or one sub-folder per dataset) "
                           "[default $VAELAB_DATA, then the download cache]")
+    run.add_argument("--image-size", metavar="N", type=int, default=argparse.SUPPRESS,
+                     help="image folders: resize each image's short side to N and centre-crop N x N (needed when the "
+                          "files differ in size) [default: the files' own size]")
+    run.add_argument("--background", metavar="COLOUR", default=argparse.SUPPRESS,
+                     help="image folders: white, black or #rrggbb, what transparent pixels are composited on "
+                          "[default white]")
+    run.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                     help="image folders: decode the files one batch at a time instead of all up front [default: "
+                          "lazily when the decoded pixels would take more than 1 GiB]")
+    run.add_argument("--workers", metavar="N", type=int, default=argparse.SUPPRESS,
+                     help="a lazily read image folder: worker processes that decode batches ahead [default 0: the "
+                          "training process decodes]")
+    run.add_argument("--cache", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                     help="a lazily read image folder: keep the decoded pixels in a uint8 .npy file in the user "
+                          "cache (written during the first epoch; later epochs read it) [default off]")
     run.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
                      help="run directory to write [default runs/<preset-or-model>-<dataset>]")
     run.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
@@ -318,7 +339,7 @@ def _coerce(values: dict, source: str) -> dict:
         raise ConfigError(problems, f"config file {source!r}")
     out = {}
     for key, v in values.items():
-        kind = kinds.get(key, "bool" if key == "pictures" else "str")
+        kind = kinds.get(key, RUN_KINDS.get(key, "str"))
         try:
             out[key] = _coerce_value(key, kind, v)
         except (ValueError, argparse.ArgumentTypeError):
@@ -432,7 +453,8 @@ def _plan_fresh(settings: dict, m_over: dict, t_over: dict) -> dict:
         train_cfg = train_cfg.replace(kl_warmup=train_cfg.epochs / 4)
     out = Path(settings.get("out") or _default_out(preset or model_cfg.model, dataset))
     return {"model": model_cfg, "train": train_cfg, "preset": preset, "dataset": dataset,
-            "data_dir": settings.get("data_dir"), "factors": settings.get("factors"), "out": out}
+            "data_dir": settings.get("data_dir"), "factors": settings.get("factors"), "out": out,
+            "data_options": {k: settings[k] for k in DATA_OPTIONS if settings.get(k) is not None}}
 
 
 def _plan_resume(settings: dict, m_over: dict, t_over: dict) -> dict:
@@ -443,7 +465,7 @@ def _plan_resume(settings: dict, m_over: dict, t_over: dict) -> dict:
                                                    dataset or DEFAULT_DATASET))
     saved, saved_m, saved_t = _saved_run(out)
     saved_data = saved.get("data") or {}
-    conflicts = _resume_conflicts(saved, saved_m, preset, m_over, dataset)
+    conflicts = _resume_conflicts(saved, saved_m, preset, m_over, dataset, settings)
     if conflicts:
         raise ConfigError(conflicts + [f"drop these settings to resume {str(out)!r}, or start a new run "
                                        "with another --out"], "settings for --resume")
@@ -456,10 +478,12 @@ def _plan_resume(settings: dict, m_over: dict, t_over: dict) -> dict:
             "dataset": saved_data.get("dataset") or dataset or DEFAULT_DATASET,
             "data_dir": settings["data_dir"] if "data_dir" in settings else saved_data.get("data_dir"),
             "factors": settings["factors"] if "factors" in settings else saved_data.get("factors"),
-            "saved_factors": "factors" not in settings, "out": out}
+            "saved_factors": "factors" not in settings, "out": out,
+            "data_options": {k: settings[k] if k in settings else saved_data.get(k) for k in DATA_OPTIONS
+                             if (settings[k] if k in settings else saved_data.get(k)) is not None}}
 
 
-def _resume_conflicts(saved: dict, saved_m: ModelConfig, preset, m_over: dict, dataset) -> list[str]:
+def _resume_conflicts(saved: dict, saved_m: ModelConfig, preset, m_over: dict, dataset, given: dict) -> list[str]:
     """The settings given to --resume that differ from the run's saved ones and may not change."""
     saved_data = saved.get("data") or {}
     conflicts = []
@@ -471,6 +495,9 @@ def _resume_conflicts(saved: dict, saved_m: ModelConfig, preset, m_over: dict, d
     if dataset is not None and saved_data.get("dataset") is not None \
             and _dataset_id(dataset) != saved_data["dataset"]:
         conflicts.append(f"dataset {dataset!r}: the run was trained on {saved_data['dataset']!r}")
+    for k in PIXEL_OPTIONS:
+        if k in given and given[k] != saved_data.get(k):
+            conflicts.append(f"{k}={given[k]!r}: the run was trained with {k}={saved_data.get(k)!r}")
     return conflicts
 
 
@@ -546,7 +573,8 @@ def cmd_train(args) -> int:
     from vaelab.models import build_model
 
     mc, tc, out = plan["model"], plan["train"], plan["out"]
-    data = _with_factors(load_dataset(plan["dataset"], plan["data_dir"], progress=tc.progress), plan)
+    data = _with_factors(load_dataset(plan["dataset"], plan["data_dir"], progress=tc.progress,
+                                      **plan["data_options"]), plan)
     mc = _condition_dim(mc, data, plan["condition_from_data"])
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -625,7 +653,7 @@ def _run_info(plan: dict, model, data) -> dict:
                      else os.path.abspath(os.path.expanduser(str(plan["data_dir"]))),
                      "factors": None if plan["factors"] is None
                      else os.path.abspath(os.path.expanduser(str(plan["factors"]))),
-                     "binarize": plan["train"].binarize},
+                     "binarize": plan["train"].binarize, **plan["data_options"]},
             "preset": plan["preset"]}
     if model.capabilities.conditional:  # what each label means, for the pictures and --label NAME of later commands
         info["data"]["classes"] = class_names(data.train.classes, model.config.condition_dim)
