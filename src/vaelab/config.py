@@ -21,7 +21,7 @@ FORMAT_VERSION = 2  # bumped when the saved config or weight layout changes; old
 # version 1 kept every model's own settings (beta, alpha, codebook_size, ...) flat beside the common fields;
 # version 2 keeps them in "settings", the fields of the model's own Settings (see training/checkpoint.migrate)
 
-ARCHS = ("auto", "conv", "conv-pool", "mlp")
+ARCHS = ("auto", "conv", "conv-pool", "mlp", "resnet")
 # losses.LIKELIHOOD_KINDS builds each (the continuous ones on [0, 1] or the reals; the discretized ones on 8-bit data)
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli", "discretized-logistic", "discretized-gaussian")
 PRECISIONS = ("fp32", "bf16")
@@ -52,6 +52,9 @@ class ModelConfig:
       - "conv-pool": 3x3 conv + 2x2 max-pool per entry of `channels`; the latent is the last feature map
                      (channels[-1], H/4, W/4); the decoder mirrors it with upsampling (the tutorial's AE).
       - "mlp":       dense layers (`hidden`) on the flattened input.
+      - "resnet":    one level per entry of `channels` (its width): `blocks` residual blocks (GroupNorm, SiLU,
+                     3x3 convs) and a 2x downsampling; dense layers (`hidden`) to a dense latent (a code grid
+                     for the VQ-VAE); the decoder mirrors it with 2x upsampling (models/resnet.py).
       - "auto":      the model's own default: "conv" for images, "mlp" for vectors unless the model says otherwise.
     """
 
@@ -61,6 +64,7 @@ class ModelConfig:
     latent_dim: int = 16
     channels: tuple[int, ...] = (32, 64)
     hidden: tuple[int, ...] = (256,)
+    blocks: tuple[int, ...] = (2,)  # arch resnet: residual blocks per level (one entry: the same at every level)
     likelihood: str = "bernoulli"
     gaussian_sigma: float = 1.0  # fixed observation noise of the Gaussian likelihood
     mixtures: int = 5  # logistics per sub-pixel of the discretized-logistic likelihood
@@ -77,12 +81,13 @@ class ModelConfig:
 
     def __init__(self, model: str = "vae", arch: str = "auto", input_shape: tuple[int, ...] | None = None,
                  latent_dim: int = 16, channels: tuple[int, ...] = (32, 64), hidden: tuple[int, ...] = (256,),
-                 likelihood: str = "bernoulli", gaussian_sigma: float = 1.0, mixtures: int = 5,
-                 logvar_min: float = -30.0, logvar_max: float = 20.0, condition_dim: int = 0,
+                 blocks: tuple[int, ...] = (2,), likelihood: str = "bernoulli", gaussian_sigma: float = 1.0,
+                 mixtures: int = 5, logvar_min: float = -30.0, logvar_max: float = 20.0, condition_dim: int = 0,
                  networks: dict | None = None, settings: dict | None = None, **model_settings):
         common = dict(model=model, arch=arch, input_shape=input_shape, latent_dim=latent_dim, channels=channels,
-                      hidden=hidden, likelihood=likelihood, gaussian_sigma=gaussian_sigma, mixtures=mixtures,
-                      logvar_min=logvar_min, logvar_max=logvar_max, condition_dim=condition_dim)
+                      hidden=hidden, blocks=(blocks,) if type(blocks) is int else blocks, likelihood=likelihood,
+                      gaussian_sigma=gaussian_sigma, mixtures=mixtures, logvar_min=logvar_min, logvar_max=logvar_max,
+                      condition_dim=condition_dim)
         for k, v in common.items():
             object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
         object.__setattr__(self, "networks", copy.deepcopy(networks))
@@ -113,8 +118,14 @@ class ModelConfig:
             value = getattr(self, name)
             if not (isinstance(value, tuple) and all(is_int(v) and v >= 1 for v in value)):
                 out.append(f"{name}={list(value)!r} must be a list of positive integers")
-        if self.arch in ("conv", "conv-pool") and not self.channels:
+        if self.arch in ("conv", "conv-pool", "resnet") and not self.channels:
             out.append(f"arch={self.arch!r} needs at least one entry in channels")
+        if not (isinstance(self.blocks, tuple) and self.blocks and all(is_int(v) and v >= 0 for v in self.blocks)):
+            out.append(f"blocks={list(self.blocks) if isinstance(self.blocks, tuple) else self.blocks!r} must be a "
+                       "list of integers >= 0 (residual blocks per level of arch 'resnet')")
+        elif self.arch == "resnet" and len(self.blocks) not in (1, len(self.channels)):
+            out.append(f"blocks={list(self.blocks)!r} must have one entry (the same at every level) or one per "
+                       f"channels entry ({len(self.channels)}: channels={list(self.channels)!r})")
         if not is_pos(self.gaussian_sigma):
             out.append(f"gaussian_sigma={self.gaussian_sigma!r} must be a positive number")
         if not is_int(self.mixtures) or self.mixtures < 1:
@@ -330,6 +341,36 @@ PRESETS: dict[str, Preset] = {
                         hidden2=(256, 256), likelihood="bernoulli"),
             TrainConfig(epochs=400, batch_size=100, binarize=True, lr_schedule="cosine", lr_min=1e-5, iw_samples=5,
                         kl_schedule="linear", kl_warmup=40, precision="bf16"),
+        ),
+        Preset(
+            "resnet-32",
+            "A VAE for 32x32 colour images (CIFAR-10, SVHN): residual networks (arch resnet) of 3 levels, widths "
+            "64-128-256 with 2 GroupNorm/SiLU residual blocks each (32 -> 4 px), latent 128, the discretized "
+            "logistic mixture likelihood of 8-bit pixels (5 logistics; bits/dim in `vaelab evaluate`), Adam 1e-3 "
+            "with cosine decay to 1e-5, batch 64.",
+            ModelConfig(model="vae", arch="resnet", channels=(64, 128, 256), blocks=(2,), hidden=(), latent_dim=128,
+                        likelihood="discretized-logistic"),
+            TrainConfig(epochs=50, batch_size=64, lr_schedule="cosine", lr_min=1e-5),
+        ),
+        Preset(
+            "resnet-64",
+            "A VAE for 64x64 colour images (emoji, CelebA): residual networks (arch resnet) of 4 levels, widths "
+            "32-64-128-256 with 1 GroupNorm/SiLU residual block each (64 -> 4 px), latent 128, the discretized "
+            "logistic mixture likelihood of 8-bit pixels (5 logistics; bits/dim in `vaelab evaluate`), Adam 1e-3 "
+            "with cosine decay to 1e-5, batch 64.",
+            ModelConfig(model="vae", arch="resnet", channels=(32, 64, 128, 256), blocks=(1,), hidden=(),
+                        latent_dim=128, likelihood="discretized-logistic"),
+            TrainConfig(epochs=50, batch_size=64, lr_schedule="cosine", lr_min=1e-5),
+        ),
+        Preset(
+            "vqvae-resnet-64",
+            "A VQ-VAE for 64x64 colour images: residual networks (arch resnet) of 2 levels, widths 64-128 with 2 "
+            "GroupNorm/SiLU residual blocks each, a 16x16 grid of codes of 64 values from a codebook of 512 (EMA, "
+            "k-means init, dead-code restarts), the discretized logistic mixture likelihood of 8-bit pixels, "
+            "Adam 1e-3 with cosine decay to 1e-5, batch 64; `vaelab train-prior RUN` then fits its code prior.",
+            ModelConfig(model="vqvae", arch="resnet", channels=(64, 128), blocks=(2,), latent_dim=64,
+                        likelihood="discretized-logistic", codebook_size=512),
+            TrainConfig(epochs=50, batch_size=64, lr_schedule="cosine", lr_min=1e-5),
         ),
         Preset(
             "m2",

@@ -32,10 +32,13 @@ FIELD_HELP = {
     "model": "a registered model: vae, ae, cvae, hvae, m2 or vqvae (`vaelab models` lists them); without "
              "--preset it starts from the ModelConfig defaults",
     "arch": "network: conv (stride-2 convs, dense latent), conv-pool (conv + max-pool, spatial latent), "
-            "mlp (dense layers), or auto (conv for images, mlp for vectors)",
+            "mlp (dense layers), resnet (residual blocks with GroupNorm and SiLU, one 2x downsampling per "
+            "--channels entry; H and W multiples of 2^levels), or auto (conv for images, mlp for vectors)",
     "latent_dim": "size of the latent vector (arch conv and mlp)",
     "channels": "conv channels, one per down-sampling layer, comma-separated (e.g. 32,64)",
     "hidden": "dense layer sizes before the latent, comma-separated (e.g. 256 or 512,256; '' for none)",
+    "blocks": "--arch resnet: residual blocks per level, comma-separated, one per --channels entry (e.g. 1,2,2) "
+              "or one for every level (e.g. 2)",
     "likelihood": "the decoder's output distribution: bernoulli (binary cross-entropy; data in [0, 1]), "
                   "gaussian (squared error, fixed --gaussian-sigma), continuous-bernoulli (a normalized density on "
                   "[0, 1]), discretized-logistic (a mixture of --mixtures logistics per sub-pixel, PixelCNN++) or "

@@ -439,6 +439,10 @@ def settings_problems(cls: type[Autoencoder], config: ModelConfig) -> list[str]:
 def shape_problems(config: ModelConfig, arch: str) -> list[str]:
     """Why the conv networks of `arch` cannot take config.input_shape (empty when they can)."""
     shape = config.input_shape
+    if arch == "resnet":
+        from vaelab.models import resnet
+
+        return resnet.problems(config)
     if arch in ("conv", "conv-pool"):
         if len(shape) != 3:
             return [f"arch={arch!r} needs image input (C, H, W), got input_shape={shape!r}; use arch='mlp'"]

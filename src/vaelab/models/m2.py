@@ -10,7 +10,8 @@ pulled toward the classes under which the decoder explains an image best.
 Labels are class indices, -1 where a label is hidden; `forward(x)` without labels treats every label as hidden.
 `encode`, `embed` and `reconstruct` without a label use the classifier's most probable class. The networks are
 MLPs with `hidden` layers (ReLU): the classifier, the encoder on [x, one-hot y] and the decoder on
-[z, one-hot y], as in the paper and Pyro's SS-VAE example.
+[z, one-hot y], as in the paper and Pyro's SS-VAE example; with arch resnet, the residual conv networks of
+models/resnet.py for the classifier, the encoder's image part and the decoder.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from vaelab.errors import VaelabError
 from vaelab.losses import (Likelihood, Shaping, iwae_bound, likelihood_of, log_importance_weights, pixel_metrics,
                            recon_nll, recon_nll_samples)
 from vaelab.models.base import Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
+from vaelab.models import resnet
 from vaelab.models.cvae import CVAE
 from vaelab.models.nets import _dense, _init_like_keras
 from vaelab.models.registry import register
@@ -137,17 +139,18 @@ class PairEncoder(nn.Module):
     once per sample and the class's column of W_y (an embedding of y) added per pair: a hidden label's K pairs
     cost one image-sized product, not K (on MNIST with 500 hidden units that is most of the encoder's work)."""
 
-    def __init__(self, d: int, k: int, hidden: list[int], out: int):
+    def __init__(self, d: int, k: int, hidden: list[int], out: int, x_net: nn.Module | None = None):
         super().__init__()
         sizes = [*hidden, out]
-        self.x = nn.Linear(d, sizes[0])
+        # W_x x + b, or with arch resnet a residual trunk ending in that linear map (models/resnet.py)
+        self.x = nn.Linear(d, sizes[0]) if x_net is None else x_net
         self.y = nn.Embedding(k, sizes[0])  # W_y^T: one row per class
         nn.init.xavier_uniform_(self.y.weight)  # Glorot, as the Linear layers (Keras' default)
         self.rest = nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.ReLU(), nn.Linear(a, b))])
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """x (B, ...), rows (P,) indices into x, condition (P,) class indices or (P, K) vectors -> (P, out)."""
-        h = self.x(x.flatten(1))[rows]  # (P, H)
+        h = self.x(x.flatten(1) if isinstance(self.x, nn.Linear) else x)[rows]  # (P, H)
         if condition.is_floating_point():  # (P, K) vectors: W_y c
             return self.rest(h + condition.to(self.y.weight.dtype) @ self.y.weight)
         return self.rest(h + self.y(condition))  # a one-hot y picks its class's row of the table
@@ -160,7 +163,7 @@ class M2(CVAE):
     capabilities = Capabilities(stochastic=True, samples=True, conditional=True, semi_supervised=True)
     objective = staticmethod(m2_loss)
     loss_options = frozenset({"kl_schedule", "iw_samples"})
-    archs = ("auto", "mlp")
+    archs = ("auto", "mlp", "resnet")
     default_arch = "mlp"
     custom_networks = False  # builds its own networks (a classifier and a pair encoder)
 
@@ -171,6 +174,12 @@ class M2(CVAE):
         d, k, latent = math.prod(shape), config.condition_dim, config.latent_dim
         hidden = list(config.hidden)
         self.latent_shape = (latent,)
+        if self.arch == "resnet":  # residual conv networks (models/resnet.py), initialised as PyTorch's defaults
+            self.classifier = resnet.encoder(config, k)
+            first = hidden[0] if hidden else 2 * latent  # the trunk's features, W_x x + b (see PairEncoder)
+            self.encoder = PairEncoder(d, k, hidden, 2 * latent, x_net=resnet.encoder(config, first, hidden=()))
+            self.decoder = resnet.decoder(config, latent + k)
+            return
         self.classifier = nn.Sequential(nn.Flatten(), *_dense([d, *hidden]), nn.Linear(hidden[-1] if hidden else d, k))
         self.encoder = PairEncoder(d, k, hidden, 2 * latent)  # mean and log-variance
         rev = hidden[::-1]

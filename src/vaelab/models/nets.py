@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vaelab.losses import likelihood_of
+from vaelab.models import resnet
 from vaelab.models.kernels import Conv2d, ConvTranspose2d, UpsampleConv2d
 
 
@@ -41,11 +42,14 @@ def _dense(sizes: list[int]) -> list[nn.Module]:
 
 
 def build_networks(config, encoder_outputs: int, arch: str) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
-    """(encoder, decoder, latent_shape) of network `arch` (conv, conv-pool or mlp; the model resolves "auto").
+    """(encoder, decoder, latent_shape) of network `arch` (conv, conv-pool, mlp or resnet; the model resolves
+    "auto").
     The encoder's last layer emits `encoder_outputs` latent-shaped
     tensors stacked on dim 1 (2 for a Gaussian posterior's mean and log-variance). A condition of
     `config.condition_dim` entries enters both networks as extra input channels (images, spatial latents)
     or extra input features (vectors): the caller concatenates it."""
+    if arch == "resnet":  # models/resnet.py: GroupNorm residual networks, initialised as PyTorch's defaults
+        return resnet.build(config, encoder_outputs)
     build = {"conv": _conv, "conv-pool": _conv_pool, "mlp": _mlp}[arch]
     enc, dec, latent_shape = build(config, encoder_outputs)
     _init_like_keras(enc)

@@ -23,6 +23,7 @@ from vaelab.config import is_int, is_nonneg
 from vaelab.errors import VaelabError
 from vaelab.losses import Likelihood, Shaping, flat, likelihood_of, pixel_metrics, recon_nll
 from vaelab.models.base import Autoencoder, Capabilities, ModelOutput, ModelSettings, PointMass
+from vaelab.models import resnet
 from vaelab.models.nets import _init_like_keras, build_networks
 from vaelab.models.quantizer import VectorQuantizer, usage_metrics
 from vaelab.models.registry import register
@@ -152,13 +153,14 @@ def conv_networks(config, blocks: int = 2) -> tuple[nn.Module, nn.Module, tuple[
                       "generates after `vaelab train-prior` fits its autoregressive prior.")
 class VQVAE(Autoencoder):
     """Images get the paper's conv networks (arch auto/conv) and a (latent_dim, H/2^n, W/2^n) code grid; arch
-    mlp (and vector data) gets the MLP of models/nets.py and one code of latent_dim values per sample."""
+    resnet the residual networks of models/resnet.py with the same grid; arch mlp (and vector data) gets the MLP
+    of models/nets.py and one code of latent_dim values per sample."""
 
     Settings = VQVAESettings
     # no N(0, I) prior: a VQ-VAE samples once `vaelab train-prior` has fitted its code prior (set_prior)
     capabilities = Capabilities(discrete=True)
     objective = staticmethod(vqvae_loss)
-    archs = ("auto", "conv", "mlp")
+    archs = ("auto", "conv", "mlp", "resnet")
     custom_networks = False  # builds its own networks (a spatial code grid)
 
     def __init__(self, config):
@@ -169,6 +171,8 @@ class VQVAE(Autoencoder):
         if self.arch == "mlp":
             self.encoder, self.decoder, _ = build_networks(config, 1, "mlp")
             self.latent_shape = (config.latent_dim, 1, 1)  # a 1x1 grid: one code per sample
+        elif self.arch == "resnet":
+            self.encoder, self.decoder, self.latent_shape = resnet.build(config, 1, spatial=True)
         else:
             self.encoder, self.decoder, self.latent_shape = conv_networks(config)
         self.quantizer = VectorQuantizer(s.codebook_size, config.latent_dim, ema=s.vq_ema,
