@@ -293,12 +293,16 @@ class _Store:
             for rows in row_batches:
                 yield self.read(rows)
         else:
-            loader = torch.utils.data.DataLoader(self.files, batch_size=None, sampler=row_batches,
-                                                 num_workers=self.workers, prefetch_factor=2)
-            for rows, pixels in zip(row_batches, loader):
+            for rows, pixels in zip(row_batches, self._loader(row_batches)):
                 self._fill(rows, pixels)
                 yield pixels
         self._complete()
+
+    def _loader(self, row_batches: list[np.ndarray]) -> torch.utils.data.DataLoader:
+        """A DataLoader whose workers decode the batches of rows, in order. Its generator is its own: a DataLoader
+        draws its workers' base seed from the global RNG otherwise, and so would shift the model's noise."""
+        return torch.utils.data.DataLoader(self.files, batch_size=None, sampler=row_batches, num_workers=self.workers,
+                                           prefetch_factor=2, generator=torch.Generator().manual_seed(0))
 
     # ----- the cache being filled
     def _fill(self, rows, pixels: torch.Tensor) -> None:
@@ -336,9 +340,7 @@ class _Store:
         missing = np.flatnonzero(~self._filled)
         chunks = [missing[i:i + 256] for i in range(0, len(missing), 256)]
         if chunks and self.workers:
-            loader = torch.utils.data.DataLoader(self.files, batch_size=None, sampler=chunks,
-                                                 num_workers=self.workers, prefetch_factor=2)
-            for rows, pixels in zip(chunks, loader):
+            for rows, pixels in zip(chunks, self._loader(chunks)):
                 self._fill(rows, pixels)
         for rows in chunks if not self.workers else []:
             self._fill(rows, self.files.read(rows))
