@@ -24,7 +24,7 @@ FORMAT_VERSION = 2  # bumped when the saved config or weight layout changes; old
 ARCHS = ("auto", "conv", "conv-pool", "mlp", "resnet")
 # losses.LIKELIHOOD_KINDS builds each (the continuous ones on [0, 1] or the reals; the discretized ones on 8-bit data)
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli", "discretized-logistic", "discretized-gaussian")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device computes it natively (training/runtime.py)
 # the training options' choices (the modules that implement them check that they know each one)
 NOISES = ("none", "gaussian", "masking", "salt-pepper")
 KL_SCHEDULES = ("constant", "linear", "cyclical")
@@ -266,7 +266,8 @@ class TrainConfig:
                        "0 keeps them all)")
         if self.precision not in PRECISIONS:
             out.append(f"precision={self.precision!r} is unknown; choose one of {list(PRECISIONS)} (bf16 = "
-                       "mixed precision, faster on CPUs with AVX-512 BF16 / AMX and on recent GPUs)")
+                       "mixed precision, faster on CPUs with AVX-512 BF16 / AMX and on recent GPUs; auto = bf16 "
+                       "where the device computes bf16 natively, else fp32)")
         return out
 
     def validate(self) -> TrainConfig:

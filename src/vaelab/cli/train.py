@@ -84,7 +84,8 @@ FIELD_HELP = {
                  "pushed into collapse (e.g. 0.1; 0 = off)",
     "iw_samples": "importance samples K per input: K > 1 trains on the IWAE bound of Burda et al. "
                   "(tighter than the ELBO, K times the decoder cost); 1 = the ELBO",
-    "precision": "floating-point precision of training and its validation (bf16: mixed precision, fp32 weights)",
+    "precision": "floating-point precision of training and its validation (bf16: mixed precision, fp32 weights; "
+                 "auto: bf16 where the CPU or GPU computes it natively, printed and written into config.json)",
     "labels": "semi-supervised training (--model m2): keep this many training labels, balanced over the "
               "classes and chosen with --seed, and hide the rest; every batch mixes both kinds (0 = keep all)",
 }

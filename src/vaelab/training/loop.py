@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from vaelab.training.checkpoint import (CHECKPOINT_FILE, WEIGHTS_FILE, atomic_wr
                                         load_checkpoint, save_checkpoint, save_pretrained)
 from vaelab.training.corruption import corrupt
 from vaelab.training.distributed import Dist
-from vaelab.training.runtime import Meter, autocast, keep_freed_memory  # noqa: F401 (also for old importers)
+from vaelab.training.runtime import Meter, autocast, choose_precision, keep_freed_memory  # noqa: F401 (also for old importers)
 from vaelab.training.schedules import beta_at, capacity_at, lr_at
 from vaelab.training.tracking import Tracker, make_tracker
 from vaelab.training.validation import loss_terms
@@ -162,6 +163,12 @@ class _Run:
         keep_freed_memory()
         self.dist = Dist.from_env(cfg.device)  # a world of one unless launched by torchrun
         model.to(self.dist.device)
+        self.precision_note = None
+        if cfg.precision == "auto":  # resolved once, here: config.json and the checkpoints hold the choice
+            chosen, why = choose_precision(self.dist.device)
+            self.cfg = cfg = cfg.replace(precision=chosen)
+            self.run_info = {**(run_info or {}), "precision_auto": {"chose": chosen, "why": why}}
+            self.precision_note = f"vaelab: --precision auto: {chosen} ({why})"
         # the model's optimizer, and one per auxiliary network ({} for almost every model)
         self.optimizer, self.aux_optimizers = make_optimizers(model, cfg.lr)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -192,6 +199,8 @@ class _Run:
     def open(self) -> None:
         """Write the run's config.json, start the tracker, and wrap the model for the world of processes."""
         writes = self.run_dir is not None and self.main
+        if self.precision_note and self.main:
+            print(self.precision_note, file=sys.stderr, flush=True)
         settings = _run_config(self.model, self.cfg, self.run_info)
         failed = None
         if self.tracker is not None:  # one that cannot start stops the run here, before a file changes

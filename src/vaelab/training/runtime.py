@@ -42,6 +42,37 @@ class Meter:
         return self
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_precision(device: torch.device, flags: set[str] | None = None) -> tuple[str, str]:
+    """precision="auto": ("bf16", why) where `device` computes bf16 natively, else ("fp32", why). A CPU
+    computes it natively with AVX-512 BF16 or AMX (their dot-product instructions); without them oneDNN
+    emulates bf16 by converting to fp32, slower than fp32 itself. A CUDA GPU: where torch says it supports
+    bf16 (compute capability 8.0 and up)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"the GPU ({name}) computes bf16 natively"
+        return "fp32", f"the GPU ({name}) has no native bf16"
+    if device.type == "cpu":
+        flags = cpu_flags() if flags is None else flags
+        native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+        if native:
+            return "bf16", f"the CPU computes bf16 natively ({', '.join(native)})"
+        return "fp32", "the CPU has no native bf16 (neither avx512_bf16 nor amx_bf16)"
+    return "fp32", f"bf16 is not chosen automatically on {device.type}"
+
+
 def autocast(precision: str, x: torch.Tensor):
     """The forward pass's autocast context: bf16 matmuls and convolutions for precision="bf16" (faster on a
     CPU with AVX-512 BF16); a no-op for "fp32"."""
@@ -71,4 +102,4 @@ def keep_freed_memory() -> bool:
         return False
 
 
-__all__ = ["Meter", "autocast", "keep_freed_memory"]
+__all__ = ["Meter", "autocast", "choose_precision", "cpu_flags", "keep_freed_memory"]

@@ -11,7 +11,7 @@ import torch
 
 from vaelab.config import PRECISIONS
 from vaelab.errors import ConfigError
-from vaelab.training.runtime import Meter, autocast, keep_freed_memory
+from vaelab.training.runtime import Meter, autocast, choose_precision, keep_freed_memory
 
 EVAL_SEED = 1234  # fixed noise for stochastic terms, so evaluating twice gives the same numbers
 
@@ -24,10 +24,13 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
     the posterior sample and the binarization, without touching the caller's random state. With `dist`
     (a training.distributed.Dist under torchrun) each rank evaluates its share and the means are global.
     precision="bf16" runs the forward pass as bf16 training does (autocast; the loss in fp32): what `fit`
-    validates a bf16 run with. The default fp32 is what `evaluate` reports.
+    validates a bf16 run with; "auto" chooses as training does (runtime.choose_precision). The default fp32 is
+    what `evaluate` reports.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is unknown; choose one of {list(PRECISIONS)}", "evaluation")
+    if precision == "auto":
+        precision = choose_precision(next(model.parameters()).device)[0]
 
     keep_freed_memory()  # no page faults per batch (see there): each batch reuses the last one's freed memory
 
