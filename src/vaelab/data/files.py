@@ -186,7 +186,7 @@ def load_image_folder(folder: Path, name: str, *, image_size: int | None = None,
         whole = images_dataset(files, None if train_y is None else torch.cat([train_y, test_y]), classes, name,
                                lazy=lazy, workers=workers, cache=cache)
         n = len(train_files)
-        return whole.subset(torch.arange(n)), whole.subset(torch.arange(n, len(whole)))
+        return whole.subset(slice(0, n)), whole.subset(slice(n, None))  # views of the pixels, not copies
     paths, y, classes = _image_set(folder, None)
     return images_dataset(scan(paths, image_size, background), y, classes, name, lazy=lazy, workers=workers,
                           cache=cache)

@@ -162,7 +162,7 @@ def _square(a: np.ndarray, size: int) -> np.ndarray:
 
 class ImageFiles:
     """The files of an image folder and how they decode: `read(rows)` gives their pixels, uint8 (B, C, H, W).
-    Small and picklable: DataLoader workers hold one each."""
+    What DataLoader workers hold: paths and options, no pixels and no open files."""
 
     def __init__(self, paths: Sequence[str], shape: tuple[int, int, int], image_size: int | None,
                  background: tuple[int, int, int]):
@@ -173,7 +173,7 @@ class ImageFiles:
 
     def read(self, rows) -> torch.Tensor:
         c, h, w = self.shape
-        out = np.empty((len(rows), h, w, c), dtype=np.uint8)
+        out = np.empty((len(rows), c, h, w), dtype=np.uint8)
         for k, r in enumerate(rows):
             path = self.paths[int(r)]
             img = _open(path)
@@ -191,8 +191,8 @@ class ImageFiles:
                 raise DataError(f"{path}: decodes to {a.shape[1]}x{a.shape[0]} pixels with {a.shape[2]} channel(s), "
                                 f"but the folder was read as {w}x{h} with {c}; the file changed while vaelab read "
                                 "the folder. Load the folder again")
-            out[k] = a
-        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+            out[k] = a.transpose(2, 0, 1)
+        return torch.from_numpy(out)  # (B, C, H, W)
 
     # a DataLoader's dataset: one item is one batch of rows, decoded in a worker
     __getitem__ = read
