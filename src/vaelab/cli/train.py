@@ -23,7 +23,8 @@ from vaelab.labels import class_names
 
 DEFAULT_PRESET = "seed-vae"
 DEFAULT_DATASET = "digits"
-BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "dsprites")  # as vaelab.data.DATASETS (that needs torch)
+# as vaelab.data.DATASETS (that needs torch)
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "dsprites")
 
 # Help for the generated flags, keyed by field name. A field missing here still gets a flag.
 DIGITS_EPOCHS = 100  # the default --epochs on the small digits dataset
@@ -159,8 +160,8 @@ def _add_run_flags(run) -> None:
                      help="start from a named preset (`vaelab models` describes them) [default seed-vae "
                           "unless --model is given]")
     run.add_argument("--dataset", metavar="NAME_OR_PATH", default=argparse.SUPPRESS,
-                     help="digits, mnist, fashion-mnist, dsprites (generated, with its factors), or a path to a "
-                          ".npy/.npz/.csv file or an image folder [default digits]")
+                     help="digits, mnist, fashion-mnist, cifar10, svhn, dsprites (generated, with its factors), or "
+                          "a path to a .npy/.npz/.csv file or an image folder [default digits]")
     run.add_argument("--factors", metavar="FILE", default=argparse.SUPPRESS,
                      help="ground-truth factors of the data, for `vaelab evaluate --disentanglement`: an .npy (N, F) "
                           "or a .csv with a header row of factor names, one row per sample in the data's order (the "

@@ -1,4 +1,5 @@
-"""Datasets for vaelab: built-in ones (digits, mnist, fashion-mnist, dsprites) and the user's own files.
+"""Datasets for vaelab: built-in ones (digits, mnist, fashion-mnist, cifar10, svhn, dsprites) and the user's own
+files.
 
 `load_dataset(name)` returns train/test `DataSplits` of compact in-memory `ArrayDataset`s (dsprites: bit-packed
 `PackedImageDataset`s with ground-truth factors; a large image folder: `LazyImageDataset`s that decode their files
@@ -17,10 +18,10 @@ from vaelab.data.arrays import ArrayDataset, DataSplits, PackedImageDataset, spl
 from vaelab.data.images import LAZY_BYTES, LazyImageDataset
 from vaelab.data.factors import attach_factors, load_factors
 from vaelab.data.idx import read_idx
-from vaelab.data.sources import SYSTEM_DIRS, cache_dir, default_data_dirs, load_idx_dataset
+from vaelab.data.sources import DOWNLOADED, SYSTEM_DIRS, cache_dir, default_data_dirs, load_idx_dataset
 from vaelab.errors import DataError
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "dsprites")
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "dsprites")
 FILE_KINDS = ("a .npy file", "a .npz file (x[, y] or x_train/y_train/x_test/y_test)",
               "a folder of PNG/JPEG images (optionally one sub-folder per class, or train/ and test/)",
               "a .csv file of numbers")
@@ -53,7 +54,7 @@ def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = N
     if given and (key in DATASETS or not path.is_dir()):
         raise DataError(f"{', '.join(f'{k}={folder_options[k]!r}' for k in given)}: options of image folders, but "
                         f"dataset {str(name)!r} is not a folder of images; leave them out for this data")
-    if key in ("mnist", "fashion-mnist"):
+    if key in DOWNLOADED:
         return load_idx_dataset(key, data_dir, download=download, progress=progress)
     if key == "digits":
         return _digits(test_fraction, seed)

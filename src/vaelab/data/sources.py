@@ -1,4 +1,6 @@
-"""MNIST and Fashion-MNIST: finding the four IDX files on disk, or downloading them into the cache.
+"""Datasets downloaded from their authors' sites: MNIST and Fashion-MNIST (four IDX files), CIFAR-10 (the binary
+version: fixed-length records, never the pickled one) and SVHN (MATLAB .mat files, read by scipy). Finding the
+files on disk, or downloading them into the cache.
 
 Lookup order (the first folder holding all four files wins): the `data_dir` argument, $VAELAB_DATA,
 the user cache, system folders (Debian's package for Fashion-MNIST), then a download. Downloads are
@@ -25,6 +27,11 @@ from vaelab.data.idx import read_idx
 from vaelab.errors import DataError
 
 IDX_DATASETS = ("mnist", "fashion-mnist")
+DOWNLOADED = IDX_DATASETS + ("cifar10", "svhn")  # every dataset this module finds or downloads
+CIFAR_ARCHIVE = "cifar-10-binary.tar.gz"
+CIFAR_FOLDER = "cifar-10-batches-bin"  # the archive's one folder
+CIFAR_RECORD = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue planes of 32x32 (row-major)
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
 # split -> (images file, labels file)
 FILES = {
@@ -46,12 +53,16 @@ MD5 = {
         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
     },
+    "cifar10": {CIFAR_ARCHIVE: "c32a1d4ab5d03f1284b67883e8d87530"},
+    "svhn": {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373", "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"},
 }
 
 # Folder URLs; a file's URL is the folder URL + file name.
 MIRRORS = {
     "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
     "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
+    "svhn": ["http://ufldl.stanford.edu/housenumbers/"],
 }
 
 # Read-only copies installed by the OS (Debian's dataset-fashion-mnist). Module-level so tests can
@@ -62,6 +73,8 @@ CLASSES = {
     "mnist": [str(i) for i in range(10)],
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "svhn": [str(i) for i in range(10)],
 }
 
 DOWNLOAD_TIMEOUT = 30.0  # seconds per connect/read; a dead mirror must not hang the program
@@ -77,9 +90,9 @@ def cache_dir() -> Path:
 def default_data_dirs(name, data_dir=None) -> list[Path]:
     """The folders searched for `name`'s files, in order (for messages and tests)."""
     name = str(name).strip().lower().replace("_", "-")
-    if name not in IDX_DATASETS:
+    if name not in DOWNLOADED:
         return []
-    others = set(IDX_DATASETS) - {name}
+    others = set(DOWNLOADED) - {name}
     dirs = []
     for base in (data_dir, os.environ.get("VAELAB_DATA") or None):
         if base is not None:
@@ -92,11 +105,11 @@ def default_data_dirs(name, data_dir=None) -> list[Path]:
     return dirs
 
 
-def _find_files(folder: Path) -> tuple[dict[str, Path], list[str]]:
-    """The four files in `folder` (each as .gz or uncompressed), and the names of missing ones."""
+def _find_files(folder: Path, name: str = "mnist") -> tuple[dict[str, Path], list[str]]:
+    """The dataset's files in `folder` (an IDX file as .gz or uncompressed), and the names of missing ones."""
     found, missing = {}, []
-    for fname in FILENAMES:
-        for candidate in (folder / fname, folder / fname[:-3]):
+    for fname in MD5[name]:
+        for candidate in (folder / fname, folder / fname[:-3]) if name in IDX_DATASETS else (folder / fname,):
             if candidate.is_file():
                 found[fname] = candidate
                 break
@@ -114,12 +127,13 @@ def _mirror_urls(name: str) -> list[str]:
 
 
 def load_idx_dataset(name: str, data_dir=None, *, download: bool = True, progress: bool = True) -> DataSplits:
-    """Find (or download) and load mnist / fashion-mnist."""
+    """Find (or download) and load mnist, fashion-mnist, cifar10 or svhn."""
     looked = []
+    filenames = list(MD5[name])
     for folder in default_data_dirs(name, data_dir):
-        found, missing = _find_files(folder)
+        found, missing = _find_files(folder, name)
         if not missing:
-            return _load_folder(name, found)
+            return READERS.get(name, _load_folder)(name, found)
         if not folder.is_dir():
             looked.append(f"{folder} (no such folder)")
         elif found:
@@ -128,7 +142,8 @@ def load_idx_dataset(name: str, data_dir=None, *, download: bool = True, progres
             looked.append(f"{folder} (none of the files)")
 
     target = cache_dir() / name
-    how = (f"To fix: download the four files {', '.join(FILENAMES)} (e.g. from {MIRRORS[name][0]}) into "
+    how = (f"To fix: download {'the four files ' if len(filenames) == 4 else ''}{', '.join(filenames)} (e.g. from "
+           f"{MIRRORS[name][0]}) into "
            f"{target}/, or put them in FOLDER/{name}/ and pass --data-dir FOLDER (data_dir=FOLDER) or set "
            f"VAELAB_DATA=FOLDER; or set VAELAB_MIRROR to a reachable mirror.")
     places = "\n".join(f"  - {p}" for p in looked)
@@ -144,8 +159,8 @@ def load_idx_dataset(name: str, data_dir=None, *, download: bool = True, progres
         tried = "\n".join(f"  - {url}: {why}" for url, why in failures)
         raise DataError(f"{name}: the dataset files were not found locally and the download failed.\n"
                         f"Looked in:\n{places}\nTried to download:\n{tried}\n{how}")
-    found, _ = _find_files(target)
-    return _load_folder(name, found)
+    found, _ = _find_files(target, name)
+    return READERS.get(name, _load_folder)(name, found)
 
 
 def _download(name: str, target: Path, progress: bool) -> list[tuple[str, str]]:
@@ -159,7 +174,7 @@ def _download(name: str, target: Path, progress: bool) -> list[tuple[str, str]]:
     except OSError as e:
         return [(str(target), f"cannot create the cache folder ({e}); set XDG_CACHE_HOME to a writable "
                               "folder or pass data_dir")]
-    _, missing = _find_files(target)
+    _, missing = _find_files(target, name)
     done: dict[str, str] = {}  # final name -> verified temp file
     try:
         for fname in missing:
@@ -270,3 +285,76 @@ def _load_folder(name: str, files: dict[str, Path]) -> DataSplits:
                                     torch.from_numpy(labels.astype(np.int64)),
                                     scale=255.0, classes=CLASSES[name], name=name)
     return DataSplits(name, parts["train"], parts["test"])
+
+
+def _load_cifar10(name: str, files: dict[str, Path]) -> DataSplits:
+    """CIFAR-10's binary version: five training batches and a test batch of 3,073-byte records, read from the
+    archive's members (nothing is extracted, nothing unpickled)."""
+    import tarfile
+
+    archive = files[CIFAR_ARCHIVE]
+    members = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            parts = {split: _cifar_records(b"".join(_member(tar, archive, m) for m in names), archive, split)
+                     for split, names in members.items()}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{archive}: not a readable .tar.gz archive ({type(e).__name__}: {e}); expected "
+                        f"CIFAR-10's binary version. Delete it and download it again") from e
+    return DataSplits(name, *(ArrayDataset(x, y, 255.0, CLASSES[name], name) for x, y in
+                              (parts["train"], parts["test"])))
+
+
+def _member(tar, archive: Path, member: str) -> bytes:
+    try:
+        f = tar.extractfile(f"{CIFAR_FOLDER}/{member}")
+    except KeyError:
+        f = None
+    if f is None:
+        raise DataError(f"{archive}: has no file {CIFAR_FOLDER}/{member}; expected CIFAR-10's binary version "
+                        f"({CIFAR_ARCHIVE}). Delete it and download it again")
+    return f.read()
+
+
+def _cifar_records(data: bytes, archive: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not data or len(data) % CIFAR_RECORD:
+        raise DataError(f"{archive}: the {split} batches hold {len(data)} bytes, not a whole number of "
+                        f"{CIFAR_RECORD}-byte records (a label byte and 32x32x3 pixels); the archive is not "
+                        "CIFAR-10's binary version or is corrupt. Delete it and download it again")
+    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, CIFAR_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() >= 10:
+        raise DataError(f"{archive}: a {split} record has label {int(labels.max())}; expected 0-9. The archive "
+                        "is corrupt; delete it and download it again")
+    x = records[:, 1:].reshape(-1, 3, 32, 32)  # (N, C, H, W): a record stores the colour planes in turn
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels)
+
+
+def _load_svhn(name: str, files: dict[str, Path]) -> DataSplits:
+    """SVHN's cropped digits: MATLAB files of X (32, 32, 3, N) uint8 and y (N, 1), 10 standing for the digit 0."""
+    from scipy.io import loadmat
+
+    parts = []
+    for fname in SVHN_FILES.values():
+        path = files[fname]
+        try:
+            mat = loadmat(path, variable_names=("X", "y"))
+        except (ValueError, OSError, TypeError, NotImplementedError) as e:
+            raise DataError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e}); expected SVHN's "
+                            f"{fname}. Delete it and download it again") from e
+        x, y = mat.get("X"), mat.get("y")
+        if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or x.ndim != 4 \
+                or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8 or x.shape[3] == 0 or y.size != x.shape[3]:
+            found = {k: (v.shape, str(v.dtype)) for k, v in mat.items() if isinstance(v, np.ndarray)}
+            raise DataError(f"{path}: holds {found}; expected X of shape (32, 32, 3, N) uint8 and y of N labels "
+                            f"(SVHN's {fname})")
+        y = y.reshape(-1).astype(np.int64)
+        if y.min() < 1 or y.max() > 10:
+            raise DataError(f"{path}: holds labels {int(y.min())}..{int(y.max())}; expected 1-10 (10 for the digit "
+                            "0). The file is corrupt; delete it and download it again")
+        x = np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # (32, 32, 3, N) -> (N, C, H, W)
+        parts.append(ArrayDataset(torch.from_numpy(x), torch.from_numpy(y % 10), 255.0, CLASSES[name], name))
+    return DataSplits(name, *parts)
+
+
+READERS = {"cifar10": _load_cifar10, "svhn": _load_svhn}  # the others are IDX files (_load_folder)
