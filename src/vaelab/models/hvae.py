@@ -6,8 +6,8 @@ Inference, bottom-up: q(z1 | x) (the encoder) and q(z2 | z1). The second layer g
 non-Gaussian shape, the first route the IWAE paper takes below 84 nats on MNIST (85.33 as a VAE, 83.89 with the
 IWAE bound at K=5, against 86.76 and 85.54 for one layer).
 
-The networks: the encoder and decoder between x and z1 are the VAE's (`arch` mlp or conv, `hidden`, `latent_dim`
-= the size of z1); q(z2 | z1) and p(z1 | z2) are MLPs with `hidden2` layers and ReLU (none: linear maps),
+The networks: the encoder and decoder between x and z1 are the VAE's (`arch` mlp, conv or resnet, `hidden`,
+`latent_dim` = the size of z1); q(z2 | z1) and p(z1 | z2) are MLPs with `hidden2` layers and ReLU (none: linear maps),
 `latent2_dim` = the size of z2 (0: half of latent_dim). The model's latent, what `sample`, `manifold`,
 `interpolate` and `traverse` walk, is the top layer z2, the one with the N(0, I) prior: `decode(z2)` decodes the
 mean of p(z1 | z2), `sample` draws z1 as well (ancestral sampling). `encode(x)` is q(z2 | z1) at z1 = the mean of
