@@ -26,8 +26,9 @@ FILE_KINDS = ("a .npy file", "a .npz file (x[, y] or x_train/y_train/x_test/y_te
               "a folder of PNG/JPEG images (optionally one sub-folder per class, or train/ and test/)",
               "a .csv file of numbers")
 
-__all__ = ["ArrayDataset", "DataSplits", "LAZY_BYTES", "LazyImageDataset", "PackedImageDataset", "DATASETS", "SYSTEM_DIRS", "attach_factors",
-           "cache_dir", "default_data_dirs", "load_dataset", "load_factors", "read_idx", "standardize"]
+__all__ = ["ArrayDataset", "DataSplits", "LAZY_BYTES", "LazyImageDataset", "PackedImageDataset", "DATASETS",
+           "SYSTEM_DIRS", "attach_factors", "cache_dir", "default_data_dirs", "load_dataset", "load_factors", "read_idx",
+           "standardize"]
 
 
 def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, download: bool = True,

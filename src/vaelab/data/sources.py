@@ -54,7 +54,8 @@ MD5 = {
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
     },
     "cifar10": {CIFAR_ARCHIVE: "c32a1d4ab5d03f1284b67883e8d87530"},
-    "svhn": {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373", "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"},
+    "svhn": {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+             "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"},
 }
 
 # Folder URLs; a file's URL is the folder URL + file name.
