@@ -338,9 +338,9 @@ def test_array_dataset_api():
 
 def test_unknown_name(tmp_path):
     with pytest.raises(DataError) as info:
-        load_dataset("cifar10")
+        load_dataset("imagenet")
     msg = str(info.value)
-    assert "'cifar10'" in msg and all(n in msg for n in DATASETS) and ".npz" in msg and ".csv" in msg
+    assert "'imagenet'" in msg and all(n in msg for n in DATASETS) and ".npz" in msg and ".csv" in msg
     f = tmp_path / "data.json"
     f.write_text("{}")
     assert ".npy" in raises_naming(f, load_dataset, f)
