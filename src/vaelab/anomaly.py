@@ -7,12 +7,16 @@
 
     table = one_class("mnist", normal_class=3, model="vae", out="runs/oc3")   # AUROC per score type
 
-Four anomaly scores (higher = more anomalous), each a function of one trained model:
+Six anomaly scores (higher = more anomalous), each a function of one trained model, and a detector's choice:
 
   recon   reconstruction error: the registry loss's reconstruction NLL of the decoded posterior mean (nats)
   elbo    negative ELBO: the registry loss's -elbo with K posterior samples (reconstruction + KL, nats)
   iwae    importance-sampled negative log-likelihood -log p(x) ~ -log 1/K sum_k w_k (Burda et al. 2015)
   latent  squared Mahalanobis distance of the posterior mean to the training codes (Ledoit-Wolf covariance)
+  gmm     -log density of the posterior mean under a Gaussian mixture of the training codes (K by BIC)
+  combined  recon + gmm, each standardised by its median and IQR on held-out normal data
+  auto    (a detector's) the score that best separates held-out normal rows from pseudo-anomalies made of
+          them: half of a row replaced by the same half of another (vaelab.evaluation.scores.choose_score)
 
 Which works best where (benchmarks/anomaly.py; AUROC %):
 - Images, MNIST one-class, MLP VAE with a Gaussian likelihood: recon 97.0 = elbo 97.0 > iwae 96.8 >> latent
@@ -43,10 +47,12 @@ import os
 from pathlib import Path
 
 from vaelab.errors import ConfigError
-from vaelab.evaluation.scores import (SAMPLED, SCORE_HELP, SCORES, anomaly_scores, auroc, latent_codes,  # noqa: F401
-                                      latent_statistics, mahalanobis, score_problems)
+from vaelab.evaluation.scores import (AUTO, SAMPLED, SCORE_CHOICES, SCORE_HELP, SCORES,  # noqa: F401
+                                      anomaly_scores, auroc, latent_codes, latent_statistics, mahalanobis,
+                                      score_problems)
 
-ONE_CLASS_DATASETS = ("mnist", "fashion-mnist")
+# the built-in labelled datasets; any labelled file or folder that vaelab reads works too (see one_class)
+ONE_CLASS_DATASETS = ("mnist", "fashion-mnist", "digits")
 DETECTOR_KEY = "detector"  # the section of a run's config.json that holds a fitted detector
 
 __all__ = ["SCORES", "AnomalyDetector", "anomaly_scores", "auroc", "latent_codes", "latent_statistics", "one_class",
@@ -64,54 +70,101 @@ def __getattr__(name):
 # ==================================================================================== one-class protocol
 
 
+def one_class_data(dataset, data_dir=None, *, progress: bool = False):
+    """The train/test splits of a labelled dataset for the one-class protocol: a built-in name (mnist,
+    fashion-mnist, digits) or anything `vaelab.data.load_dataset` reads with labels (an image folder with one
+    sub-folder per class, with or without train/ and test/; an .npz with y, or y_train and y_test; a .csv with
+    a label column). Data without explicit splits is split 90/10 by load_dataset's seeded permutation."""
+    from vaelab.data import load_dataset
+
+    name = str(dataset).strip()
+    key = name.lower().replace("_", "-")
+    data = load_dataset(key if key in ONE_CLASS_DATASETS else name, data_dir, progress=progress)
+    if data.train.y is None or data.test.y is None:
+        raise ConfigError(f"dataset={name!r} has no labels, so no class can be the normal one; give a labelled "
+                          "dataset: an image folder with one sub-folder per class, an .npz with y (or y_train "
+                          "and y_test), a .csv with a label column, or one of "
+                          f"{list(ONE_CLASS_DATASETS)}", "one-class settings")
+    return data
+
+
+def class_index(value, classes: list[str] | None, n_classes: int) -> int | None:
+    """The index of a normal class given as an index or a class name (None when it is neither)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if 0 <= value < n_classes else None
+    text = str(value).strip()
+    if classes and text in classes:
+        return classes.index(text)
+    try:
+        k = int(text)
+    except ValueError:
+        return None
+    return k if 0 <= k < n_classes else None
+
+
 def one_class(dataset: str = "mnist", normal_class=None, model: str = "vae", *, data_dir=None,
               out=None, scores=SCORES, progress: bool = False, log=print, **params) -> dict:
     """The one-class protocol of Ruff et al. 2018: for each normal class, train a detector on that class of the
     training split, score the whole test split, and report the AUROC (in %) with the other classes as
-    anomalies, for every score type in `scores`.
+    anomalies, for every score type in `scores` ("auto" included: the detector then chooses on held-out rows
+    of the normal class).
 
-    `normal_class` is a class index or a list of them (None: every class). `params` are AnomalyDetector
-    parameters (epochs=..., latent_dim=..., arch="mlp", ...). With `out`, each class's detector is saved
-    to out/class-K (usable by `vaelab detect`) and the table to out/one-class.json.
-    Returns {"dataset", "model", "params", "scores", "classes": {K: {score: AUROC, ...}}, "mean": {...}}.
+    `dataset` is a built-in name or a labelled file or folder (see `one_class_data`). `normal_class` is a
+    class index or name, or a list of them (None: every class). `params` are AnomalyDetector parameters
+    (epochs=..., latent_dim=..., arch="mlp", ...). With `out`, each class's detector is saved to out/class-K
+    (usable by `vaelab detect`) and the table to out/one-class.json.
+    Returns {"dataset", "model", "params", "scores", "class_names", "classes": {K: {score: AUROC, ...}},
+    "mean": {...}}.
     """
     import time
 
     import numpy as np
 
-    from vaelab.data import load_dataset
     from vaelab.sklearn import AnomalyDetector
     from vaelab.io import atomic_write_json
 
-    name = str(dataset).strip().lower().replace("_", "-")
-    if name not in ONE_CLASS_DATASETS:
-        raise ConfigError(f"dataset={dataset!r} has no one-class protocol here; choose one of "
-                          f"{list(ONE_CLASS_DATASETS)}", "one-class settings")
-    data = load_dataset(name, data_dir, progress=progress)
-    n_classes = data.train.num_classes
-    classes = list(range(n_classes)) if normal_class is None else (
-        [normal_class] if isinstance(normal_class, int) else list(normal_class))
-    problems = [f"normal_class={c!r} is not a class of {name}; choose 0..{n_classes - 1}" for c in classes
-                if not (isinstance(c, int) and 0 <= c < n_classes)]
+    data = one_class_data(dataset, data_dir, progress=progress)
+    name = str(dataset).strip()
+    n_classes = max(data.train.num_classes, data.test.num_classes)
+    names = data.train.classes
+    given = list(range(n_classes)) if normal_class is None else (
+        list(normal_class) if isinstance(normal_class, (list, tuple)) else [normal_class])
+    classes = [class_index(c, names, n_classes) for c in given]
+    choices = f"{names}" if names else f"0..{n_classes - 1}"
+    problems = [f"normal_class={g!r} is not a class of {name}; choose one of {choices}"
+                for g, c in zip(given, classes) if c is None]
     problems += [p for s in scores for p in score_problems(model, s)]
     if problems:
         raise ConfigError(problems, "one-class settings")
+    empty = [c for c in classes if not bool((data.train.y == c).any())]
+    if empty:
+        raise ConfigError([f"normal class {names[c] if names else c!r} has no rows in the training split of "
+                           f"{name}; choose a class with training rows" for c in empty], "one-class settings")
 
     labels = data.test.y.numpy()
-    table: dict = {"dataset": name, "model": model, "params": {}, "scores": list(scores), "classes": {}}
+    one_sided = [c for c in classes if (labels != c).all() or (labels == c).all()]
+    if one_sided:
+        raise ConfigError([f"the test split of {name} holds {'no' if (labels != c).all() else 'only'} rows of "
+                           f"class {names[c] if names else c!r}, so no AUROC can be computed; give a test split "
+                           "with rows of the normal class and of others" for c in one_sided], "one-class settings")
+    table: dict = {"dataset": name, "model": model, "params": {}, "scores": list(scores),
+                   "class_names": names, "classes": {}}
     for c in classes:
         t0 = time.perf_counter()
         train = data.train.subset((data.train.y == c).nonzero().squeeze(1))
-        det = AnomalyDetector(model=model, score_type=scores[0], **params).fit(train)
+        first = AUTO if AUTO in scores else scores[0]  # an auto column needs the detector's own choice
+        det = AnomalyDetector(model=model, score_type=first, **params).fit(train)
         t_fit = time.perf_counter() - t0
         found = det.anomaly_scores(data.test, kinds=scores)
         row = {s: round(100 * auroc(found[s], labels != c), 2) for s in scores}
         row.update({"n_train": len(train), "fit_s": round(t_fit, 1),
                     "score_s": round(time.perf_counter() - t0 - t_fit, 1)})
+        if det.auto_choice_ is not None:
+            row["auto_choice"] = det.auto_choice_
         table["classes"][str(c)] = row
         table["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in det.get_params().items()}
         if log is not None:
-            log(f"class {c}: " + "  ".join(f"{s} {row[s]:.2f}" for s in scores)
+            log(f"class {c}{f' ({names[c]})' if names else ''}: " + "  ".join(f"{s} {row[s]:.2f}" for s in scores)
                 + f"  ({len(train)} train rows, fit {t_fit:.0f} s)")
         if out is not None:
             det.save(Path(out) / f"class-{c}", normal_class=c)

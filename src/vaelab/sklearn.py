@@ -35,8 +35,9 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from vaelab.data import ArrayDataset, standardize
 from vaelab.errors import CheckpointError, ConfigError, DataError
-from vaelab.evaluation.scores import (SAMPLED, SCORES, anomaly_scores, latent_codes, latent_statistics,
-                                      score_problems)
+from vaelab.evaluation.scores import (AUTO, AUTO_CANDIDATES, SAMPLED, SCORE_CHOICES, SCORES, anomaly_scores,
+                                      choose_score, combination_statistics, fit_latent_mixture, latent_codes,
+                                      latent_statistics, score_problems)
 
 __all__ = ["AutoencoderTransformer", "VAETransformer", "AnomalyDetector"]
 
@@ -281,9 +282,17 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
     `validation_fraction` of X is held out from training and `offset_` flags the fraction `fpr` of it.
     `calibrate(X_normal, fpr)` sets the threshold afterwards from other held-out normal data.
 
+    score_type "combined" standardises its parts, and "auto" chooses its score, on held-out normal data: with
+    either (or with fpr), `validation_fraction` of X is held out from training; otherwise the training rows
+    themselves serve. "auto" picks, among the scores the model supports (recon, elbo, latent, gmm, combined),
+    the one that best separates at most 2000 held-out rows from pseudo-anomalies made of them (half of a row
+    replaced by the same half of another row; see vaelab.evaluation.scores.choose_score); `auto_choice_` says
+    which, and `auto_table_` gives each candidate's AUROC on that task.
+
     Parameters
       model           a registered model name ("vae", "ae", ...)
-      score_type      "recon", "elbo", "iwae" or "latent" (see vaelab.anomaly); elbo and iwae need a VAE
+      score_type      "recon", "elbo", "iwae", "latent", "gmm", "combined" or "auto" (see vaelab.anomaly);
+                      elbo and iwae need a VAE
       contamination   in (0, 0.5]: expected fraction of anomalies in X [0.1, as PyOD]
       fpr             None, or in (0, 1): set the threshold from held-out normal data instead
       validation_fraction  the held-out part of X when fpr is set
@@ -300,8 +309,9 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
                       outside vaelab (importing runs its code: only for runs you trust)
       random_state, threads (None: 1 for tabular data, torch's setting for images), verbose
 
-    Fitted attributes: model_, offset_, latent_mean_ and latent_precision_ (the "latent" score), seed_,
-    history_, and for tabular data mean_, scale_, n_features_in_.
+    Fitted attributes: model_, offset_, latent_mean_ and latent_precision_ (the "latent" score), mixture_
+    (the Gaussian mixture of the training codes: "gmm"), combination_ (the standardisation of "combined"),
+    auto_choice_ and auto_table_ ("auto"), seed_, history_, and for tabular data mean_, scale_, n_features_in_.
     """
 
     _accepts_images = True
@@ -357,18 +367,19 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
         out = []
         if self.pretrained is None:
             out += score_problems(self.model, self.score_type)
-        elif self.score_type not in SCORES:
+        elif self.score_type not in SCORE_CHOICES:
             out += score_problems("", self.score_type)
         if not (_is_real(self.contamination) and 0 < self.contamination <= 0.5):
             out.append(f"contamination={self.contamination!r} must be a number in (0, 0.5]: the expected "
                        "fraction of anomalies in the training data")
-        if self.fpr is not None:
-            if not (_is_real(self.fpr) and 0 < self.fpr < 1):
-                out.append(f"fpr={self.fpr!r} must be None or a number in (0, 1): the false-positive rate on "
-                           "held-out normal data")
-            if not (_is_real(self.validation_fraction) and 0 < self.validation_fraction < 1):
-                out.append(f"validation_fraction={self.validation_fraction!r} must be in (0, 1) when fpr is "
-                           "set: the part of X held out to set the threshold")
+        if self.fpr is not None and not (_is_real(self.fpr) and 0 < self.fpr < 1):
+            out.append(f"fpr={self.fpr!r} must be None or a number in (0, 1): the false-positive rate on "
+                       "held-out normal data")
+        if (self.fpr is not None or self.score_type in ("combined", AUTO)) and not (
+                _is_real(self.validation_fraction) and 0 < self.validation_fraction < 1):
+            why = "set the threshold" if self.fpr is not None else f"fit score_type={self.score_type!r}"
+            out.append(f"validation_fraction={self.validation_fraction!r} must be in (0, 1) when fpr is set or "
+                       f"score_type is 'combined' or 'auto': the part of X held out to {why}")
         if not (isinstance(self.n_samples, numbers.Integral) and self.n_samples >= 1):
             out.append(f"n_samples={self.n_samples!r} must be a positive integer (posterior draws per row)")
         return out
@@ -402,16 +413,46 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
             if problems:
                 raise ConfigError(problems, "AnomalyDetector parameters")
             train, held_out = data, data
-            if self.fpr is not None:
+            if self.fpr is not None or self.score_type in ("combined", AUTO):
                 train, held_out = _split(data, self.validation_fraction, seed_from(self.random_state))
             with self._threads(data.is_image):
                 self._train(train)
         with self._threads(data.is_image):
-            self.latent_mean_, self.latent_precision_ = latent_statistics(latent_codes(self.model_, train))
+            self._fit_statistics(train, held_out)
             normal = self._score(held_out)
         rate = self.fpr if self.fpr is not None else self.contamination
         self.offset_ = float(np.percentile(normal, 100.0 * rate))
         return self
+
+    def _fit_statistics(self, train: ArrayDataset, held_out: ArrayDataset) -> None:
+        """What the scores need besides the model: the latent statistics and the Gaussian mixture of the
+        training codes, the standardisation of "combined" and the choice of "auto" on the held-out rows."""
+        codes = latent_codes(self.model_, train)
+        self.latent_mean_, self.latent_precision_ = latent_statistics(codes)
+        self.mixture_ = fit_latent_mixture(codes, seed=self.seed_)
+        self.combination_ = combination_statistics(
+            anomaly_scores(self.model_, held_out, ("recon", "gmm"), mixture=self.mixture_))
+        candidates = [k for k in AUTO_CANDIDATES if self.model_.capabilities.stochastic or k not in SAMPLED]
+        if self.score_type == AUTO:
+            few = _first(held_out, 2000, self.seed_)
+            self.auto_choice_, self.auto_table_ = choose_score(self.model_, few, candidates, seed=self.seed_,
+                                                               **self._fitted_keywords())
+        else:
+            self.auto_choice_, self.auto_table_ = None, {}
+
+    def _fitted_keywords(self) -> dict:
+        return {"n_samples": self.n_samples, "latent_stats": (self.latent_mean_, self.latent_precision_),
+                "mixture": getattr(self, "mixture_", None), "combination": getattr(self, "combination_", None)}
+
+    def _kind(self) -> str:
+        """The score type in use: score_type, or the one `auto` chose when fitted."""
+        if self.score_type != AUTO:
+            return self.score_type
+        if getattr(self, "auto_choice_", None) is None:
+            raise ConfigError("score_type='auto' chooses its score when the detector is fitted, but this one was "
+                              "fitted with another score type; fit it again with score_type='auto'",
+                              "AnomalyDetector")
+        return self.auto_choice_
 
     def calibrate(self, X, fpr=0.05):
         """Set the threshold from held-out normal data X: a fraction `fpr` of X is flagged. Returns self."""
@@ -425,9 +466,8 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
     # ------------------------------------------------------------------------------------- scoring
 
     def _score(self, data: ArrayDataset) -> np.ndarray:
-        found = anomaly_scores(self.model_, data, (self.score_type,), n_samples=self.n_samples, seed=self.seed_,
-                               latent_stats=(self.latent_mean_, self.latent_precision_))
-        return -found[self.score_type]
+        kind = self._kind()
+        return -anomaly_scores(self.model_, data, (kind,), seed=self.seed_, **self._fitted_keywords())[kind]
 
     def score_samples(self, X):
         """Normality of each row (higher = more normal): the negated anomaly score, float64 (N,)."""
@@ -446,14 +486,18 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
 
     def anomaly_scores(self, X, kinds=None) -> dict:
         """Every anomaly score kind (higher = more anomalous) of each row from the fitted model, as a dict
-        kind -> float64 array (N,). kinds=None: all that the model supports."""
+        kind -> float64 array (N,). kinds=None: all that the model supports. "auto" (when fitted with
+        score_type="auto") is the chosen score's values under the name "auto"."""
         self._check_fitted()
         if kinds is None:
             kinds = [k for k in SCORES if self.model_.capabilities.stochastic or k not in SAMPLED]
+        kinds = list(kinds)
+        auto = self._kind() if AUTO in kinds else None
+        plain = tuple(dict.fromkeys([auto if k == AUTO else k for k in kinds]))
         data = self._dataset(X, reset=False)
         with self._threads(data.is_image):
-            return anomaly_scores(self.model_, data, tuple(kinds), n_samples=self.n_samples, seed=self.seed_,
-                                  latent_stats=(self.latent_mean_, self.latent_precision_))
+            found = anomaly_scores(self.model_, data, plain, seed=self.seed_, **self._fitted_keywords())
+        return {k: found[auto if k == AUTO else k] for k in kinds}
 
     # --------------------------------------------------------------------------------- save / load
 
@@ -468,6 +512,8 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
             params["random_state"] = None
         state = {"params": params, "seed": self.seed_, "offset": self.offset_,
                  "latent_mean": self.latent_mean_.tolist(), "latent_precision": self.latent_precision_.tolist(),
+                 "mixture": {k: np.asarray(self.mixture_[k]).tolist() for k in ("weights", "means", "covariances")},
+                 "combination": self.combination_, "auto_choice": self.auto_choice_, "auto_table": self.auto_table_,
                  "mean": None if getattr(self, "mean_", None) is None else self.mean_.tolist(),
                  "scale": None if getattr(self, "scale_", None) is None else self.scale_.tolist(),
                  **extra}
@@ -488,6 +534,10 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
             det.seed_, det.offset_ = int(state["seed"]), float(state["offset"])
             det.latent_mean_ = np.asarray(state["latent_mean"], dtype=np.float64)
             det.latent_precision_ = np.asarray(state["latent_precision"], dtype=np.float64)
+            if state.get("mixture") is not None:  # detectors saved before vaelab 0.2 have no mixture
+                det.mixture_ = {k: np.asarray(v, dtype=np.float64) for k, v in state["mixture"].items()}
+            det.combination_ = state.get("combination")
+            det.auto_choice_, det.auto_table_ = state.get("auto_choice"), state.get("auto_table") or {}
             det.history_ = []
             if state.get("mean") is not None:
                 det.mean_ = np.asarray(state["mean"], dtype=np.float64)
@@ -518,6 +568,13 @@ def _image_dataset(X) -> ArrayDataset:
 
     arr = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
     return arrays_to_dataset(arr, None, "X")
+
+
+def _first(data: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+    """At most n rows of data: all of them, or a seeded random subset in their original order."""
+    if len(data) <= n:
+        return data
+    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
 
 
 def _split(data: ArrayDataset, fraction: float, seed: int):

@@ -9,8 +9,8 @@ import os
 import textwrap
 from pathlib import Path
 
-from vaelab.anomaly import (DETECTOR_KEY, ONE_CLASS_DATASETS, SAMPLED, SCORE_HELP, SCORES, auroc, format_table,
-                            one_class, save_histogram, save_roc, score_problems)
+from vaelab.anomaly import (AUTO, DETECTOR_KEY, ONE_CLASS_DATASETS, SAMPLED, SCORE_CHOICES, SCORE_HELP, SCORES,
+                            auroc, format_table, one_class, save_histogram, save_roc, score_problems)
 from vaelab.cli.common import add_trust_code, print_written, sub
 from vaelab.errors import ConfigError, DataError, VaelabError
 
@@ -64,8 +64,9 @@ def add_detect_parser(subparsers) -> argparse.ArgumentParser:
                    help="rows to score: a .csv/.npy/.npz file or an image folder (all rows, in order), or a "
                         "built-in dataset name (its test split)")
     p.add_argument("--data-dir", metavar="DIR", default=None, help="folder holding the built-in datasets")
-    p.add_argument("--score", choices=SCORES, default=None,
-                   help="anomaly score [default: the detector's, else elbo for a VAE and recon otherwise]")
+    p.add_argument("--score", choices=SCORE_CHOICES, default=None,
+                   help="anomaly score [default: the detector's, else elbo for a VAE and recon otherwise]; "
+                        "auto: the detector's own choice (a detector fitted with score auto)")
     p.add_argument("--samples", type=int, default=None, metavar="K",
                    help="posterior samples per row for elbo/iwae [default: the detector's, else 16]")
     group = p.add_mutually_exclusive_group()
@@ -91,19 +92,28 @@ def add_one_class_parser(subparsers) -> argparse.ArgumentParser:
         score the whole test split (the other classes are the anomalies), and report the AUROC (%) of every
         anomaly score type. Without --normal-class, every class in turn, then the mean.
 
+        --dataset is a built-in labelled dataset (mnist, fashion-mnist, digits) or any labelled data vaelab
+        reads: an image folder with one sub-folder per class (with or without train/ and test/), an .npz with
+        y (or x_train/y_train/x_test/y_test), a .csv with a label column. Without explicit splits, a seeded
+        10% of the rows is the test split.
+
         Writes into --out: one-class.json (the table) and class-K/ (the detector of each class, usable by
         `vaelab detect class-K --data ...`).""", """
         examples:
           vaelab one-class --dataset mnist --normal-class 3 --model vae --out runs/oc3
-          vaelab one-class --dataset fashion-mnist --epochs 20 --out runs/oc-fashion""", _FORMATTER)
-    p.add_argument("--dataset", choices=ONE_CLASS_DATASETS, default="mnist", help="[default mnist]")
+          vaelab one-class --dataset fashion-mnist --epochs 20 --out runs/oc-fashion
+          vaelab one-class --dataset ../shared/data/emoji --normal-class flags --arch conv --score auto""",
+          _FORMATTER)
+    p.add_argument("--dataset", default="mnist", metavar="NAME_OR_PATH",
+                   help=f"a labelled dataset: {', '.join(ONE_CLASS_DATASETS)}, a folder of class sub-folders, "
+                        "an .npz or .csv with labels [default mnist]")
     p.add_argument("--data-dir", metavar="DIR", default=None, help="folder holding the dataset files")
-    p.add_argument("--normal-class", type=int, default=None, metavar="K",
-                   help="the normal class [default: every class in turn]")
+    p.add_argument("--normal-class", default=None, metavar="K",
+                   help="the normal class, by index or name [default: every class in turn]")
     p.add_argument("--model", default="vae", metavar="NAME", help="a registered model [default vae]")
-    p.add_argument("--score", choices=SCORES, default=None,
+    p.add_argument("--score", choices=SCORE_CHOICES, default=None,
                    help="the detectors' threshold score [default elbo for a VAE, recon otherwise]; the table "
-                        "reports every score the model supports")
+                        "reports every score the model supports (and auto when it is chosen here)")
     p.add_argument("--arch", default="mlp", choices=("mlp", "conv", "conv-pool"),
                    help="[default mlp: on MNIST as good as conv for reconstruction scores, at a fifth of the CPU "
                         "time; conv gives the better latent score]")
@@ -125,17 +135,17 @@ def run_one_class(args) -> int:
         raise ConfigError(f"model={args.model!r} is not a registered model; choose one of {sorted(MODELS)}",
                           "one-class settings")
     vae = MODELS[args.model].cls.capabilities.stochastic
-    scores = [s for s in SCORES if vae or s not in SAMPLED]
+    scores = [s for s in SCORES if vae or s not in SAMPLED] + ([AUTO] if args.score == AUTO else [])
     first = args.score or ("elbo" if vae else "recon")  # the detectors' threshold score, then the others
     if first not in scores:
         raise ConfigError(score_problems(args.model, first), "one-class settings")
-    scores = [first] + [s for s in scores if s != first]
+    scores = [first] + [s for s in scores if s != first]  # auto, when asked, comes first: it is then fitted
     params = {"arch": args.arch, "n_samples": args.samples, "random_state": args.seed, "threads": args.threads}
     if args.latent_dim is not None:
         params["latent_dim"] = args.latent_dim
     if args.epochs is not None:
         params["epochs"] = args.epochs
-    out = Path(args.out or os.path.join("runs", f"one-class-{args.dataset}"))
+    out = Path(args.out or os.path.join("runs", f"one-class-{Path(str(args.dataset)).stem or 'data'}"))
     which = "every class" if args.normal_class is None else f"class {args.normal_class}"
     print(f"one-class {args.dataset}, {which}, model {args.model} ({args.arch}) -> {out}", flush=True)
     table = one_class(args.dataset, args.normal_class, args.model, data_dir=args.data_dir, out=out,

@@ -4,6 +4,15 @@
   elbo    negative ELBO: the registry loss's -elbo with K posterior samples (reconstruction + KL, nats)
   iwae    importance-sampled negative log-likelihood -log p(x) ~ -log 1/K sum_k w_k (Burda et al. 2015)
   latent  squared Mahalanobis distance of the posterior mean to the training codes (Ledoit-Wolf covariance)
+  gmm     negative log-density of the posterior mean under a Gaussian mixture fitted to the training codes
+          (full covariances; the number of components, 1..8, chosen by BIC on the training codes)
+  combined  recon and gmm, each standardised by its median and interquartile range on held-out normal data,
+          then added: a row is anomalous when it reconstructs badly, sits in an empty region of the code
+          space, or both
+
+and, for a detector, `auto`: the score type that best tells held-out normal rows from pseudo-anomalies made
+of them (`choose_score`: each pseudo-anomaly is a held-out row with half of it, a contiguous block of
+columns or image rows, taken from another held-out row). Only normal data is used: no labels, no test rows.
 
 The scores are evaluation of a trained model, so they sit in the evaluation layer: the scikit-learn estimators
 (vaelab.sklearn) and the anomaly task (vaelab.anomaly: the one-class protocol and the `detect` command) both take
@@ -17,22 +26,30 @@ from __future__ import annotations
 
 from vaelab.errors import ConfigError
 
-SCORES = ("recon", "elbo", "iwae", "latent")
+SCORES = ("recon", "elbo", "iwae", "latent", "gmm", "combined")
+AUTO = "auto"  # a detector's choice among the scores, made on held-out normal data (choose_score)
+SCORE_CHOICES = (*SCORES, AUTO)
 SCORE_HELP = {
     "recon": "reconstruction error of the decoded posterior mean (nats)",
     "elbo": "negative ELBO, reconstruction + KL, K posterior samples (nats; VAEs)",
     "iwae": "importance-sampled negative log-likelihood with K samples (nats; VAEs)",
     "latent": "squared Mahalanobis distance of the posterior mean to the training codes",
+    "gmm": "negative log-density of the posterior mean under a Gaussian mixture of the training codes (BIC)",
+    "combined": "recon + gmm, each standardised (median, IQR) on held-out normal data",
+    AUTO: "the score that best separates held-out normal rows from pseudo-anomalies made of them",
 }
 SAMPLED = ("elbo", "iwae")  # scores that need a Gaussian posterior and a prior
+FITTED = ("latent", "gmm", "combined")  # scores that need statistics of normal data (see anomaly_scores)
+AUTO_CANDIDATES = ("recon", "elbo", "latent", "gmm", "combined")  # iwae: K decoder passes, never better than elbo
+MAX_COMPONENTS = 8  # the largest Gaussian mixture BIC may choose for the gmm score
 
 
 def score_problems(model_name: str, score: str) -> list[str]:
     """Why `score` cannot be computed for the registered model `model_name` (empty when it can)."""
     from vaelab.models import MODELS
 
-    if score not in SCORES:
-        return [f"score type {score!r} is unknown; choose one of {list(SCORES)}"]
+    if score not in SCORE_CHOICES:
+        return [f"score type {score!r} is unknown; choose one of {list(SCORE_CHOICES)}"]
     spec = MODELS.get(model_name)
     if score in SAMPLED and spec is not None and not spec.cls.capabilities.stochastic:
         return [f"score type {score!r} needs a model with a posterior and a prior (a VAE), but model "
@@ -76,13 +93,78 @@ def mahalanobis(codes, mean, precision):
     return ((diff @ precision) * diff).sum(1)
 
 
+def fit_latent_mixture(codes, *, max_components: int = MAX_COMPONENTS, seed: int = 0) -> dict:
+    """A Gaussian mixture with full covariances fitted to codes (N, d), its number of components chosen by
+    BIC (Schwarz 1978) among 1..max_components (at most N // 2): {"weights" (K,), "means" (K, d),
+    "covariances" (K, d, d), "bic": {k: BIC}}. Each covariance gets 1e-4 of the codes' mean variance added to
+    its diagonal, so that a collapsed latent dimension keeps a finite density."""
+    import numpy as np
+
+    codes = np.asarray(codes, dtype=np.float64)
+    n, d = codes.shape
+    if n < 2:
+        mean = codes.mean(0) if n else np.zeros(d)
+        return {"weights": np.ones(1), "means": mean[None], "covariances": np.eye(d)[None], "bic": {}}
+    from sklearn.mixture import GaussianMixture
+
+    reg = 1e-4 * max(float(codes.var(0).mean()), 1e-12)
+    best, bic = None, {}
+    for k in range(1, max(1, min(int(max_components), n // 2)) + 1):
+        gm = GaussianMixture(k, covariance_type="full", reg_covar=reg, n_init=1, max_iter=200,
+                             random_state=int(seed)).fit(codes)
+        bic[k] = float(gm.bic(codes))
+        if best is None or bic[k] < bic[best.n_components]:
+            best = gm
+    return {"weights": best.weights_.copy(), "means": best.means_.copy(), "covariances": best.covariances_.copy(),
+            "bic": bic}
+
+
+def mixture_log_density(codes, mixture: dict):
+    """log p(z) of codes (N, d) under a Gaussian mixture {"weights", "means", "covariances"}: float64 (N,).
+    log N(z; m, S) = -(d log 2 pi + log det S + (z - m)^T S^-1 (z - m)) / 2, through the Cholesky factor of S;
+    each row on its own (no batch statistics)."""
+    import numpy as np
+    from scipy.linalg import solve_triangular
+    from scipy.special import logsumexp
+
+    z = np.asarray(codes, dtype=np.float64)
+    d = z.shape[1]
+    parts = []
+    for w, m, cov in zip(mixture["weights"], mixture["means"], mixture["covariances"]):
+        chol = np.linalg.cholesky(np.asarray(cov, dtype=np.float64))
+        white = solve_triangular(chol, (z - m).T, lower=True)  # (d, N): L^-1 (z - m)
+        log_det = 2.0 * np.log(np.diag(chol)).sum()
+        parts.append(np.log(w) - 0.5 * (d * np.log(2 * np.pi) + log_det + (white ** 2).sum(0)))
+    return logsumexp(np.stack(parts), axis=0)
+
+
+def robust_standardization(values) -> tuple[float, float]:
+    """(median, IQR / 1.349) of a score on normal data: the centre and scale of a standardisation that a few
+    anomalies among the normal rows barely move (IQR / 1.349 is the standard deviation for a Gaussian)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    scale = (q3 - q1) / 1.349
+    if not scale > 0:
+        scale = float(v.std()) or 1.0  # a score that is constant on most rows
+    return float(med), float(scale)
+
+
+def combination_statistics(found: dict) -> dict:
+    """The standardisation of each part of the combined score from its values on held-out normal data:
+    found["recon"], found["gmm"] -> {"recon": [centre, scale], "gmm": [centre, scale]}."""
+    return {k: list(robust_standardization(found[k])) for k in ("recon", "gmm")}
+
+
 def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: int = 0, batch_size: int = 512,
-                   latent_stats=None) -> dict:
+                   latent_stats=None, mixture=None, combination=None) -> dict:
     """Anomaly scores (higher = more anomalous) of every row of `data` (an ArrayDataset), one float64 numpy
     array (N,) per requested kind in `kinds` (see SCORES). One pass over the data serves all kinds.
 
     `latent_stats` = (mean, precision) of the training codes (from `latent_statistics`) is needed for
-    "latent". The reconstruction term is the negative log-likelihood of the model's own likelihood, and the
+    "latent", `mixture` (from `fit_latent_mixture`) for "gmm" and "combined", and `combination` (from
+    `combination_statistics`) for "combined". The reconstruction term is the negative log-likelihood of the model's own likelihood, and the
     sampled scores use its own importance weights (both stochastic layers of an hvae), so every registered model
     is scored the way it was trained.
     """
@@ -93,9 +175,19 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
 
     kinds = tuple(kinds)
     problems = [p for k in kinds for p in score_problems(model.config.model, k)]
+    if AUTO in kinds:
+        problems.append("score type 'auto' is a detector's choice among the scores; ask for one of "
+                        f"{list(SCORES)} here, or use AnomalyDetector(score_type='auto')")
     if "latent" in kinds and latent_stats is None:
         problems.append("score type 'latent' needs the training codes' statistics: latent_stats=(mean, "
                         "precision) from latent_statistics(latent_codes(model, train))")
+    if ("gmm" in kinds or "combined" in kinds) and mixture is None:
+        problems.append("score types 'gmm' and 'combined' need a Gaussian mixture of the training codes: "
+                        "mixture=fit_latent_mixture(latent_codes(model, train))")
+    if "combined" in kinds and combination is None:
+        problems.append("score type 'combined' needs the standardisation of its parts on held-out normal data: "
+                        "combination=combination_statistics(anomaly_scores(model, held_out, ('recon', 'gmm'), "
+                        "mixture=...))")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         problems.append(f"n_samples={n_samples!r} must be a positive integer (posterior samples per row)")
     if problems:
@@ -109,7 +201,9 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
     eps = torch.randn((n_samples, *model.noise_shape), generator=torch.Generator().manual_seed(int(seed)),
                       dtype=torch.float64).to(dtype) if sampled else None  # (K, *noise shape)
     step = max(1, batch_size // n_samples) if sampled else batch_size
-    parts: dict[str, list] = {k: [] for k in kinds}
+    wanted = kinds
+    kinds = tuple(dict.fromkeys(kinds + (("recon", "gmm") if "combined" in kinds else ())))
+    parts: dict[str, list] = {k: [] for k in kinds if k != "combined"}
     with torch.inference_mode():
         for start in range(0, len(data), step):
             x = data.batch(slice(start, start + step)).to(dtype)  # (B, *sample_shape)
@@ -120,12 +214,62 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
                 for k in ("elbo", "iwae"):
                     if k in kinds:
                         parts[k].append(-bounds[k])
-            if "latent" in kinds:
-                post = model.encode(x)
-                parts["latent"].append(torch.from_numpy(
-                    mahalanobis(post.mean.flatten(1).double().numpy(), *latent_stats)))
+            if "latent" in kinds or "gmm" in kinds:
+                codes = model.encode(x).mean.flatten(1).double().numpy()  # (B, latent_size)
+                if "latent" in kinds:
+                    parts["latent"].append(torch.from_numpy(mahalanobis(codes, *latent_stats)))
+                if "gmm" in kinds:
+                    parts["gmm"].append(torch.from_numpy(-mixture_log_density(codes, mixture)))
     model.train(was_training)
-    return {k: (torch.cat(v).double().numpy() if v else np.zeros(0)) for k, v in parts.items()}
+    out = {k: (torch.cat(v).double().numpy() if v else np.zeros(0)) for k, v in parts.items()}
+    if "combined" in kinds:
+        out["combined"] = sum((out[k] - c) / s for k, (c, s) in combination.items())
+    return {k: out[k] for k in wanted}
+
+
+def pseudo_anomalies(data, seed: int = 0):
+    """Pseudo-anomalies made of normal rows (an ArrayDataset of float rows, same shape as `data`): row i keeps
+    one half of itself and takes the other half from row i + 1 (cyclically, after a seeded shuffle): a
+    contiguous block of half the columns, or of half the image rows, at a random offset. Each part looks
+    normal on its own; only the whole is not, which is what a detector of unseen anomalies must see."""
+    import torch
+
+    from vaelab.data import ArrayDataset
+
+    n = len(data)
+    g = torch.Generator().manual_seed(int(seed))
+    x = data.to_float()  # (N, D) or (N, C, H, W), in the model's units
+    perm = torch.randperm(n, generator=g)
+    partner_of = torch.empty_like(perm)
+    partner_of[perm] = torch.roll(perm, -1)  # a cycle through every row: never a row with itself (n > 1)
+    partner = x[partner_of]
+    out = x.clone()
+    axis = 2 if data.is_image else 1  # image rows, or columns
+    size = x.shape[axis]
+    half = max(1, size // 2)
+    starts = torch.randint(0, size - half + 1, (n,), generator=g)
+    for i in range(n):
+        block = slice(int(starts[i]), int(starts[i]) + half)
+        if data.is_image:
+            out[i, :, block] = partner[i, :, block]
+        else:
+            out[i, block] = partner[i, block]
+    return ArrayDataset(out, None, 1.0, None, f"{data.name} pseudo-anomalies")
+
+
+def choose_score(model, held_out, candidates, *, seed: int = 0, **fitted) -> tuple[str, dict]:
+    """The `auto` score type: among `candidates`, the one whose AUROC for held-out normal rows against
+    pseudo-anomalies made of them (`pseudo_anomalies`) is highest; ties go to the earlier candidate.
+    `fitted` are anomaly_scores' keywords (n_samples, latent_stats, mixture, combination).
+    Returns (the chosen score type, {candidate: AUROC})."""
+    import numpy as np
+
+    fake = pseudo_anomalies(held_out, seed)
+    normal = anomaly_scores(model, held_out, tuple(candidates), seed=seed, **fitted)
+    odd = anomaly_scores(model, fake, tuple(candidates), seed=seed, **fitted)
+    is_odd = np.r_[np.zeros(len(held_out), bool), np.ones(len(fake), bool)]
+    table = {k: round(auroc(np.r_[normal[k], odd[k]], is_odd), 6) for k in candidates}
+    return max(candidates, key=lambda k: table[k]), table
 
 
 def auroc(anomaly_score, is_anomaly) -> float:
@@ -135,5 +279,7 @@ def auroc(anomaly_score, is_anomaly) -> float:
     return float(roc_auc_score(is_anomaly, anomaly_score))
 
 
-__all__ = ["SCORES", "SCORE_HELP", "SAMPLED", "score_problems", "latent_codes", "latent_statistics",
-           "mahalanobis", "anomaly_scores", "auroc"]
+__all__ = ["SCORES", "SCORE_CHOICES", "SCORE_HELP", "SAMPLED", "FITTED", "AUTO", "AUTO_CANDIDATES",
+           "score_problems", "latent_codes", "latent_statistics", "mahalanobis", "fit_latent_mixture",
+           "mixture_log_density", "robust_standardization", "combination_statistics", "anomaly_scores",
+           "pseudo_anomalies", "choose_score", "auroc"]
