@@ -332,6 +332,7 @@ class _Store:
             f.truncate(self._offset + math.prod(shape))
         self._fd = os.open(self._tmp, os.O_WRONLY)
         self._filled = np.zeros(len(self.files), dtype=bool)
+        self._owner = os.getpid()
 
     def _complete(self) -> None:
         """After a pass: decode what no pass has read yet, and put the finished cache in place."""
@@ -351,7 +352,8 @@ class _Store:
         self._map()
 
     def __del__(self):
-        if getattr(self, "_fd", None) is not None:  # an unfinished cache is dropped
+        # an unfinished cache is dropped, by the process that writes it (a forked worker holds a copy of this object)
+        if getattr(self, "_fd", None) is not None and getattr(self, "_owner", None) == os.getpid():
             os.close(self._fd)
             self._tmp.unlink(missing_ok=True)
 
