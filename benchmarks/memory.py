@@ -4,6 +4,7 @@ against the same files decoded into memory up front.
     python benchmarks/memory.py                      # 200,000 PNGs (generated once, a few minutes), both runs
     python benchmarks/memory.py --count 20000        # a smaller folder
     python benchmarks/memory.py --compare-count 50000  # the in-memory comparison on the first 50,000 files
+    python benchmarks/memory.py --parts speed --rounds 3  # 3 more speed rounds, added to those of memory.json
 
 The folder (default: <user cache>/vaelab/bench-memory-<count>, outside the repo, kept for the next sitting) holds
 `--count` RGB PNGs of 64x64: a few random discs on a white background, so that they decode like small photos or
@@ -16,7 +17,8 @@ VAE (MODEL: channels 8,16, latent 8; batch 128) for one epoch without validation
   the epoch's samples per second, and the seconds to scan the folder's headers before training;
 - the speed comparison on `--compare-count` files (default: all of them): lazy with workers against the same
   files decoded into memory up front (its load time reported apart), in `--rounds` interleaved rounds (the
-  machine has fast and slow spells); the ratio of each round and their median.
+  machine has fast and slow spells); the ratio of each round and their median. `--parts speed` adds rounds to
+  those already in the results file (each round is a pair run back to back, so rounds of several sittings mix).
 
 Prints a table and writes benchmarks/results/memory.json.
 """
@@ -58,7 +60,8 @@ def _write_png(args) -> None:
     for _ in range(int(rng.integers(1, 5))):
         x, y = rng.integers(0, SIZE, 2)
         r = int(rng.integers(6, 24))
-        draw.ellipse((int(x) - r, int(y) - r, int(x) + r, int(y) + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.ellipse((int(x) - r, int(y) - r, int(x) + r, int(y) + r), fill=colour)
     img.save(path)
 
 
@@ -158,8 +161,9 @@ def child(folder: str, lazy: bool, workers: int, threads: int, batch_size: int) 
     epoch_s = time.perf_counter() - t1
     sampler.stop.set()
     sampler.join()
-    return {"lazy": lazy, "workers": workers if lazy else 0, "train_samples": len(data.train), "load_s": round(load_s, 2),
-            "epoch_s": round(epoch_s, 2), "samples_per_s": round(len(data.train) / epoch_s, 1),
+    return {"lazy": lazy, "workers": workers if lazy else 0, "train_samples": len(data.train),
+            "load_s": round(load_s, 2), "epoch_s": round(epoch_s, 2),
+            "samples_per_s": round(len(data.train) / epoch_s, 1),
             "train_loss": round(history[-1]["train_loss"], 3), "peak_rss_mb": round(sampler.peak_rss / 2**20),
             "peak_pss_mb": round(sampler.peak_pss / 2**20), "processes": sampler.peak_procs}
 
@@ -167,12 +171,13 @@ def child(folder: str, lazy: bool, workers: int, threads: int, batch_size: int) 
 def run_child(folder: Path, lazy: bool, args) -> dict:
     cmd = [sys.executable, __file__, "--child", str(folder), "--child-lazy", str(int(lazy)), "--workers",
            str(args.workers), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"the {'lazy' if lazy else 'in-memory'} run failed:\n{done.stderr}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {'lazy' if lazy else 'in-memory':9s} {row['train_samples']:>7,} images: load {row['load_s']:7.1f} s, epoch "
-          f"{row['epoch_s']:7.1f} s ({row['samples_per_s']:,.0f}/s), peak RSS {row['peak_rss_mb']:,} MB, "
+    print(f"  {'lazy' if lazy else 'in-memory':9s} {row['train_samples']:>7,} images: load {row['load_s']:7.1f} s, "
+          f"epoch {row['epoch_s']:7.1f} s ({row['samples_per_s']:,.0f}/s), peak RSS {row['peak_rss_mb']:,} MB, "
           f"PSS {row['peak_pss_mb']:,} MB", flush=True)
     return row
 
@@ -190,6 +195,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the speed comparison")
     p.add_argument("--limit-mb", type=int, default=2048, help="the peak RSS the lazy run must stay under")
+    p.add_argument("--parts", default="memory,speed", help="memory (the lazy epoch on every file), speed (rounds)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the JSON file [benchmarks/results/memory.json]")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-lazy", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,44 +209,56 @@ def main() -> None:
     folder = args.folder or cache_dir() / f"bench-memory-{args.count}"
     gen_s = make_folder(folder, args.count, processes=max(os.cpu_count() or 1, 1))
     compare = min(args.compare_count or args.count, args.count)
-    print(f"lazy, {args.workers} workers, {args.count:,} PNGs of {SIZE}x{SIZE}:")
-    big = run_child(folder, True, args)
-    cfolder = folder if compare == args.count else subset_folder(folder, compare)
-    print(f"speed, {compare:,} PNGs, {args.rounds} round(s):")
-    rounds = []
-    for r in range(args.rounds):
-        mem = run_child(cfolder, False, args)
-        lazy = big if (compare == args.count and r == 0) else run_child(cfolder, True, args)
-        rounds.append({"in_memory": mem, "lazy": lazy, "ratio": round(lazy["samples_per_s"] / mem["samples_per_s"], 3)})
-    ratio = statistics.median(r["ratio"] for r in rounds)
-
-    result = {"count": args.count, "image": [3, SIZE, SIZE], "folder": str(folder),
-              "generate_s": round(gen_s, 1), "model": {k: list(v) if isinstance(v, tuple) else v for k, v in MODEL.items()}, "batch_size": args.batch_size,
-              "threads": args.threads, "workers": args.workers, "cpus": os.cpu_count(), "python": platform.python_version(),
-              "lazy": big, "peak_rss_limit_mb": args.limit_mb, "rss_ok": big["peak_rss_mb"] < args.limit_mb,
-              "compare_count": compare, "rounds": rounds, "speed_ratio_median": ratio, "speed_ok": ratio >= 0.9}
-    RESULTS.parent.mkdir(exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+    parts = set(args.parts.split(","))
+    result = json.loads(args.results.read_text()) if args.results.is_file() and "memory" not in parts else {}
+    if "memory" in parts:
+        print(f"lazy, {args.workers} workers, {args.count:,} PNGs of {SIZE}x{SIZE}:")
+        result.update({"count": args.count, "image": [3, SIZE, SIZE], "folder": str(folder),
+                       "generate_s": round(gen_s, 1),
+                       "model": {k: list(v) if isinstance(v, tuple) else v for k, v in MODEL.items()},
+                       "batch_size": args.batch_size, "threads": args.threads, "workers": args.workers,
+                       "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "lazy": run_child(folder, True, args), "peak_rss_limit_mb": args.limit_mb, "rounds": []})
+        result["rss_ok"] = result["lazy"]["peak_rss_mb"] < args.limit_mb
+    big = result["lazy"]
+    rounds = result.setdefault("rounds", [])
+    if "speed" in parts:
+        if result.get("compare_count", compare) != compare:
+            raise SystemExit(f"{args.results} holds rounds on {result['compare_count']:,} files; give --compare-count "
+                             f"{result['compare_count']} to add rounds, or --parts memory,speed to start afresh")
+        cfolder = folder if compare == args.count else subset_folder(folder, compare)
+        print(f"speed, {compare:,} PNGs, {args.rounds} round(s):")
+        for _ in range(args.rounds):
+            mem, lazy = run_child(cfolder, False, args), run_child(cfolder, True, args)
+            rounds.append({"in_memory": mem, "lazy": lazy,
+                           "ratio": round(lazy["samples_per_s"] / mem["samples_per_s"], 3)})
+        result["compare_count"] = compare
+    ratio = statistics.median(r["ratio"] for r in rounds) if rounds else None
+    result.update({"speed_ratio_median": ratio, "speed_ok": ratio is not None and ratio >= 0.9})
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.results.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, args.results)
 
-    table = [("run", "images", "load s", "epoch s", "images/s", "peak RSS MB", "peak PSS MB")]
+    table = [("run", "images", "load s", "epoch s", "images/s", "peak RSS MB", "peak PSS MB", "lazy/in-memory")]
     table.append(("lazy", f"{big['train_samples']:,}", f"{big['load_s']:.1f}", f"{big['epoch_s']:.1f}",
-                  f"{big['samples_per_s']:,.0f}", f"{big['peak_rss_mb']:,}", f"{big['peak_pss_mb']:,}"))
+                  f"{big['samples_per_s']:,.0f}", f"{big['peak_rss_mb']:,}", f"{big['peak_pss_mb']:,}", ""))
     for i, r in enumerate(rounds):
         for kind in ("in_memory", "lazy"):
             row = r[kind]
-            table.append((f"round {i + 1} {kind.replace('_', '-')}", f"{row['train_samples']:,}", f"{row['load_s']:.1f}",
-                          f"{row['epoch_s']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['peak_rss_mb']:,}",
-                          f"{row['peak_pss_mb']:,}"))
+            table.append((f"round {i + 1} {kind.replace('_', '-')}", f"{row['train_samples']:,}",
+                          f"{row['load_s']:.1f}", f"{row['epoch_s']:.1f}", f"{row['samples_per_s']:,.0f}",
+                          f"{row['peak_rss_mb']:,}", f"{row['peak_pss_mb']:,}",
+                          str(r["ratio"]) if kind == "lazy" else ""))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
     print()
     for row in table:
         print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
-    print(f"\npeak RSS of the lazy run (training process + {args.workers} workers): {big['peak_rss_mb']:,} MB "
-          f"(limit {args.limit_mb:,}: {'ok' if result['rss_ok'] else 'OVER'}); lazy / in-memory speed, median of "
-          f"{len(rounds)}: {ratio:.3f} (goal >= 0.9: {'ok' if result['speed_ok'] else 'NOT MET'})")
-    print(f"wrote {RESULTS}")
+    print(f"\npeak RSS of the lazy run (training process + {big['workers']} workers): {big['peak_rss_mb']:,} MB "
+          f"(limit {result['peak_rss_limit_mb']:,}: {'ok' if result['rss_ok'] else 'OVER'}); lazy / in-memory speed "
+          f"per round: {', '.join(str(r['ratio']) for r in rounds)}; median {ratio} (goal >= 0.9: "
+          f"{'ok' if result['speed_ok'] else 'NOT MET'})")
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
