@@ -162,6 +162,7 @@ def test_lazy_is_chosen_by_the_decoded_size(tmp_path, monkeypatch):
     monkeypatch.setattr(images_module, "LAZY_BYTES", 1919)
     assert isinstance(load_dataset(root).train, LazyImageDataset)
     assert isinstance(load_dataset(root, lazy=False).train, ArrayDataset)
+    assert isinstance(load_dataset(root, workers=1).train, LazyImageDataset)  # workers ask for lazy reading
     monkeypatch.setattr(images_module, "LAZY_BYTES", 1920)
     assert isinstance(load_dataset(root).train, ArrayDataset)
 

@@ -177,7 +177,7 @@ def _add_run_flags(run) -> None:
                           "[default white]")
     run.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                      help="image folders: decode the files one batch at a time instead of all up front [default: "
-                          "lazily when the decoded pixels would take more than 1 GiB]")
+                          "lazily with --workers or --cache, or when the decoded pixels would take more than 1 GiB]")
     run.add_argument("--workers", metavar="N", type=int, default=argparse.SUPPRESS,
                      help="a lazily read image folder: worker processes that decode batches ahead [default 0: the "
                           "training process decodes]")

@@ -44,8 +44,9 @@ def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = N
     Image folders only: `image_size` N resizes each image's short side to N and centre-crops N x N (needed when
     the files differ in size); `background` ('white', 'black' or '#rrggbb'; default white) is what transparent
     pixels are composited on; `lazy` decodes the files one batch at a time instead of all up front (None: lazily
-    when the decoded pixels would take more than 1 GiB), with `workers` DataLoader worker processes, and
-    `cache=True` keeps the decoded pixels in a uint8 .npy file in the user cache that later epochs read.
+    with workers or a cache, or when the decoded pixels would take more than 1 GiB), with `workers` DataLoader
+    worker processes, and `cache=True` keeps the decoded pixels in a uint8 .npy file in the user cache that later
+    epochs read.
     """
     folder_options = {"image_size": image_size, "background": background, "lazy": lazy, "workers": workers,
                       "cache": cache}

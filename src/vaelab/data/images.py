@@ -222,11 +222,11 @@ def scan(paths: Sequence[Path], image_size: int | None, background) -> ImageFile
 
 def images_dataset(files: ImageFiles, y: torch.Tensor | None, classes, name: str, *, lazy: bool | None,
                    workers: int = 0, cache: bool = False) -> ArrayDataset:
-    """The folder's dataset: in memory, or a LazyImageDataset where `lazy` says so (None: where the decoded
-    pixels would take more than LAZY_BYTES)."""
+    """The folder's dataset: in memory, or a LazyImageDataset where `lazy` says so (None: where workers or a cache
+    are asked for, or the decoded pixels would take more than LAZY_BYTES)."""
     c, h, w = files.shape
     if lazy is None:
-        lazy = len(files) * c * h * w > LAZY_BYTES
+        lazy = bool(workers) or cache or len(files) * c * h * w > LAZY_BYTES
     if not lazy:
         if cache or workers:
             raise DataError(f"dataset {name!r} is held in memory: workers={workers} and cache={cache} apply to "
