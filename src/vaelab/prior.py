@@ -332,14 +332,15 @@ def _check_refit(run_dir: Path, model, saved: dict | None, given: dict, *, epoch
 
 def _run_data(run_dir: Path, cfg: dict, model, dataset, data_dir, progress: bool):
     """The data to fit the prior on: `dataset` or the run's training dataset, checked to fit the model."""
-    from vaelab.data import load_dataset
+    from vaelab.data import load_dataset, pixel_options
     from vaelab.errors import DataError
 
     saved_data = cfg.get("data") or {}
     dataset = dataset or saved_data.get("dataset")
     if not dataset:
         raise VaelabError(f"{str(run_dir / 'config.json')!r} names no dataset; pass --dataset NAME_OR_PATH")
-    data = load_dataset(dataset, data_dir if data_dir is not None else saved_data.get("data_dir"), progress=progress)
+    data = load_dataset(dataset, data_dir if data_dir is not None else saved_data.get("data_dir"), progress=progress,
+                        **pixel_options(saved_data, dataset))
     if tuple(data.train.sample_shape) != tuple(model.config.input_shape):
         raise DataError(f"dataset {dataset!r} holds samples of shape {tuple(data.train.sample_shape)}, but the "
                         f"model in {str(run_dir)!r} takes {tuple(model.config.input_shape)}; use the dataset it "

@@ -167,7 +167,7 @@ def run_detect(args) -> int:
     if args.samples is not None and args.samples < 1:
         raise VaelabError(f"--samples must be a positive integer, got {args.samples}")
     cfg = read_config(run)
-    rows, header = _read_rows(args.data, args.data_dir)
+    rows, header = _read_rows(args.data, args.data_dir, cfg.get("data"))
 
     saved = DETECTOR_KEY in cfg
     det = _saved_detector(run, cfg, args) if saved else _detector_for_run(run, cfg, args, rows)
@@ -264,7 +264,7 @@ def _detector_for_run(run: Path, cfg: dict, args, rows):
     """A detector around the model of a plain `vaelab train` run. Its latent statistics come from the run's
     training split, and its threshold (unless --threshold or --contamination) from a false-positive rate on
     the run's test split: held-out data of the kind the model was trained on."""
-    from vaelab.data import load_dataset
+    from vaelab.data import load_dataset, pixel_options
     from vaelab.models import MODELS
     from vaelab.sklearn import AnomalyDetector
 
@@ -280,7 +280,7 @@ def _detector_for_run(run: Path, cfg: dict, args, rows):
                               "the threshold; give --contamination or --threshold")
         return det.fit(rows)  # the latent statistics of the scored rows themselves
     data_dir = args.data_dir if args.data_dir is not None else (cfg.get("data") or {}).get("data_dir")
-    data = load_dataset(dataset, data_dir, progress=True)
+    data = load_dataset(dataset, data_dir, progress=True, **pixel_options(cfg.get("data"), dataset))
     det.fit(_first(data.train, 10000))
     if needs_threshold:
         det.calibrate(_first(data.test, 10000), fpr=args.fpr or 0.05)
@@ -295,10 +295,11 @@ def _first(ds, n: int):
     return ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values)
 
 
-def _read_rows(data: str, data_dir):
+def _read_rows(data: str, data_dir, saved_data: dict | None = None):
     """(ArrayDataset of every row in file order, column names or None) of a file, a folder, or a built-in
-    dataset name (its test split)."""
-    from vaelab.data import DATASETS, load_dataset
+    dataset name (its test split). An image folder is read as the run read its own (saved_data: its config.json's
+    data section; --image-size, --background)."""
+    from vaelab.data import DATASETS, load_dataset, pixel_options
     from vaelab.data import files
 
     key = str(data).strip().lower().replace("_", "-")
@@ -311,7 +312,7 @@ def _read_rows(data: str, data_dir):
     suffix = path.suffix.lower()
     header = None
     if path.is_dir():
-        loaded = files.load_image_folder(path, path.name)
+        loaded = files.load_image_folder(path, path.name, **pixel_options(saved_data))
     elif suffix == ".csv":
         loaded = files.load_csv(path, path.stem)
         header = _csv_header(path)

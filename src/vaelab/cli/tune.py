@@ -94,10 +94,11 @@ class TrainTrainer:
         from vaelab.data import load_dataset
 
         plan = train_cli._plan({**settings, "out": Path(os.devnull) / "unused", "overwrite": True})
-        key = (plan["dataset"], plan["data_dir"], plan["factors"])
+        options = plan["data_options"]  # an image folder read as `vaelab train` would (--image-size, ...)
+        key = (plan["dataset"], plan["data_dir"], plan["factors"], tuple(sorted(options.items())))
         if key not in self._data:
-            self._data[key] = train_cli._with_factors(load_dataset(plan["dataset"], plan["data_dir"], progress=False),
-                                                      plan)
+            self._data[key] = train_cli._with_factors(load_dataset(plan["dataset"], plan["data_dir"], progress=False,
+                                                                   **options), plan)
         return self._data[key]
 
     def load(self, run_dir: Path):

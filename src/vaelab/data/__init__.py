@@ -27,8 +27,20 @@ FILE_KINDS = ("a .npy file", "a .npz file (x[, y] or x_train/y_train/x_test/y_te
               "a .csv file of numbers")
 
 __all__ = ["ArrayDataset", "DataSplits", "LAZY_BYTES", "LazyImageDataset", "PackedImageDataset", "DATASETS",
-           "SYSTEM_DIRS", "attach_factors", "cache_dir", "default_data_dirs", "load_dataset", "load_factors", "read_idx",
-           "standardize"]
+           "PIXEL_OPTIONS", "SYSTEM_DIRS", "attach_factors", "cache_dir", "default_data_dirs", "load_dataset", "load_factors", "read_idx",
+           "standardize", "pixel_options"]
+
+PIXEL_OPTIONS = ("image_size", "background")  # load_dataset's keywords that make an image folder's pixels
+
+
+def pixel_options(saved: dict | None, dataset=None) -> dict:
+    """load_dataset's keywords that made the pixels of a run's data (its config.json's "data" section), to read
+    `dataset` the way the run did: {} unless `dataset` is the run's own. Without `dataset`: the keywords for any
+    image folder the run's model is given (new images to score), which must come out the size it takes."""
+    saved = saved or {}
+    if dataset is not None and str(dataset) != str(saved.get("dataset")):
+        return {}
+    return {k: saved[k] for k in PIXEL_OPTIONS if saved.get(k) is not None}
 
 
 def load_dataset(name: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, download: bool = True,

@@ -72,7 +72,7 @@ class ServedRun:
             self._load_data(data_dir)
 
     def _load_data(self, data_dir) -> None:
-        from vaelab.data import load_dataset
+        from vaelab.data import load_dataset, pixel_options
 
         saved = self.config.get("data") or {}
         name = saved.get("dataset")
@@ -80,7 +80,8 @@ class ServedRun:
             self.data_problem = "the run's config.json names no dataset"
             return
         try:
-            data = load_dataset(name, data_dir if data_dir is not None else saved.get("data_dir"), progress=False)
+            data = load_dataset(name, data_dir if data_dir is not None else saved.get("data_dir"), progress=False,
+                                **pixel_options(saved, name))
         except VaelabError as e:
             self.data_problem = f"the run's dataset {name!r} could not be loaded ({e}); restart with --data-dir DIR"
             return
