@@ -165,7 +165,7 @@ def test_loss_terms_refuses_an_unknown_precision():
     digits = load_dataset("digits")
     model = build_model("seed-vae", input_shape=digits.train.sample_shape)
     with pytest.raises(ConfigError, match=r"^invalid evaluation: precision='fp16' is unknown; choose one of "
-                                          r"\['fp32', 'bf16'\]$"):
+                                          r"\['fp32', 'bf16', 'auto'\]$"):
         loss_terms(model, digits.test, precision="fp16")
 
 
