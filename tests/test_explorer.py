@@ -46,6 +46,9 @@ RUNS = {  # kind: `vaelab train` flags (digits, 1 epoch)
     "vae8": ["--model", "vae", "--arch", "mlp", "--latent-dim", "8"],
     "cvae": ["--model", "cvae", "--arch", "mlp", "--latent-dim", "2"],
     "vqvae": ["--model", "vqvae", "--codebook-size", "16"],
+    # colour: the emoji images (64x64 RGB on white) read at 16x16, as a user's own folder would be
+    "rgb": ["--model", "vae", "--arch", "mlp", "--latent-dim", "2", "--dataset", str(MNIST / "emoji"),
+            "--image-size", "16"],
 }
 HALF_LEVEL = 0.5 / 255 + 1e-6  # the page draws round(255 x): a pixel is within half a level of 255 x
 
@@ -679,3 +682,30 @@ def test_a_10000_point_map_stays_usable(tmp_path, driver, shot, capsys):
     assert len(latencies) >= 5
     assert map_draw < 1000 and first_paint < 10000
     assert timings["decode_p50_ms"] < 250
+
+
+@pytest.mark.skipif(not (MNIST / "emoji").is_dir(), reason=f"the emoji folder is not in {MNIST}")
+def test_a_colour_run_shows_its_decoded_rgb_pixels_and_test_images(serve, trained, driver, shot):
+    """An RGB model: each channel of the decoded canvas is the model's decode of that channel (not a grey
+    image), and a test point's thumbnail is the test image at the run's --image-size."""
+    server = serve("rgb")
+    model = load_model(trained("rgb"))
+    assert tuple(model.config.input_shape) == (3, 16, 16)
+    open_page(driver, server)
+    for dx, dy in [(0, 0), (-120, 80), (140, -160)]:
+        click_map(driver, dx, dy)
+        settled(driver)
+        z = state(driver, "s.z")
+        image = image_of(canvas_pixels(driver, "#decoded"), model.config.input_shape)
+        expected = decode(model, z)
+        assert_shows(image, expected)
+        # a colour picture: the channels differ where the model's do (grey would have R = G = B everywhere)
+        spread = float((expected.max(0).values - expected.min(0).values).max())
+        assert spread > 0.05 and float(np.ptp(image, axis=2).max()) > 0.05 * 255 - 1
+    shot("rgb")
+    with urllib.request.urlopen(server.url + "api/test-image/0", timeout=30) as r:
+        from PIL import Image
+        import io
+
+        thumb = Image.open(io.BytesIO(r.read()))
+    assert thumb.size == (16, 16) and thumb.mode == "RGB"
