@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import struct
 import time
 import tracemalloc
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from offline import closed_port, isolate
 from vaelab.data import (DATASETS, ArrayDataset, DataSplits, cache_dir, default_data_dirs, load_dataset,
                          read_idx, standardize)
 from vaelab.data import sources
@@ -35,19 +35,11 @@ def shared_data() -> Path:
     return root
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """No test may see the user's cache or data, nor reach the internet."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.delenv("VAELAB_DATA", raising=False)
-    monkeypatch.setenv("VAELAB_MIRROR", f"http://127.0.0.1:{closed_port()}")
-    monkeypatch.setattr(sources, "SYSTEM_DIRS", {})
+    isolate(tmp_path, monkeypatch)
 
 
 def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:

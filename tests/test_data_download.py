@@ -7,13 +7,13 @@ import hashlib
 import http.server
 import os
 import shutil
-import socket
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from offline import Quiet, closed_port, isolate
 from vaelab.data import cache_dir, default_data_dirs, load_dataset
 from vaelab.data import sources
 from vaelab.errors import DataError
@@ -30,24 +30,11 @@ def shared_data() -> Path:
     return root
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """The cache lives in tmp_path; no user data, no system folders, no internet."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.delenv("VAELAB_DATA", raising=False)
-    monkeypatch.setenv("VAELAB_MIRROR", f"http://127.0.0.1:{closed_port()}")
-    monkeypatch.setattr(sources, "SYSTEM_DIRS", {})
-
-
-class Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    isolate(tmp_path, monkeypatch)
 
 
 class DropsMidFile(Quiet):

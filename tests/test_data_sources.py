@@ -8,7 +8,6 @@ import functools
 import hashlib
 import http.server
 import io
-import socket
 import tarfile
 import threading
 from pathlib import Path
@@ -18,29 +17,18 @@ import pytest
 import torch
 from scipy.io import savemat
 
+from offline import Quiet, closed_port, isolate
 from vaelab.data import cache_dir, load_dataset, sources
 from vaelab.errors import DataError
 
 CIFAR_COUNTS = {"train": (3, 2, 4, 1, 2), "test": 3}  # records per training batch file, and in the test file
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """The cache lives in tmp_path; no user data, no internet."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.delenv("VAELAB_DATA", raising=False)
-    monkeypatch.setenv("VAELAB_MIRROR", f"http://127.0.0.1:{closed_port()}")
-
-
-class Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    isolate(tmp_path, monkeypatch)
 
 
 @pytest.fixture
