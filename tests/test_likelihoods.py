@@ -218,7 +218,7 @@ def test_means_and_samples(name):
         want = (probs * LEVELS.float()[:, None]).sum(0)  # sum_k k/255 P(k), (6,)
         assert torch.allclose(probs.sum(0), torch.ones(6), atol=1e-5)
     else:
-        want = {"bernoulli": torch.sigmoid(raw[0]), "gaussian": raw[0],
+        want = {"bernoulli": torch.sigmoid(raw[0]), "gaussian": raw[0], "gaussian-learned": raw[0, :6],
                 "continuous-bernoulli": continuous_bernoulli_mean(raw[0])}[name]
     mean = lik.mean(raw)
     assert mean.shape == (1, 6)
@@ -230,6 +230,21 @@ def test_means_and_samples(name):
     if lik.discrete:
         k = draws * 255
         assert torch.equal(k, k.round()) and draws.min() >= 0 and draws.max() <= 1
+
+
+def test_the_learned_gaussian_is_the_normal_density_with_its_own_scale_per_dimension():
+    """raw holds the means, then the log standard deviations (clamped to [-9, 9]); the NLL sums the dimensions."""
+    g = torch.Generator().manual_seed(5)
+    lik = make_likelihood("gaussian-learned")
+    mean, log_scale = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    log_scale[0, 0] = 12.0  # past the clamp: scored as 9
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64) * 3
+    raw = torch.cat([mean, log_scale], 1)
+    want = torch.distributions.Normal(mean, log_scale.clamp(-9, 9).exp()).log_prob(x)
+    assert torch.allclose(lik.log_prob(x, raw), want, rtol=0, atol=1e-12)
+    assert torch.allclose(lik.nll(x, raw), -want.sum(1), rtol=0, atol=1e-12)
+    assert lik.raw_shape((4,)) == (8,) and lik.continuous and not lik.discrete
 
 
 @pytest.mark.parametrize("name", ["discretized-gaussian", "discretized-logistic"])

@@ -23,7 +23,8 @@ FORMAT_VERSION = 2  # bumped when the saved config or weight layout changes; old
 
 ARCHS = ("auto", "conv", "conv-pool", "mlp", "resnet")
 # losses.LIKELIHOOD_KINDS builds each (the continuous ones on [0, 1] or the reals; the discretized ones on 8-bit data)
-LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli", "discretized-logistic", "discretized-gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli", "discretized-logistic", "discretized-gaussian",
+               "gaussian-learned")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device computes it natively (training/runtime.py)
 # the training options' choices (the modules that implement them check that they know each one)
 NOISES = ("none", "gaussian", "masking", "salt-pepper")

@@ -270,6 +270,28 @@ class Gaussian(Likelihood):
         return f"Gaussian(sigma={self.sigma:g})"
 
 
+class LearnedGaussian(Likelihood):
+    """N(x | mean, exp(log_scale)^2) per dimension with a learned mean and log-scale: a density on the reals (the
+    likelihood of real-valued data, such as M1+M2's codes z1). The log-scale is clamped to [-9, 9], as the
+    discretized likelihoods'."""
+
+    name = "gaussian-learned"
+    mean_meaning = "the mean of the Gaussian likelihood (its standard deviation is learned per dimension)"
+    params_per_channel = 2
+
+    def log_prob(self, x, raw):
+        mean, log_scale = self.params(raw)
+        return log_normal_elementwise(x, mean, 2 * log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX))
+
+    def mean(self, raw):
+        return self.params(raw)[0]
+
+    def sample(self, raw, generator=None):
+        mean, log_scale = self.params(raw)
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + torch.exp(log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)) * eps
+
+
 def _unit_problems(x: torch.Tensor, name: str, what: str) -> list[str]:
     lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
     if lo < 0 or hi > 1:
@@ -398,6 +420,7 @@ LIKELIHOOD_KINDS: dict[str, Callable[..., Likelihood]] = {
     "gaussian": lambda sigma, mixtures: Gaussian(sigma),
     "continuous-bernoulli": lambda sigma, mixtures: ContinuousBernoulli(),
     "discretized-gaussian": lambda sigma, mixtures: DiscretizedGaussian(),
+    "gaussian-learned": lambda sigma, mixtures: LearnedGaussian(),
     "discretized-logistic": lambda sigma, mixtures: DiscretizedLogistic(mixtures),
 }
 
@@ -457,12 +480,16 @@ def log_normal_diag(z: torch.Tensor, mean: torch.Tensor | float = 0.0, logvar: t
     dims take event_dims=1."""
     if event_dims is None:
         event_dims = mean.dim() - 1
+    return log_normal_elementwise(z, mean, logvar).flatten(-event_dims).sum(-1)
+
+
+def log_normal_elementwise(z: torch.Tensor, mean: torch.Tensor | float = 0.0,
+                          logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """log N(z_i | mean_i, exp(logvar_i)) of every element (logvar None: unit variance), broadcast."""
     sq = (z - mean) ** 2
     if logvar is None:
-        density = -0.5 * (LOG_2PI + sq)
-    else:
-        density = -0.5 * (LOG_2PI + logvar + sq * torch.exp(-logvar))
-    return density.flatten(-event_dims).sum(-1)
+        return -0.5 * (LOG_2PI + sq)
+    return -0.5 * (LOG_2PI + logvar + sq * torch.exp(-logvar))
 
 
 def log_importance_weights(x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
