@@ -16,6 +16,7 @@ from vaelab.models import ae, cvae, hvae, m2, vae, vqvae  # noqa: F401,E402  (re
 from vaelab.models import btcvae  # noqa: F401,E402  (beta-TCVAE)
 from vaelab.models import dipvae  # noqa: F401,E402  (DIP-VAE)
 from vaelab.models import factorvae  # noqa: F401,E402  (FactorVAE)
+from vaelab.models import adgm  # noqa: F401,E402  (ADGM, SDGM)
 
 if check_config not in MODEL_CHECKS:
     MODEL_CHECKS.append(check_config)  # ModelConfig.validate now knows the registered models

@@ -228,8 +228,8 @@ class M2(CVAE):
             return torch.full((n,), -1, dtype=torch.long, device=self._device())
         c = torch.as_tensor(condition, device=self._device())
         if c.is_floating_point() or c.dim() != 1 or len(c) != n:
-            raise VaelabError(f"model 'm2' takes labels as a 1-D tensor of {n} class indices in [0, {k}) (-1 where "
-                              f"a label is hidden); got shape {tuple(c.shape)} and dtype {c.dtype}")
+            raise VaelabError(f"model {self.config.model!r} takes labels as a 1-D tensor of {n} class indices in "
+                              f"[0, {k}) (-1 where a label is hidden); got shape {tuple(c.shape)} and dtype {c.dtype}")
         if len(c) and (c.min() < -1 or c.max() >= k):
             raise VaelabError(f"labels must be class indices in [0, {k}), or -1 for a hidden label; got values "
                               f"{c.unique()[:10].tolist()}")
@@ -251,8 +251,8 @@ class M2(CVAE):
     def condition_vector(self, condition) -> torch.Tensor:
         if condition is None:
             k = self.num_classes
-            raise VaelabError(f"model 'm2' decodes a given class: pass labels in [0, {k}) or vectors of {k} values "
-                              "(e.g. `vaelab sample RUN --label 3`)")
+            raise VaelabError(f"model {self.config.model!r} decodes a given class: pass labels in [0, {k}) or "
+                              f"vectors of {k} values (e.g. `vaelab sample RUN --label 3`)")
         return super().condition_vector(condition)
 
     @torch.no_grad()
