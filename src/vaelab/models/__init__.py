@@ -17,6 +17,7 @@ from vaelab.models import btcvae  # noqa: F401,E402  (beta-TCVAE)
 from vaelab.models import dipvae  # noqa: F401,E402  (DIP-VAE)
 from vaelab.models import factorvae  # noqa: F401,E402  (FactorVAE)
 from vaelab.models import adgm  # noqa: F401,E402  (ADGM, SDGM)
+from vaelab.models import m1m2  # noqa: F401,E402  (M1+M2)
 
 if check_config not in MODEL_CHECKS:
     MODEL_CHECKS.append(check_config)  # ModelConfig.validate now knows the registered models

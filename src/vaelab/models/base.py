@@ -162,6 +162,9 @@ class Autoencoder(nn.Module):
     # models/networks.py) in place of models/nets.py's: those whose pair comes from this __init__. A subclass that
     # builds its own networks sets False; one that overrides __init__ passes encoder= / decoder= on to it
     custom_networks: ClassVar[bool] = True
+    # whether a training step may leave some of the model's parameters without a gradient (a model trained in
+    # stages, models/m1m2.py): under DDP the loop then looks for them in each step's graph (find_unused_parameters)
+    partial_gradients: ClassVar[bool] = False
     registry_name: ClassVar[str]
 
     def __init__(self, config: ModelConfig, *, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
@@ -257,6 +260,10 @@ class Autoencoder(nn.Module):
         return config, None
 
     # ---------------------------------------------------------------------------------------- hooks
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the training loop before training epoch `epoch` (0-based), a resumed one included: a model
+        trained in stages picks its stage here (models/m1m2.py). Nothing by default."""
 
     def epoch_metrics(self) -> dict:
         """The model's own numbers of the training epoch that just ended (the loop adds them as train_*)."""

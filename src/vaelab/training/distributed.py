@@ -63,7 +63,9 @@ class Dist:
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # a model trained in stages leaves some parameters without a gradient in a step: DDP must look for them
+        unused = bool(getattr(model, "partial_gradients", False))
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.active:

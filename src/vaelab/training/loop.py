@@ -230,6 +230,7 @@ class _Run:
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # the model's noise (reparameterization) this epoch
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1)  # data order, binarization
         perm = self.semi.epoch_order(gen) if self.semi else torch.randperm(self.n, generator=gen)
+        self.model.start_epoch(epoch)
         self.model.train()
         meter = Meter()
         first = 0  # the epoch's first step: past 0 when resuming from a checkpoint written inside it

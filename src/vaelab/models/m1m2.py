@@ -1,0 +1,232 @@
+"""M1+M2, the stacked semi-supervised model of Kingma, Rezende, Mohamed and Welling (2014), "Semi-supervised
+learning with deep generative models", https://arxiv.org/abs/1406.5298, section 3.2.3 and Table 1.
+
+M1 is a VAE of the images, p(x|z1) p(z1) with q(z1|x) (the networks of `arch`, `hidden`, `latent_dim` and the
+`likelihood`, as `--model vae`). M2 (models/m2.py) is trained on M1's codes, as the paper does: each batch draws
+z1 ~ q(z1|x) afresh and M2 models it, p(z1|y,z2) p(y) p(z2) with q(y|z1) and q(z2|z1,y), a Gaussian with a
+learned scale per dimension on z1 (likelihood gaussian-learned), MLPs of `m2_hidden` units and latent `m2_latent`.
+The classifier of the whole model is M2's q(y|z1) on M1's code.
+
+Training runs in two stages in the one training loop, picked by the epoch (`start_epoch`), so a run resumes
+in either: the first `m1_epochs` epochs train M1 alone (M1's negative ELBO); the rest train M2 on codes of the
+frozen M1 (M1 runs without gradients; its weights stay as stage 1 left them). Outside the loop, a model that was
+never given an epoch trains both at once, M2 on M1's codes detached.
+
+Evaluation (eval mode) runs both: the terms of M1 (recon, kl, bce, mse of the images), M2's terms on the
+sampled code (m2_recon, m2_kl, entropy, classifier_nll, error), and `elbo`, the bound of the stacked model
+p(x|z1) p(z1|y,z2) p(y) p(z2) on log p(x, y) (log p(x) for a hidden label):
+E[log p(x|z1) - log q(z1|x)] plus M2's bound on log p(z1, y). The classifier judges the mean of q(z1|x) in eval
+mode (a sampled code in training). The model's latent (`encode`, `embed`, `sample`, `decode`) is M2's z2;
+`decode(z2, y)` is M1's decoding of the mean of p(z1|y,z2), so samples and analogies are images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from vaelab.config import is_int, is_nonneg
+from vaelab.errors import VaelabError
+from vaelab.losses import Likelihood, LearnedGaussian, Shaping, log_normal_diag
+from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
+from vaelab.models.m2 import M2, M2Output, m2_loss
+from vaelab.models.registry import register
+from vaelab.models.vae import VAE, vae_loss
+
+CODE_LIKELIHOOD = LearnedGaussian()  # p(z1 | y, z2): M2's likelihood of M1's real-valued codes
+
+
+@dataclass
+class M1M2Output(ModelOutput):
+    """The record of `M1M2.forward`: M1's decoding of the images (recon, z = the code z1 drawn from q(z1|x),
+    posterior = q(z1|x)) and M2's record of that code (None while M1 trains alone)."""
+
+    m2: M2Output | None = None
+
+    def float(self) -> M1M2Output:
+        return M1M2Output(recon=self.recon.float(), z=self.z.float(), posterior=self.posterior.float(),
+                          m2=None if self.m2 is None else self.m2.float())
+
+
+@dataclass(frozen=True)
+class M1M2Settings(ModelSettings):
+    beta: float = field(default=1.0, metadata={"help": "weight of the KL term of M2's z2"})
+    alpha: float = field(default=0.1, metadata={
+        "help": "weight of the classifier's -log q(y|z1) on labelled images, in Kingma et al.'s units (see m2)"})
+    m2_hidden: tuple[int, ...] = field(default=(500,), metadata={
+        "help": "hidden layers of M2's networks (classifier, encoder, decoder), on M1's codes"})
+    m2_latent: int = field(default=50, metadata={"help": "size of M2's latent z2"})
+    m1_epochs: int = field(default=5, metadata={
+        "help": "epochs of the first stage, M1 alone; the others train M2 on the frozen M1's codes"})
+
+    def problems(self, config) -> list[str]:
+        out = []
+        for name in ("beta", "alpha"):
+            if not is_nonneg(getattr(self, name)):
+                out.append(f"{name}={getattr(self, name)!r} must be a finite number >= 0")
+        if not all(is_int(v) and v >= 1 for v in self.m2_hidden):
+            out.append(f"m2_hidden={list(self.m2_hidden)!r} must be a list of positive integers")
+        if not is_int(self.m2_latent) or self.m2_latent < 1:
+            out.append(f"m2_latent={self.m2_latent!r} must be an integer >= 1 (the size of M2's latent z2)")
+        if not is_int(self.m1_epochs) or self.m1_epochs < 1:
+            out.append(f"m1_epochs={self.m1_epochs!r} must be an integer >= 1 (M1 trains alone first, so that M2 "
+                       "learns from its codes)")
+        return out
+
+
+def m1m2_loss(x, out: M1M2Output, *, likelihood: Likelihood | str = "bernoulli", sigma: float = 1.0,
+              beta: float = 1.0, alpha: float = 0.1, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The objective of M1+M2, per sample: M1's negative ELBO (vae_loss), plus M2's semi-supervised objective
+    (m2_loss) on the code z1 when M2 ran. In the second stage M1 runs without gradients, so its part of "loss"
+    is a constant: what trains is M2's part. Terms: M1's recon, kl, bce, mse; M2's m2_recon (-log p(z1|y,z2)),
+    m2_kl, entropy, classifier_nll, error; elbo: the stacked model's bound (see the module's docstring), or
+    M1's own where M2 did not run."""
+    m1 = vae_loss(x, ModelOutput(out.recon, out.z, out.posterior), likelihood=likelihood, sigma=sigma,
+                  target=target)
+    if out.m2 is None:
+        return m1
+    z1 = out.z.flatten(1)
+    m2 = m2_loss(z1, out.m2, likelihood=CODE_LIKELIHOOD, beta=beta, alpha=alpha)
+    log_q_z1 = log_normal_diag(z1, out.posterior.mean.flatten(1), out.posterior.logvar.flatten(1))
+    return {**m1, "loss": m1["loss"] + m2["loss"], "elbo": -m1["recon"] - log_q_z1 + m2["elbo"],
+            "m2_recon": m2["recon"], "m2_kl": m2["kl"], "entropy": m2["entropy"],
+            "classifier_nll": m2["classifier_nll"], "error": m2["error"]}
+
+
+@register("m1m2", description="Kingma et al. 2014's M1+M2: a VAE (M1) of the images, and the semi-supervised M2 "
+                        "trained on its codes (--labels N keeps N labels); first M1 alone, then M2.")
+class M1M2(Autoencoder):
+    Settings = M1M2Settings
+    capabilities = Capabilities(stochastic=True, samples=True, conditional=True, semi_supervised=True)
+    objective = staticmethod(m1m2_loss)
+    term_meanings = {"m2_recon": "M2's -log p(z1|y,z2) of M1's code, nats",
+                     "m2_kl": "M2's KL of q(z2|z1,y) to N(0, I), nats"}
+    archs = tuple(a for a in VAE.archs if a != "conv-pool")
+    custom_networks = False  # M1 is built here (models/nets.py's networks of arch), M2 is models/m2.py's
+    partial_gradients = True  # a stage trains one of the two models: the other's parameters get no gradient
+
+    def __init__(self, config):
+        torch.nn.Module.__init__(self)
+        self.config = config
+        s = self.settings
+        self.m1 = VAE(config.replace(model="vae", settings={}, condition_dim=0))
+        codes = self.m1.latent_size
+        self.m2 = M2(config.replace(model="m2", arch="mlp", input_shape=(codes,), hidden=tuple(s.m2_hidden),
+                                    latent_dim=s.m2_latent, likelihood=CODE_LIKELIHOOD.name,
+                                    settings={"beta": s.beta, "alpha": s.alpha}))
+        self.latent_shape = (s.m2_latent,)
+        self.stage: str | None = None  # "m1", "m2", or None: both (never given an epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.stage = "m1" if epoch < self.settings.m1_epochs else "m2"
+
+    def training_problems(self, train) -> list[str]:
+        out = super().training_problems(train)
+        if self.settings.m1_epochs >= train.epochs:
+            out.append(f"m1_epochs={self.settings.m1_epochs} leaves none of the {train.epochs} epochs to M2, which "
+                       f"learns the classes; train for more epochs than m1_epochs (e.g. --epochs "
+                       f"{2 * self.settings.m1_epochs})")
+        return out
+
+    def loss_weights(self, shaping: Shaping) -> dict:
+        return {"likelihood": self.likelihood, "sigma": self.config.gaussian_sigma, "beta": self.settings.beta,
+                "alpha": shaping.classifier_weight(self.settings.alpha)}
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.condition_dim
+
+    # ----------------------------------------------------------------------------------------- training
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, n_samples: int = 1) -> M1M2Output:
+        """M1 on x and, unless M1 trains alone, M2 on the code it drew. condition: (B,) class indices, -1 where a
+        label is hidden; None = every label hidden."""
+        if n_samples != 1:
+            raise VaelabError("model 'm1m2' trains and reports the ELBO (n_samples=1); its importance-sampled "
+                              "likelihood is `vaelab evaluate RUN --nll-samples K`")
+        labels = self.m2._labels(condition, len(x))
+        if self.training and self.stage == "m1":
+            out = self.m1(x)
+            return M1M2Output(out.recon, out.z, out.posterior)
+        frozen = self.training and self.stage == "m2"
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = self.m1(x)
+        m2 = self.m2(out.z.flatten(1).detach(), labels)
+        if not self.training:  # classify the code's mean, not a draw
+            m2.class_logits = self.m2.classifier(out.posterior.mean.flatten(1))
+        return M1M2Output(out.recon, out.z, out.posterior, m2=m2)
+
+    # -------------------------------------------------------------------------------------------- using
+
+    def _code(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m1.encode(x).mean.flatten(1)  # (B, L1) the mean of q(z1|x)
+
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
+        """q(z2 | z1, y) at the mean code z1 of x, y the given labels (or the classifier's most probable class
+        where a label is hidden or none is given)."""
+        return self.m2.encode(self._code(x), condition)
+
+    def posteriors(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> dict[str, DiagonalGaussian]:
+        return {"": self.encode(x, condition), "m1": self.m1.encode(x)}
+
+    def decode_raw(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """M1's decoder output of the mean code of p(z1 | y, z2)."""
+        z1 = self.m2.decode(z, condition)
+        return self.m1.decode_raw(z1.reshape(len(z1), *self.m1.latent_shape))
+
+    def condition_vector(self, condition) -> torch.Tensor:
+        """(B,) class indices -> one-hot (B, K); (B, K) vectors pass through (M2's condition)."""
+        return self.m2.condition_vector(condition)
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """q(y|z1) at the mean code of each input: the class probabilities, (B, K)."""
+        return self.m2.classify(self._code(x.to(self._device())))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               condition: torch.Tensor | None = None) -> torch.Tensor:
+        """n images: y given (one class for all n, or n of them) or drawn from the uniform p(y), z2 ~ N(0, I),
+        decoded by M1 at the mean code of p(z1|y,z2)."""
+        if condition is None:
+            device = generator.device if generator is not None else self._device()
+            condition = torch.randint(self.num_classes, (n,), generator=generator, device=device)
+        return super().sample(n, generator=generator, condition=condition)
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.m1.latent_size + self.latent_size,)
+
+    def importance_sampler(self, x: torch.Tensor, condition: torch.Tensor | None = None):
+        """Importance sampling of log p(x | y) through both models: z1 ~ q(z1|x), z2 ~ q(z2|z1,y), weights
+        p(x|z1) p(z1|y,z2) p(z2) / (q(z1|x) q(z2|z1,y)). Needs the labels (evaluate passes the data's)."""
+        if condition is None:
+            raise VaelabError("model 'm1m2' scores log p(x | y): the importance-sampled likelihood needs the "
+                              "labels of the data (evaluate a labelled split)")
+        labels = self.m2._labels(condition, len(x))
+        q1 = self.m1.encode(x)
+        l1 = self.m1.latent_size
+
+        def log_weights(eps: torch.Tensor) -> torch.Tensor:
+            k, b = eps.shape[:2]
+            z1 = q1.mean.flatten(1) + q1.std.flatten(1) * eps[..., :l1]  # (K, B, L1)
+            y = labels.repeat(k)
+            q2 = self.m2.encode(z1.flatten(0, 1), y)
+            z2 = q2.mean + q2.std * eps[..., l1:].flatten(0, 1)  # (K*B, L2)
+            log_p_z1 = -CODE_LIKELIHOOD.nll(z1.flatten(0, 1), self.m2.decode_raw(z2, y))
+            log_p_x = -self.likelihood.nll(x.repeat(k, *[1] * (x.dim() - 1)),
+                                           self.m1.decode_raw(z1.flatten(0, 1).view(k * b, *self.m1.latent_shape)))
+            log_w = (log_p_x + log_p_z1 + log_normal_diag(z2, event_dims=1) - log_normal_diag(z2, q2.mean, q2.logvar)
+                     ).view(k, b)
+            return log_w - log_normal_diag(z1, q1.mean.flatten(1), q1.logvar.flatten(1))
+
+        return self.noise_shape, log_weights
+
+    def anomaly_bounds(self, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise VaelabError("model 'm1m2' has no anomaly scores of its bound; score anomalies with a model of the "
+                          "images alone (--model vae)")
+
+
+__all__ = ["M1M2", "M1M2Settings", "M1M2Output", "m1m2_loss"]

@@ -1,0 +1,295 @@
+"""M1+M2 (Kingma et al. 2014): the objective against a hand-written loop over samples and classes, the stacked
+bound, the two training stages of the one loop (which weights learn in each, resume across the boundary, DDP),
+a real run on digits from 2 labels per class, the importance-sampled likelihood, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_cli import FAST, assert_clean_error, assert_png, vaelab
+from vaelab.config import TrainConfig, get_preset
+from vaelab.data import load_dataset
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.evaluation import evaluate
+from vaelab.evaluation.nll import log_likelihood
+from vaelab.losses import recon_nll
+from vaelab.models import build_model, from_pretrained
+from vaelab.models.m1m2 import M1M2
+from vaelab.training import fit
+
+REPO = Path(__file__).resolve().parents[1]
+K = 3  # classes of the tiny models
+
+
+def _tiny(**kw) -> M1M2:
+    torch.manual_seed(0)
+    return build_model(model="m1m2", arch="mlp", input_shape=(1, 4, 4), condition_dim=K, hidden=(8,), latent_dim=3,
+                       m2_hidden=(6,), m2_latent=2, alpha=0.7, beta=1.3, **kw).double()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    return x, torch.tensor([2, -1, 0, -1])  # two labelled samples, two with hidden labels
+
+
+def _by_hand(model: M1M2, x, labels, out, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the stacked bound, one sample and one class at a time: M1's -ELBO of x_i at the forward's
+    code z1_i, and Kingma et al.'s M2 objective (eqs. 6, 7, 9) of z1_i, each class's pair re-encoded and
+    re-decoded on its own, reusing only the forward's noise."""
+    m2 = out.m2
+    eps = ((m2.z - m2.posterior.mean) / m2.posterior.std).detach()  # (P, L2)
+    losses, bounds = [], []
+    for i in range(len(x)):
+        q1 = model.m1.encode(x[i:i + 1])
+        z1 = out.z[i:i + 1]  # (1, L1), drawn by the forward
+        recon1 = recon_nll(x[i:i + 1], model.m1.decode_raw(z1), "bernoulli")[0]
+        kl1 = 0.5 * (q1.mean**2 + q1.logvar.exp() - 1 - q1.logvar).sum()
+        log_q1 = -0.5 * (((z1 - q1.mean) ** 2) / q1.logvar.exp() + q1.logvar + math.log(2 * math.pi)).sum()
+        log_q = torch.log_softmax(model.m2.classifier(z1), dim=1)[0]
+
+        def neg_elbo(y: int, weight_kl: float) -> torch.Tensor:  # recon + weight * KL - log p(y) of (z1_i, y)
+            j = int(((m2.pair_row == i) & (m2.pair_label == y)).nonzero())
+            post = model.m2.encode(z1, torch.tensor([y]))
+            z2 = post.mean[0] + post.std[0] * eps[j]
+            raw = model.m2.decode_raw(z2[None], torch.tensor([y]))
+            mean, log_scale = raw[0, :3], raw[0, 3:]
+            nll = -torch.distributions.Normal(mean, log_scale.clamp(-9, 9).exp()).log_prob(z1[0]).sum()
+            kl2 = 0.5 * (post.mean[0]**2 + post.logvar[0].exp() - 1 - post.logvar[0]).sum()
+            return nll + weight_kl * kl2 + math.log(K)
+
+        if labels[i] >= 0:
+            y = int(labels[i])
+            m2_loss, m2_bound = neg_elbo(y, beta) - alpha * log_q[y], -neg_elbo(y, 1.0)
+        else:
+            q = log_q.exp()
+            entropy = -(q * log_q).sum()
+            m2_loss = sum(q[y] * neg_elbo(y, beta) for y in range(K)) - entropy
+            m2_bound = -sum(q[y] * neg_elbo(y, 1.0) for y in range(K)) + entropy
+        losses.append(recon1 + kl1 + m2_loss)
+        bounds.append(-recon1 - log_q1 + m2_bound)
+    return torch.stack(losses), torch.stack(bounds)
+
+
+def test_the_objective_and_the_stacked_bound_equal_a_loop_over_samples_and_classes():
+    model = _tiny()
+    x, labels = _batch()
+    torch.manual_seed(5)
+    out = model(x, labels)  # never given an epoch: both models run
+    assert out.m2 is not None and out.m2.pair_row.tolist() == [0, 2, 1, 3, 1, 3, 1, 3]
+    terms = model.loss(x, out)  # alpha as given (no batch mix: the identity map)
+    loss, bound = _by_hand(model, x, labels, out, alpha=0.7, beta=1.3)
+    assert torch.allclose(terms["loss"], loss, rtol=0, atol=1e-10)
+    assert torch.allclose(terms["elbo"], bound, rtol=0, atol=1e-10)
+    assert set(terms) >= {"recon", "kl", "m2_recon", "m2_kl", "entropy", "classifier_nll", "error", "bce", "mse"}
+
+
+def test_the_stages_train_m1_alone_then_m2_on_the_frozen_m1():
+    model = _tiny(m1_epochs=2).train()
+    x, labels = _batch()
+    m1 = [p for n, p in model.named_parameters() if n.startswith("m1.")]
+    m2 = [p for n, p in model.named_parameters() if n.startswith("m2.")]
+    assert len(m1) + len(m2) == len(list(model.parameters()))
+    for epoch, learns, still in ((0, m1, m2), (1, m1, m2), (2, m2, m1), (9, m2, m1)):
+        model.zero_grad(set_to_none=True)
+        model.start_epoch(epoch)
+        out = model(x, labels)
+        terms = model.loss(x, out)
+        assert (out.m2 is None) == (epoch < 2)
+        assert ("error" in terms) == (epoch >= 2)
+        terms["loss"].sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learns if p.requires_grad)
+        assert all(p.grad is None for p in still)
+    model.eval()  # evaluation runs both, whatever the stage
+    with torch.no_grad():
+        assert model(x, labels).m2 is not None
+
+
+def test_m1_epochs_must_leave_epochs_to_m2_and_settings_are_checked():
+    digits = load_dataset("digits")
+    model = build_model(model="m1m2", condition_dim=10, hidden=(16,), latent_dim=4, m2_hidden=(8,), m2_latent=2,
+                        m1_epochs=3, input_shape=digits.train.sample_shape)
+    with pytest.raises(ConfigError, match=r"m1_epochs=3 leaves none of the 3 epochs to M2"):
+        fit(model, digits.train, None, epochs=3, labels=20, progress=False)
+    with pytest.raises(ConfigError) as err:
+        build_model(model="m1m2", condition_dim=10, m1_epochs=0, m2_hidden=(0,), m2_latent=-1, input_shape=(64,))
+    text = str(err.value)
+    assert "m1_epochs=0 must be an integer >= 1" in text and "m2_hidden=[0] must be a list of positive" in text
+    assert "m2_latent=-1 must be an integer >= 1" in text
+
+
+def test_a_bad_label_tensor_is_a_clear_error():
+    model = _tiny()
+    x, _ = _batch()
+    with pytest.raises(VaelabError, match=r"labels as a 1-D tensor of 4 class indices in \[0, 3\)"):
+        model(x, torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(VaelabError, match=r"class indices in \[0, 3\), or -1 for a hidden label; got values \[-2"):
+        model(x, torch.tensor([0, 1, 2, -2]))
+
+
+# ------------------------------------------------------------------------------------------ real training
+
+
+def test_a_run_on_digits_learns_the_classes_from_2_labels_per_class():
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model(model="m1m2", condition_dim=10, arch="mlp", hidden=(128,), latent_dim=16, m2_hidden=(64,),
+                        m2_latent=8, alpha=10.0, m1_epochs=15, input_shape=digits.train.sample_shape)
+    history = fit(model, digits.train, digits.test, epochs=40, batch_size=64, labels=20, lr=3e-3, progress=False)
+    stage1, stage2 = history[14], history[-1]
+    assert "train_error" not in stage1 and "train_error" in stage2  # M2 trains from epoch 16
+    assert stage1["val_error"] > 0.7  # M2's classifier is untrained until then: chance is 0.9
+    assert stage2["val_error"] < 0.35, [round(r["val_error"], 3) for r in history]
+    metrics = evaluate(model, digits.test)
+    predicted = model.classify(digits.test.to_float()).argmax(1)
+    assert metrics["error"] == pytest.approx((predicted != digits.test.y).double().mean().item())
+    assert metrics["m1_active_units"] >= 1 and metrics["elbo"] < 0
+
+
+def test_resume_across_the_stage_boundary_equals_the_uninterrupted_run(tmp_path):
+    digits = load_dataset("digits")
+    kw = dict(epochs=3, batch_size=64, labels=20, seed=3, checkpoint_every=10, progress=False)
+
+    def model(seed=0):
+        torch.manual_seed(seed)
+        return build_model(model="m1m2", condition_dim=10, arch="mlp", hidden=(16,), latent_dim=4, m2_hidden=(8,),
+                           m2_latent=2, m1_epochs=1, input_shape=digits.train.sample_shape)
+
+    straight = model()
+    fit(straight, digits.train, None, out=tmp_path / "a", **kw)
+    crashed = model()
+    calls = {"n": 0}
+
+    def crash(module, args):  # dies at step 26 of epoch 1 (30 steps): the last checkpoint is step 20, in stage 1
+        calls["n"] += 1
+        if calls["n"] == 26:
+            raise KeyboardInterrupt
+
+    crashed.register_forward_pre_hook(crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(crashed, digits.train, None, out=tmp_path / "b", **kw)
+    resumed = model(seed=123)
+    fit(resumed, digits.train, None, out=tmp_path / "b", resume=True, **kw)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    a, b = load_file(str(tmp_path / "a" / "checkpoint.safetensors")), load_file(str(tmp_path / "b" /
+                                                                                    "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_ddp_path_trains_both_stages(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys, torch\n"
+        "from vaelab.data import load_dataset\nfrom vaelab.models import build_model\nfrom vaelab.training import fit\n"
+        "torch.manual_seed(0)\ndigits = load_dataset('digits')\n"
+        "model = build_model(model='m1m2', condition_dim=10, hidden=(16,), latent_dim=4, m2_hidden=(8,), "
+        "m2_latent=2, m1_epochs=1, input_shape=digits.train.sample_shape)\n"
+        "fit(model, digits.train, digits.test, epochs=2, batch_size=64, labels=20, progress=False, out=sys.argv[1])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(worker), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "train_error" not in rows[0] and 0 <= rows[1]["train_error"] <= 1
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+
+
+# ------------------------------------------------------------------------------------------ using it
+
+
+def test_the_importance_sampled_likelihood_is_a_tighter_bound_than_the_elbo():
+    model = _tiny().float().eval()
+    digits_like = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        elbo = torch.stack([model.loss(digits_like, model(digits_like, y))["elbo"] for _ in range(400)]).mean(0)
+        # the bound above is on log p(x, y) = log p(x | y) + log p(y)
+        one = log_likelihood(model, digits_like, 1, generator=torch.Generator().manual_seed(1), condition=y)
+        many = log_likelihood(model, digits_like, 2000, generator=torch.Generator().manual_seed(1), condition=y)
+    assert (many >= elbo + math.log(K) - 0.05).all(), (many, elbo + math.log(K))
+    assert torch.isfinite(one).all()
+    with pytest.raises(VaelabError, match="needs the labels"):
+        model.importance_sampler(digits_like)
+
+
+def test_sampling_decodes_through_m1_and_a_saved_model_reloads_exactly(tmp_path):
+    model = _tiny().float().eval()
+    images = model.sample(5, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (5, 1, 4, 4) and 0 <= images.min() and images.max() <= 1
+    threes = model.sample(4, condition=torch.tensor(2), generator=torch.Generator().manual_seed(0))
+    z2 = torch.randn((4, 2), generator=torch.Generator().manual_seed(0))
+    z1 = model.m2.decode(z2, torch.full((4,), 2))  # the mean code of p(z1 | y, z2)
+    assert torch.allclose(threes, model.m1.decode(z1))
+    model.save_pretrained(tmp_path / "m")
+    again = from_pretrained(tmp_path / "m")
+    x, labels = _batch()
+    x = x.float()
+    assert torch.equal(again.classify(x), model.classify(x))
+    assert torch.equal(again.embed(x, labels.clamp(min=0)), model.embed(x, labels.clamp(min=0)))
+    assert again.settings == model.settings
+
+
+def test_the_preset_is_the_papers_architecture():
+    preset = get_preset("m1m2")
+    model = build_model(preset.model.replace(condition_dim=10), input_shape=(1, 28, 28))
+    assert [m.out_features for m in model.m1.encoder if isinstance(m, torch.nn.Linear)] == [600, 600, 100]
+    assert model.m2.config.input_shape == (50,) and model.m2.config.likelihood == "gaussian-learned"
+    assert model.latent_shape == (50,) and model.settings.m1_epochs < preset.train.epochs
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def m1m2_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("m1m2") / "run"
+    vaelab("train", "--model", "m1m2", "--labels", 20, "--epochs", 4, "--m1-epochs", 2, "--hidden", 32,
+           "--latent-dim", 8, "--m2-hidden", 16, "--m2-latent", 4, "--out", out, *FAST, check=0)
+    return out
+
+
+def test_cli_train_writes_an_m1m2_run(m1m2_run):
+    cfg = json.loads((m1m2_run / "config.json").read_text())
+    assert cfg["model"]["model"] == "m1m2" and cfg["model"]["settings"]["m1_epochs"] == 2
+    assert cfg["model"]["settings"]["m2_hidden"] == [16] and cfg["train"]["labels"] == 20
+    rows = [json.loads(line) for line in (m1m2_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and "train_error" not in rows[1] and "train_error" in rows[2] and "val_error" in rows[0]
+    for name in ("samples.png", "analogies.png", "reconstructions.png"):
+        assert_png(m1m2_run / name)
+
+
+def test_cli_evaluate_reports_the_classifier_and_the_likelihood(m1m2_run, tmp_path):
+    proc = vaelab("evaluate", m1m2_run, "--nll-samples", 20, "--out", tmp_path / "e.json", check=0)
+    assert "accuracy" in proc.stdout and "m2_recon" in proc.stdout
+    metrics = json.loads((tmp_path / "e.json").read_text())
+    assert 0 <= metrics["error"] <= 1 and metrics["accuracy"] == pytest.approx(1 - metrics["error"])
+    assert metrics["m1_latent_dims"] == 8 and metrics["latent_dims"] == 4 and math.isfinite(metrics["nll"])
+
+
+def test_cli_sample_draws_images_through_m1(m1m2_run, tmp_path):
+    proc = vaelab("sample", m1m2_run, "--n", 6, "--out", tmp_path / "s.png", check=0)
+    assert str(tmp_path / "s-analogies.png") in proc.stdout
+    assert_png(tmp_path / "s.png")
+
+
+def test_cli_refuses_too_few_epochs_for_both_stages(tmp_path):
+    assert_clean_error(vaelab("train", "--model", "m1m2", "--labels", 20, "--epochs", 2, "--m1-epochs", 2,
+                              "--out", tmp_path / "a", *FAST), "m1_epochs=2 leaves none of the 2 epochs to M2")
+
+
+def test_train_config_epochs_default_leaves_room_for_both_stages():
+    assert M1M2.Settings().m1_epochs < TrainConfig().epochs
