@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_cli import FAST, assert_clean_error, assert_png, vaelab
-from vaelab.config import TrainConfig, get_preset
+from vaelab.config import get_preset
 from vaelab.data import load_dataset
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.evaluation import evaluate
@@ -51,7 +51,7 @@ def _by_hand(model: M1M2, x, labels, out, alpha: float, beta: float) -> tuple[to
     losses, bounds = [], []
     for i in range(len(x)):
         q1 = model.m1.encode(x[i:i + 1])
-        z1 = out.z[i:i + 1]  # (1, L1), drawn by the forward
+        z1 = out.m1.z[i:i + 1]  # (1, L1), drawn by the forward
         recon1 = recon_nll(x[i:i + 1], model.m1.decode_raw(z1), "bernoulli")[0]
         kl1 = 0.5 * (q1.mean**2 + q1.logvar.exp() - 1 - q1.logvar).sum()
         log_q1 = -0.5 * (((z1 - q1.mean) ** 2) / q1.logvar.exp() + q1.logvar + math.log(2 * math.pi)).sum()
@@ -121,9 +121,9 @@ def test_m1_epochs_must_leave_epochs_to_m2_and_settings_are_checked():
     with pytest.raises(ConfigError, match=r"m1_epochs=3 leaves none of the 3 epochs to M2"):
         fit(model, digits.train, None, epochs=3, labels=20, progress=False)
     with pytest.raises(ConfigError) as err:
-        build_model(model="m1m2", condition_dim=10, m1_epochs=0, m2_hidden=(0,), m2_latent=-1, input_shape=(64,))
+        build_model(model="m1m2", condition_dim=10, m1_epochs=-1, m2_hidden=(0,), m2_latent=-1, input_shape=(64,))
     text = str(err.value)
-    assert "m1_epochs=0 must be an integer >= 1" in text and "m2_hidden=[0] must be a list of positive" in text
+    assert "m1_epochs=-1 must be an integer >= 0" in text and "m2_hidden=[0] must be a list of positive" in text
     assert "m2_latent=-1 must be an integer >= 1" in text
 
 
@@ -291,5 +291,5 @@ def test_cli_refuses_too_few_epochs_for_both_stages(tmp_path):
                               "--out", tmp_path / "a", *FAST), "m1_epochs=2 leaves none of the 2 epochs to M2")
 
 
-def test_train_config_epochs_default_leaves_room_for_both_stages():
-    assert M1M2.Settings().m1_epochs < TrainConfig().epochs
+def test_by_default_both_models_train_together():
+    assert M1M2.Settings().m1_epochs == 0  # by default both train together: any number of epochs trains both

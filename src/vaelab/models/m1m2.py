@@ -7,10 +7,11 @@ z1 ~ q(z1|x) afresh and M2 models it, p(z1|y,z2) p(y) p(z2) with q(y|z1) and q(z
 learned scale per dimension on z1 (likelihood gaussian-learned), MLPs of `m2_hidden` units and latent `m2_latent`.
 The classifier of the whole model is M2's q(y|z1) on M1's code.
 
-Training runs in two stages in the one training loop, picked by the epoch (`start_epoch`), so a run resumes
-in either: the first `m1_epochs` epochs train M1 alone (M1's negative ELBO); the rest train M2 on codes of the
-frozen M1 (M1 runs without gradients; its weights stay as stage 1 left them). Outside the loop, a model that was
-never given an epoch trains both at once, M2 on M1's codes detached.
+With `m1_epochs` > 0 (the preset m1m2, as the paper) training runs in two stages in the one training loop, picked
+by the epoch (`start_epoch`), so a run resumes in either: the first `m1_epochs` epochs train M1 alone (M1's
+negative ELBO); the rest train M2 on codes of the frozen M1 (M1 runs without gradients; its weights stay as
+stage 1 left them). With m1_epochs 0 (and outside the loop, a model never given an epoch) both train at once:
+M1 on its ELBO, M2 on M1's codes, detached (M2's objective never reaches M1).
 
 Evaluation (eval mode) runs both: the terms of M1 (recon, kl, bce, mse of the images), M2's terms on the
 sampled code (m2_recon, m2_kl, entropy, classifier_nll, error), and `elbo`, the bound of the stacked model
@@ -29,7 +30,7 @@ import torch
 
 from vaelab.config import is_int, is_nonneg
 from vaelab.errors import VaelabError
-from vaelab.losses import Likelihood, LearnedGaussian, Shaping, log_normal_diag
+from vaelab.losses import Likelihood, LearnedGaussian, Shaping, iwae_bound, log_normal_diag, recon_nll_samples
 from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
 from vaelab.models.m2 import M2, M2Output, m2_loss
 from vaelab.models.registry import register
@@ -40,14 +41,17 @@ CODE_LIKELIHOOD = LearnedGaussian()  # p(z1 | y, z2): M2's likelihood of M1's re
 
 @dataclass
 class M1M2Output(ModelOutput):
-    """The record of `M1M2.forward`: M1's decoding of the images (recon, z = the code z1 drawn from q(z1|x),
-    posterior = q(z1|x)) and M2's record of that code (None while M1 trains alone)."""
+    """The record of `M1M2.forward`. recon: M1's decoding of the images (K, B, ... with K samples); z and posterior:
+    M2's z2 and q(z2|z1,y) over its (code, class) pairs, as in M2Output ((K, B, L2) with K samples and every label
+    given), or M1's z1 and q(z1|x) while M1 trains alone; m1: M1's record (z = the codes z1 drawn from q(z1|x));
+    m2: M2's record of those codes (None while M1 trains alone)."""
 
+    m1: ModelOutput | None = None
     m2: M2Output | None = None
 
     def float(self) -> M1M2Output:
         return M1M2Output(recon=self.recon.float(), z=self.z.float(), posterior=self.posterior.float(),
-                          m2=None if self.m2 is None else self.m2.float())
+                          m1=self.m1.float(), m2=None if self.m2 is None else self.m2.float())
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,9 @@ class M1M2Settings(ModelSettings):
     m2_hidden: tuple[int, ...] = field(default=(500,), metadata={
         "help": "hidden layers of M2's networks (classifier, encoder, decoder), on M1's codes"})
     m2_latent: int = field(default=50, metadata={"help": "size of M2's latent z2"})
-    m1_epochs: int = field(default=5, metadata={
-        "help": "epochs of the first stage, M1 alone; the others train M2 on the frozen M1's codes"})
+    m1_epochs: int = field(default=0, metadata={
+        "help": "epochs of the first stage, M1 alone; the others train M2 on the frozen M1's codes (0: both "
+                "train together from the start, M2 on the codes of the M1 that learns beside it)"})
 
     def problems(self, config) -> list[str]:
         out = []
@@ -70,9 +75,9 @@ class M1M2Settings(ModelSettings):
             out.append(f"m2_hidden={list(self.m2_hidden)!r} must be a list of positive integers")
         if not is_int(self.m2_latent) or self.m2_latent < 1:
             out.append(f"m2_latent={self.m2_latent!r} must be an integer >= 1 (the size of M2's latent z2)")
-        if not is_int(self.m1_epochs) or self.m1_epochs < 1:
-            out.append(f"m1_epochs={self.m1_epochs!r} must be an integer >= 1 (M1 trains alone first, so that M2 "
-                       "learns from its codes)")
+        if not is_int(self.m1_epochs) or self.m1_epochs < 0:
+            out.append(f"m1_epochs={self.m1_epochs!r} must be an integer >= 0 (the epochs M1 trains alone first; 0 "
+                       "trains both together)")
         return out
 
 
@@ -82,17 +87,30 @@ def m1m2_loss(x, out: M1M2Output, *, likelihood: Likelihood | str = "bernoulli",
     (m2_loss) on the code z1 when M2 ran. In the second stage M1 runs without gradients, so its part of "loss"
     is a constant: what trains is M2's part. Terms: M1's recon, kl, bce, mse; M2's m2_recon (-log p(z1|y,z2)),
     m2_kl, entropy, classifier_nll, error; elbo: the stacked model's bound (see the module's docstring), or
-    M1's own where M2 did not run."""
-    m1 = vae_loss(x, ModelOutput(out.recon, out.z, out.posterior), likelihood=likelihood, sigma=sigma,
-                  target=target)
+    M1's own where M2 did not run. With K codes per image (out.m1.z is (K, B, L1)) M1's terms are its IWAE
+    terms, M2's the means over the K codes, `elbo` the mean of the K stacked bounds and `iwae` their
+    importance-weighted bound."""
+    target = x if target is None else target
+    m1 = vae_loss(x, out.m1, likelihood=likelihood, sigma=sigma, target=target)
     if out.m2 is None:
         return m1
-    z1 = out.z.flatten(1)
-    m2 = m2_loss(z1, out.m2, likelihood=CODE_LIKELIHOOD, beta=beta, alpha=alpha)
-    log_q_z1 = log_normal_diag(z1, out.posterior.mean.flatten(1), out.posterior.logvar.flatten(1))
-    return {**m1, "loss": m1["loss"] + m2["loss"], "elbo": -m1["recon"] - log_q_z1 + m2["elbo"],
-            "m2_recon": m2["recon"], "m2_kl": m2["kl"], "entropy": m2["entropy"],
-            "classifier_nll": m2["classifier_nll"], "error": m2["error"]}
+    z1, q1 = out.m1.z, out.m1.posterior
+    k = z1.shape[0] if out.m1.recon.dim() == target.dim() + 1 else None  # K codes per image, or one
+    codes = z1.flatten(-len(q1.mean.shape[1:]))  # (B, L1) / (K, B, L1)
+    m2 = m2_loss(codes.flatten(0, 1) if k else codes, out.m2, likelihood=CODE_LIKELIHOOD, beta=beta, alpha=alpha)
+    per_image = (lambda t: t.view(k, -1).mean(0)) if k else (lambda t: t)  # noqa: E731  the K codes' mean
+    log_q1 = log_normal_diag(codes, q1.mean.flatten(1), q1.logvar.flatten(1))  # (B,) / (K, B)
+    recon1 = recon_nll_samples(target, out.m1.recon, likelihood, sigma) if k else m1["recon"]
+    log_w = -recon1 - log_q1 + (m2["elbo"].view(k, -1) if k else m2["elbo"])  # the stacked bound of each code
+    terms = {**m1, "loss": m1["loss"] + per_image(m2["loss"]), "elbo": log_w.mean(0) if k else log_w,
+             "m2_recon": m2["recon"], "m2_kl": m2["kl"], "entropy": m2["entropy"],
+             "classifier_nll": m2["classifier_nll"], "error": m2["error"]}
+    if k:
+        terms["iwae"] = iwae_bound(log_w)
+    return {name: per_image(t) if name in M2_TERMS and k else t for name, t in terms.items()}
+
+
+M2_TERMS = ("m2_recon", "m2_kl", "entropy", "classifier_nll", "error")
 
 
 @register("m1m2", description="Kingma et al. 2014's M1+M2: a VAE (M1) of the images, and the semi-supervised M2 "
@@ -120,11 +138,12 @@ class M1M2(Autoencoder):
         self.stage: str | None = None  # "m1", "m2", or None: both (never given an epoch)
 
     def start_epoch(self, epoch: int) -> None:
-        self.stage = "m1" if epoch < self.settings.m1_epochs else "m2"
+        m1_epochs = self.settings.m1_epochs
+        self.stage = None if not m1_epochs else "m1" if epoch < m1_epochs else "m2"
 
     def training_problems(self, train) -> list[str]:
         out = super().training_problems(train)
-        if self.settings.m1_epochs >= train.epochs:
+        if self.settings.m1_epochs and self.settings.m1_epochs >= train.epochs:
             out.append(f"m1_epochs={self.settings.m1_epochs} leaves none of the {train.epochs} epochs to M2, which "
                        f"learns the classes; train for more epochs than m1_epochs (e.g. --epochs "
                        f"{2 * self.settings.m1_epochs})")
@@ -141,22 +160,23 @@ class M1M2(Autoencoder):
     # ----------------------------------------------------------------------------------------- training
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, n_samples: int = 1) -> M1M2Output:
-        """M1 on x and, unless M1 trains alone, M2 on the code it drew. condition: (B,) class indices, -1 where a
-        label is hidden; None = every label hidden."""
-        if n_samples != 1:
-            raise VaelabError("model 'm1m2' trains and reports the ELBO (n_samples=1); its importance-sampled "
-                              "likelihood is `vaelab evaluate RUN --nll-samples K`")
+        """M1 on x and, unless M1 trains alone, M2 on the code(s) it drew (n_samples codes per image).
+        condition: (B,) class indices, -1 where a label is hidden; None = every label hidden."""
         labels = self.m2._labels(condition, len(x))
         if self.training and self.stage == "m1":
-            out = self.m1(x)
-            return M1M2Output(out.recon, out.z, out.posterior)
+            out = self.m1(x, n_samples=n_samples)
+            return M1M2Output(out.recon, out.z, out.posterior, m1=out)
         frozen = self.training and self.stage == "m2"
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = self.m1(x)
-        m2 = self.m2(out.z.flatten(1).detach(), labels)
+            out = self.m1(x, n_samples=n_samples)
+        codes = out.z.flatten(-len(self.m1.latent_shape)).detach()  # (B, L1) / (K, B, L1): M2's data
+        k = n_samples if n_samples > 1 else None
+        m2 = self.m2(codes.flatten(0, 1) if k else codes, labels.repeat(k) if k else labels)
         if not self.training:  # classify the code's mean, not a draw
-            m2.class_logits = self.m2.classifier(out.posterior.mean.flatten(1))
-        return M1M2Output(out.recon, out.z, out.posterior, m2=m2)
+            logits = self.m2.classifier(out.posterior.mean.flatten(1))
+            m2.class_logits = logits.repeat(k, 1) if k else logits
+        z = m2.z.unflatten(0, (k, -1)) if k and len(m2.z) == len(codes.flatten(0, 1)) else m2.z
+        return M1M2Output(out.recon, z, m2.posterior, m1=out, m2=m2)
 
     # -------------------------------------------------------------------------------------------- using
 
