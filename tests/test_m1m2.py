@@ -243,6 +243,15 @@ def test_sampling_decodes_through_m1_and_a_saved_model_reloads_exactly(tmp_path)
     assert again.settings == model.settings
 
 
+def test_reconstruction_without_a_label_takes_the_classifiers_class():
+    model = _tiny().float().eval()
+    x, _ = _batch()
+    x = x.float()
+    guess = model.classify(x).argmax(1)
+    assert torch.equal(model.reconstruct(x), model.reconstruct(x, guess))
+    assert model.reconstruct(x).shape == x.shape
+
+
 def test_the_preset_is_the_papers_architecture():
     preset = get_preset("m1m2")
     model = build_model(preset.model.replace(condition_dim=10), input_shape=(1, 28, 28))

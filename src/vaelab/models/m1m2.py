@@ -196,6 +196,13 @@ class M1M2(Autoencoder):
         z1 = self.m2.decode(z, condition)
         return self.m1.decode_raw(z1.reshape(len(z1), *self.m1.latent_shape))
 
+    def reconstruct_raw(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """M1's decoder output through M2 at the posterior means, with the given labels or, where none is given,
+        the classifier's most probable class."""
+        if condition is None:
+            condition = self.m2.classifier(self._code(x)).argmax(1)
+        return self.decode_raw(self.encode(x, condition).mean, condition)
+
     def condition_vector(self, condition) -> torch.Tensor:
         """(B,) class indices -> one-hot (B, K); (B, K) vectors pass through (M2's condition)."""
         return self.m2.condition_vector(condition)
