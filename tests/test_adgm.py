@@ -156,6 +156,20 @@ def test_the_models_differ_in_where_a_is_generated():
     assert torch.equal(sdgm.sample(5, g(), condition=1), sdgm.sample(5, g(), condition=1))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_use_without_a_label_takes_the_classifiers_class_at_the_mean_of_a(name):
+    model = _tiny(name)
+    x, _ = _batch()
+    guess = model.classify(x).argmax(1).clone()  # a plain tensor (classify runs without gradients)
+    torch.testing.assert_close(model.embed(x), model.embed(x, guess))
+    torch.testing.assert_close(model.reconstruct(x), model.reconstruct(x, guess))
+    torch.testing.assert_close(model.reconstruct(x, torch.tensor([-1, 0, -1, 1])),
+                               model.reconstruct(x, torch.tensor([guess[0], 0, guess[2], 1])))
+    torch.testing.assert_close(model.embed(x, F.one_hot(guess, K).double()), model.embed(x, guess))  # vectors too
+    # classify() is q(y|a,x) at a = the mean of q(a|x), the forward's predict_logits
+    torch.testing.assert_close(model.classify(x), torch.softmax(model(x).predict_logits, 1))
+
+
 # ------------------------------------------------------------------------------------------ errors, saving
 
 

@@ -244,18 +244,22 @@ class ADGM(M2):
 
     # -------------------------------------------------------------------------------------------- using
 
+    def _condition_of(self, xf: torch.Tensor, a: torch.Tensor, condition) -> torch.Tensor:
+        """The class of each input for use: (B, K) vectors as given, (B,) labels as given, and for a hidden label
+        (-1) or no condition the classifier's most probable class at a."""
+        if condition is not None and torch.as_tensor(condition).is_floating_point():
+            return self.condition_vector(condition)  # (B, K) vectors
+        c = self._labels(condition, len(xf))
+        if (c < 0).any():
+            c = torch.where(c < 0, self.classifier([xf, a], torch.arange(len(xf), device=xf.device)).argmax(1), c)
+        return c
+
     def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z | a, y, x) at a = the mean of q(a|x), y the given labels (or (B, K) vectors); a hidden label (-1)
         or no condition takes the classifier's most probable class."""
         xf, a = self._a_of(x)
         rows = torch.arange(len(x), device=x.device)
-        if condition is not None and torch.as_tensor(condition).is_floating_point():
-            c = self.condition_vector(condition)  # (B, K) vectors
-        else:
-            c = self._labels(condition, len(x))
-            if (c < 0).any():
-                c = torch.where(c < 0, self.classifier([xf, a], rows).argmax(1), c)
-        return self._gaussian(self.encoder([xf, a], rows, labels=c))
+        return self._gaussian(self.encoder([xf, a], rows, labels=self._condition_of(xf, a, condition)))
 
     def decode_raw(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """p(x|y,z)'s raw output; the SDGM's p(x|a,y,z) at a = the mean of p(a|y,z)."""
@@ -267,18 +271,11 @@ class ADGM(M2):
         return self._decode_pairs(z, y, a)
 
     def reconstruct_raw(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoding of the posterior mean, with the SDGM's a = the mean of q(a|x) (the a the inference
-        model saw) rather than p(a|y,z)'s."""
-        if not self.skip:
-            return super().reconstruct_raw(x, condition)
+        """The decoding of the posterior mean of z at a = the mean of q(a|x), y as in `encode`; the SDGM decodes
+        with that a (the one the inference model saw) rather than p(a|y,z)'s."""
         xf, a = self._a_of(x)
-        rows = torch.arange(len(x), device=x.device)
-        if condition is not None and torch.as_tensor(condition).is_floating_point():
-            c = self.condition_vector(condition)
-        else:
-            c = self._labels(condition, len(x))
-            c = torch.where(c < 0, self.classifier([xf, a], rows).argmax(1), c)
-        z = self._gaussian(self.encoder([xf, a], rows, labels=c)).mean
+        c = self._condition_of(xf, a, condition)
+        z = self._gaussian(self.encoder([xf, a], torch.arange(len(x), device=x.device), labels=c)).mean
         return self._decode_pairs(z, c, a)
 
     @torch.no_grad()
