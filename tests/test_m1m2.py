@@ -266,7 +266,7 @@ def test_the_preset_is_the_papers_architecture():
 @pytest.fixture(scope="module")
 def m1m2_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("m1m2") / "run"
-    vaelab("train", "--model", "m1m2", "--labels", 20, "--epochs", 4, "--m1-epochs", 2, "--hidden", 32,
+    vaelab("train", "--preset", "m1m2", "--labels", 20, "--epochs", 4, "--m1-epochs", 2, "--hidden", 32,
            "--latent-dim", 8, "--m2-hidden", 16, "--m2-latent", 4, "--out", out, *FAST, check=0)
     return out
 
@@ -275,6 +275,7 @@ def test_cli_train_writes_an_m1m2_run(m1m2_run):
     cfg = json.loads((m1m2_run / "config.json").read_text())
     assert cfg["model"]["model"] == "m1m2" and cfg["model"]["settings"]["m1_epochs"] == 2
     assert cfg["model"]["settings"]["m2_hidden"] == [16] and cfg["train"]["labels"] == 20
+    assert cfg["model"]["settings"]["alpha"] == 10.0 and cfg["train"]["lr_schedule"] == "cosine"  # the preset's
     rows = [json.loads(line) for line in (m1m2_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and "train_error" not in rows[1] and "train_error" in rows[2] and "val_error" in rows[0]
     for name in ("samples.png", "analogies.png", "reconstructions.png"):
