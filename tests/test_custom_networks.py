@@ -189,7 +189,8 @@ def test_models_with_networks_of_their_own_refuse(nets, tmp_path):
     assert {"vqvae", "m2", "hvae"} <= set(own)
     for name in own:
         with pytest.raises(ConfigError, match=f"model '{name}' builds its own networks"):
-            build_model(name, latent_dim=LATENT, input_shape=SHAPE, condition_dim=10 if name == "m2" else 0,
+            build_model(name, latent_dim=LATENT, input_shape=SHAPE,
+                        condition_dim=10 if MODELS[name].cls.capabilities.conditional else 0,
                         **_pair(nets, 2))
     # a config.json that pairs such a model with networks is refused before anything is imported
     model = build_model("vae", latent_dim=LATENT, input_shape=SHAPE, **_pair(nets, 2))

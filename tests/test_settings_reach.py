@@ -104,7 +104,9 @@ def _state_differs(a, b) -> str | None:
 
 
 def _train_steps(model, x, cond, steps: int = 2) -> None:
-    """Training-mode forwards with gradients, each followed by an SGD step: what moves a VQ-VAE's codebook."""
+    """Training-mode forwards with gradients, each followed by an SGD step: what moves a VQ-VAE's codebook. The
+    loop's first epoch begins with start_epoch(0): what picks a staged model's stage (m1m2's m1_epochs)."""
+    model.start_epoch(0)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     with torch.enable_grad():
