@@ -70,7 +70,9 @@ def test_shapes_for_every_model_size_and_channel_count(kind, size):
         out = model(x, cond)
         assert tuple(out.recon.shape) == (2, PARAMS[likelihood] * c, size, size)
         grid = (size // 4, size // 4)  # two levels halve twice
-        latent = (3, *grid) if model.capabilities.discrete else (1,) if kind == "hvae" else (3,)
+        # the two-layer models' latent is their top layer: hvae's z2 (half of latent_dim), m1m2's M2 latent
+        latent = ((3, *grid) if model.capabilities.discrete else (1,) if kind == "hvae" else
+                  (model.settings.m2_latent,) if kind == "m1m2" else (3,))
         assert tuple(model.latent_shape) == latent
         assert tuple(out.z.shape) == (2, *latent)
         terms = model.loss(x, out)

@@ -100,7 +100,7 @@ def test_every_problem_of_a_search_file_is_named_at_once(tmp_path, capsys):
     rc, _, err = tune(capsys, path, "--out", tmp_path / "s")
     assert rc == 1 and "Traceback" not in err
     assert err.startswith("vaelab: error: invalid search file")
-    for needle in ("[space] latnt_dim: not a `vaelab train` setting (did you mean 'latent_dim' or 'latent2_dim'?)",
+    for needle in ("[space] latnt_dim: not a `vaelab train` setting (did you mean 'latent_dim' or 'latent2_dim'",
                    "[space] lr: low = 0.01 must be below high = 0.001",
                    "[space] beta: log = true needs low > 0 (got low = 0)",
                    "[space] arch: arch is a str setting: give it as {choices = [...]}, not a range",
