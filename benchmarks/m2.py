@@ -8,7 +8,7 @@ model (ADGM), each with its preset's recipe, against the supervised-only baselin
 
 For every model, label count and seed (the seed draws the labelled images, balanced over the classes, and the
 initial weights): the model trained with `vaelab.fit` on the kept labels and the other training images unlabelled,
-with its preset's recipe (`vaelab presets`; --set KEY=VALUE overrides a model setting or a training setting); its
+with its preset's recipe (`vaelab models`; --set KEY=VALUE overrides a model setting or a training setting); its
 test error after every epoch comes from the loop's metrics (val_error, the 10,000 test images). Against them the
 supervised-only baseline: M2's classifier network (784-500-10) trained on the labelled images alone (Adam 1e-3,
 batch 64, --baseline-steps steps, dynamic binarization as augmentation, none early-stopped: there is no
