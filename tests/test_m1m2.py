@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_cli import FAST, assert_clean_error, assert_png, vaelab
+from test_distributed import _env as torchrun_env
 from vaelab.config import get_preset
 from vaelab.data import load_dataset
 from vaelab.errors import ConfigError, VaelabError
@@ -26,7 +26,6 @@ from vaelab.models import build_model, from_pretrained
 from vaelab.models.m1m2 import M1M2
 from vaelab.training import fit
 
-REPO = Path(__file__).resolve().parents[1]
 K = 3  # classes of the tiny models
 
 
@@ -195,12 +194,9 @@ def test_the_ddp_path_trains_both_stages(tmp_path):
         "model = build_model(model='m1m2', condition_dim=10, hidden=(16,), latent_dim=4, m2_hidden=(8,), "
         "m2_latent=2, m1_epochs=1, input_shape=digits.train.sample_shape)\n"
         "fit(model, digits.train, digits.test, epochs=2, batch_size=64, labels=20, progress=False, out=sys.argv[1])\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(worker), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+                           str(worker), str(tmp_path / "run")], env=torchrun_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "train_error" not in rows[0] and 0 <= rows[1]["train_error"] <= 1
