@@ -91,7 +91,7 @@ def imported_by(*argv) -> tuple[int, list[str], list[str]]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["models", "--help"]] + [
     [command, "--help"] for command in ("evaluate", "reconstruct", "sample", "manifold", "interpolate", "traverse",
-                                        "encode", "train-prior", "detect", "one-class")])
+                                        "encode", "train-prior", "detect", "one-class", "series")])
 def test_help_starts_without_torch(argv):
     proc = vaelab(*argv, python_flags=("-X", "importtime"), check=0)
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}

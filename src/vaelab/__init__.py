@@ -16,6 +16,7 @@ _LAZY = {
     "fit": "vaelab.training",
     "evaluate": "vaelab.evaluation",
     "AnomalyDetector": "vaelab.sklearn",
+    "SeriesDetector": "vaelab.timeseries",
     "VaelabError": "vaelab.errors",
     "ConfigError": "vaelab.errors",
     "DataError": "vaelab.errors",

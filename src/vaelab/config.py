@@ -49,14 +49,16 @@ class ModelConfig:
     arch:
       - "conv":      stride-2 3x3 convs (`channels`), dense layers (`hidden`), a dense latent of `latent_dim`;
                      the decoder mirrors it with transposed convs (the tutorial's VAE is this with
-                     channels=(32, 64), hidden=(16,), latent_dim=2).
+                     channels=(32, 64), hidden=(16,), latent_dim=2). Windows of a series, input_shape (C, L):
+                     the same with stride-2 1-D convs of width 3 along the time axis.
       - "conv-pool": 3x3 conv + 2x2 max-pool per entry of `channels`; the latent is the last feature map
                      (channels[-1], H/4, W/4); the decoder mirrors it with upsampling (the tutorial's AE).
       - "mlp":       dense layers (`hidden`) on the flattened input.
       - "resnet":    one level per entry of `channels` (its width): `blocks` residual blocks (GroupNorm, SiLU,
                      3x3 convs) and a 2x downsampling; dense layers (`hidden`) to a dense latent (a code grid
                      for the VQ-VAE); the decoder mirrors it with 2x upsampling (models/resnet.py).
-      - "auto":      the model's own default: "conv" for images, "mlp" for vectors unless the model says otherwise.
+      - "auto":      the model's own default: "conv" for images and series windows, "mlp" for vectors unless
+                     the model says otherwise.
     """
 
     model: str = "vae"
@@ -141,10 +143,10 @@ class ModelConfig:
             out.append(f"condition_dim={self.condition_dim!r} must be an integer >= 0")
         out.extend(networks_problems(self.networks))
         if self.input_shape is not None and not (
-                isinstance(self.input_shape, tuple) and len(self.input_shape) in (1, 3)
+                isinstance(self.input_shape, tuple) and len(self.input_shape) in (1, 2, 3)
                 and all(is_int(s) and s >= 1 for s in self.input_shape)):
-            out.append(f"input_shape={self.input_shape!r} must be (C, H, W) for images or (D,) for vectors, "
-                       "positive integers")
+            out.append(f"input_shape={self.input_shape!r} must be (C, H, W) for images, (C, L) for windows of a "
+                       "series or (D,) for vectors, positive integers")
         common_ok = not out
         for check in MODEL_CHECKS:
             out.extend(check(self, common_ok))
@@ -159,6 +161,11 @@ class ModelConfig:
     @property
     def is_image(self) -> bool:
         return self.input_shape is not None and len(self.input_shape) == 3
+
+    @property
+    def is_sequence(self) -> bool:
+        """Windows of a series: input_shape (C, L)."""
+        return isinstance(self.input_shape, tuple) and len(self.input_shape) == 2
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with `changes`: common fields by name, the model's own settings by name (merged into

@@ -386,5 +386,42 @@ def save_traversal_gif(frames, path, values, row_labels: list[str] | None = None
     return os.fspath(path)
 
 
-__all__ = ["save_image_grid", "save_manifold", "save_scatter", "save_mi_matrix", "gif_available",
-           "save_traversal_gif"]
+def spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The [first, last + 1) row ranges where `mask` is True."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], np.asarray(mask, dtype=np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def save_series(values, columns: list[str], score, threshold: float, path, labels=None, max_channels: int = 8,
+                title: str = "Anomaly scores of a series") -> str:
+    """A multivariate series (T, C) over its per-timestamp anomaly score: one panel per channel (the first
+    `max_channels`), then the score with the threshold; rows above it shaded red in every panel, rows labelled
+    anomalous (labels, 0/1) shaded grey."""
+    values = np.asarray(values, dtype=np.float64)
+    score = np.asarray(score, dtype=np.float64)
+    shown = min(values.shape[1], max_channels)
+    fig = _figure(10.0, 1.3 * shown + 2.0)
+    axes = fig.subplots(shown + 1, 1, sharex=True, gridspec_kw={"height_ratios": [1] * shown + [1.5]})
+    flagged = spans(score > threshold)
+    known = spans(np.asarray(labels) == 1) if labels is not None else []
+    t = np.arange(len(score))
+    for i, ax in enumerate(axes):
+        for a, b in known:
+            ax.axvspan(a - 0.5, b - 0.5, color="0.8", lw=0)
+        for a, b in flagged:
+            ax.axvspan(a - 0.5, b - 0.5, color="tab:red", alpha=0.25, lw=0)
+        if i < shown:
+            ax.plot(t, values[:, i], lw=0.7, color="tab:blue")
+            ax.set_ylabel(columns[i], rotation=0, ha="right", va="center")
+    axes[-1].plot(t, score, lw=0.7, color="black")
+    axes[-1].axhline(threshold, color="tab:red", ls="--", lw=0.8, label=f"threshold {threshold:.4g}")
+    axes[-1].set_ylabel("score", rotation=0, ha="right", va="center")
+    axes[-1].set_xlabel("row (red: flagged" + ("; grey: labelled anomalies)" if labels is not None else ")"))
+    axes[-1].legend(loc="upper right", fontsize=8)
+    hidden = values.shape[1] - shown
+    fig.suptitle(title + (f" (first {shown} of {values.shape[1]} channels)" if hidden else ""))
+    return _save(fig, path)
+
+
+__all__ = ["save_image_grid", "save_series", "spans", "save_manifold", "save_scatter", "save_mi_matrix",
+           "gif_available", "save_traversal_gif"]

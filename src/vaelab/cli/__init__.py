@@ -5,7 +5,7 @@
     vaelab sample runs/seed-vae-digits --n 64
 
 One module per command group (COMMANDS says which holds which command): train, pictures (reconstruct,
-sample, manifold, interpolate, traverse), evaluate, encode, models, anomaly (detect, one-class) and prior
+sample, manifold, interpolate, traverse), evaluate, encode, models, anomaly (detect, one-class), series and prior
 (train-prior); common holds what they share. Module M's function add_<command>_parser(subparsers) adds
 its command, whose `func` default runs it.
 
@@ -38,6 +38,7 @@ COMMANDS = (
     ("models", "models", "list the registered models and presets"),
     ("detect", "anomaly", "score rows for anomalies and flag the anomalous ones"),
     ("one-class", "anomaly", "the one-class anomaly protocol on MNIST / Fashion-MNIST (AUROC)"),
+    ("series", "series", "anomalies in a multivariate time series (CSV), from an autoencoder of its windows"),
     ("train-prior", "prior", "fit the code prior of a VQ-VAE run, so that `vaelab sample` can generate"),
     ("export", "export", "the encoder and decoder of a run as ONNX files or torch.export programs"),
     ("tune", "tune", "search hyperparameters with Optuna (resumable, several processes at once)"),

@@ -167,6 +167,9 @@ def run_detect(args) -> int:
     if args.samples is not None and args.samples < 1:
         raise VaelabError(f"--samples must be a positive integer, got {args.samples}")
     cfg = read_config(run)
+    if "series" in cfg:  # vaelab.timeseries.SERIES_KEY (importing it here would load torch)
+        raise VaelabError(f"RUN {args.run!r} is a time-series detector (written by `vaelab series`); score a series "
+                          f"with it by `vaelab series --detector {args.run} --data {args.data}`")
     rows, header = _read_rows(args.data, args.data_dir, cfg.get("data"))
 
     saved = DETECTOR_KEY in cfg

@@ -59,7 +59,8 @@ def check_factors(factors, factor_names, n: int, name: str) -> tuple[torch.Tenso
 
 class ArrayDataset:
     """In-memory dataset. Images: x is uint8 (N, C, H, W) (compact), scale=255 (or 16 for sklearn digits).
-    Tabular: x is float32 (N, D), scale=1.0. Optional ground-truth factors: float64 (N, F) and their names."""
+    Tabular: x is float32 (N, D), scale=1.0. Windows of a multivariate series: x is float32 (N, C, L) (C channels,
+    L time steps; often a strided view of one series, see vaelab.timeseries), scale=1.0. Optional ground-truth factors: float64 (N, F) and their names."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None, scale: float = 255.0,
                  classes: list[str] | None = None, name: str = "", *, factors=None,
@@ -68,9 +69,9 @@ class ArrayDataset:
         # them catchable the same way as every other data problem.
         if not isinstance(x, torch.Tensor):
             raise DataError(f"ArrayDataset {name!r}: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim not in (2, 4):
+        if x.ndim not in (2, 3, 4):
             raise DataError(f"ArrayDataset {name!r}: x has shape {tuple(x.shape)}; expected (N, D) "
-                            "for tabular data or (N, C, H, W) for images")
+                            "for tabular data, (N, C, L) for windows of a series or (N, C, H, W) for images")
         if y is not None:
             if not isinstance(y, torch.Tensor) or y.ndim != 1 or len(y) != len(x):
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -109,6 +110,11 @@ class ArrayDataset:
     @property
     def is_image(self) -> bool:
         return self.x.ndim == 4
+
+    @property
+    def is_sequence(self) -> bool:
+        """Windows of a series, (C, L) samples."""
+        return self.x.ndim == 3
 
     @property
     def num_classes(self) -> int | None:

@@ -427,10 +427,10 @@ class Autoencoder(nn.Module):
 
 def resolve_arch(cls: type[Autoencoder], config: ModelConfig) -> str:
     """What config.arch means for model class `cls`: "auto" is the model's default_arch, else conv for images
-    and mlp for vectors."""
+    and windows of a series (1-D convolutions), and mlp for vectors."""
     if config.arch != "auto":
         return config.arch
-    return cls.default_arch or ("conv" if config.is_image else "mlp")
+    return cls.default_arch or ("conv" if config.is_image or config.is_sequence else "mlp")
 
 
 def settings_problems(cls: type[Autoencoder], config: ModelConfig) -> list[str]:
@@ -450,9 +450,15 @@ def shape_problems(config: ModelConfig, arch: str) -> list[str]:
         from vaelab.models import resnet
 
         return resnet.problems(config)
-    if arch in ("conv", "conv-pool"):
+    if arch == "conv" and len(shape) == 2:  # windows of a series (C, L): 1-D convs along time
+        n = len(config.channels)
+        if shape[1] < 2 ** (n - 1) + 1 and n > 1:
+            return [f"input_shape={shape!r} is too short for {n} downsampling layers of arch='conv' (each halves "
+                    f"the length L={shape[1]}); use a longer window, fewer channels entries or arch='mlp'"]
+    elif arch in ("conv", "conv-pool"):
         if len(shape) != 3:
-            return [f"arch={arch!r} needs image input (C, H, W), got input_shape={shape!r}; use arch='mlp'"]
+            series = " (windows of a series, (C, L), take arch 'conv')" if len(shape) == 2 else ""
+            return [f"arch={arch!r} needs image input (C, H, W), got input_shape={shape!r}; use arch='mlp'{series}"]
         # every stride-2 conv / 2x2 pool halves the size (rounding up); it must stay >= 1 pixel and
         # the architecture must not reduce an image below 2x2 before its last layer
         h, w = shape[1:]

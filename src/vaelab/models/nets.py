@@ -1,4 +1,5 @@
-"""Encoder and decoder networks for the three architectures, adapting to any input shape.
+"""Encoder and decoder networks for the three architectures, adapting to any input shape (arch conv also to
+windows of a series, (C, L): the same layers in 1-D).
 
 Spatial sizes: a stride-2 3x3 conv with padding 1 (and a 2x2 max-pool with ceil_mode) maps H to ceil(H/2),
 as Keras' padding="same" does. Decoders invert that exactly: transposed convs get output_padding 1 for an
@@ -63,6 +64,8 @@ def build_networks(config, encoder_outputs: int, arch: str) -> tuple[nn.Module, 
 
 
 def _conv(cfg, k: int):
+    if len(cfg.input_shape) == 2:
+        return _conv1d(cfg, k)
     c_in, h, w = cfg.input_shape
     cond = cfg.condition_dim
     chans = list(cfg.channels)
@@ -85,6 +88,31 @@ def _conv(cfg, k: int):
         prev = c
     c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per pixel
     dec.append(ConvTranspose2d(prev, c_out, 3, stride=1, padding=1))  # the output layer, no activation
+    return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
+
+
+def _conv1d(cfg, k: int):
+    """_conv for windows of a series (C, L): stride-2 1-D convs of width 3 along time, the same layout."""
+    c_in, length = cfg.input_shape
+    cond = cfg.condition_dim
+    chans = list(cfg.channels)
+    sizes = [s for s, _ in _sizes(length, 1, len(chans))]
+    enc: list[nn.Module] = []
+    prev = c_in + cond
+    for c in chans:  # (B, prev, L) -> (B, c, ceil(L/2))
+        enc += [nn.Conv1d(prev, c, 3, stride=2, padding=1), nn.ReLU()]
+        prev = c
+    flat = prev * sizes[-1]
+    enc += [nn.Flatten()] + _dense([flat, *cfg.hidden])
+    enc.append(nn.Linear(cfg.hidden[-1] if cfg.hidden else flat, k * cfg.latent_dim))
+
+    dec: list[nn.Module] = [nn.Linear(cfg.latent_dim + cond, flat), nn.ReLU(), nn.Unflatten(1, (prev, sizes[-1]))]
+    for i, c in enumerate(reversed(chans)):  # each transposed conv doubles the length back exactly
+        target = sizes[len(chans) - 1 - i]
+        dec += [nn.ConvTranspose1d(prev, c, 3, stride=2, padding=1, output_padding=1 - target % 2), nn.ReLU()]
+        prev = c
+    c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per step
+    dec.append(nn.ConvTranspose1d(prev, c_out, 3, stride=1, padding=1))  # the output layer, no activation
     return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
 
 
@@ -135,6 +163,6 @@ def _init_like_keras(net: nn.Module) -> None:
     # Glorot-uniform weights and zero biases, as the tutorial's Keras layers: the presets then start
     # where the tutorial starts (PyTorch's default init is smaller and trains these nets more slowly).
     for m in net.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
