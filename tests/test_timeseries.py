@@ -269,6 +269,11 @@ def test_cli_train_score_and_reuse(tmp_path):
     again = vaelab("series", "--detector", tmp_path / "pump", "--data", tmp_path / "log.csv", "--out", tmp_path / "re")
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "re" / "scores.csv").read_text() == (out / "scores.csv").read_text()
+    # `vaelab detect` points to the command that scores series
+    wrong = vaelab("detect", tmp_path / "pump", "--data", tmp_path / "log.csv")
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert f"is a time-series detector (written by `vaelab series`); score a series with it by `vaelab series " \
+           f"--detector {tmp_path / 'pump'} --data {tmp_path / 'log.csv'}`" in wrong.stderr
 
 
 def test_cli_errors_exit_cleanly(tmp_path):
