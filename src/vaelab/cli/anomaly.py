@@ -11,22 +11,12 @@ from pathlib import Path
 
 from vaelab.anomaly import (AUTO, DETECTOR_KEY, ONE_CLASS_DATASETS, SAMPLED, SCORE_CHOICES, SCORE_HELP, SCORES,
                             auroc, format_table, one_class, save_histogram, save_roc, score_problems)
-from vaelab.cli.common import add_trust_code, print_written, sub
+from vaelab.cli.common import add_trust_code, fraction, print_written, sub
 from vaelab.errors import ConfigError, DataError, VaelabError
 
 
 # the help of these two commands keeps argparse's own layout (their text is laid out by hand)
 _FORMATTER = argparse.RawDescriptionHelpFormatter
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
-    return v
 
 
 _SCORE_LINES = "\n        ".join(f"  {k:7s} {v}" for k, v in SCORE_HELP.items())
@@ -72,9 +62,9 @@ def add_detect_parser(subparsers) -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, default=None, metavar="T",
                        help="flag rows whose anomaly score exceeds T")
-    group.add_argument("--contamination", type=_fraction, default=None, metavar="C",
+    group.add_argument("--contamination", type=fraction, default=None, metavar="C",
                        help="flag the fraction C of the rows of --data with the highest scores")
-    group.add_argument("--fpr", type=_fraction, default=None, metavar="F",
+    group.add_argument("--fpr", type=fraction, default=None, metavar="F",
                        help="threshold at the false-positive rate F on held-out normal data (plain runs)")
     p.add_argument("--normal-label", default=None, metavar="LABEL",
                    help="with labels other than 0/1: the label (index or class name) of normal rows "

@@ -108,6 +108,17 @@ def int_list(text: str) -> tuple[int, ...]:
             from None
 
 
+def fraction(text: str) -> float:
+    """argparse type of a fraction strictly between 0 and 1 (a contamination, a false-positive rate)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
+    return v
+
+
 def positive(value: int, flag: str) -> None:
     if value < 1:
         raise VaelabError(f"{flag} must be a positive integer, got {value}")

@@ -7,20 +7,10 @@ import argparse
 import os
 from pathlib import Path
 
-from vaelab.cli.common import int_list, print_written, sub
+from vaelab.cli.common import fraction, int_list, print_written, sub
 from vaelab.errors import VaelabError
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
-    return v
 
 
 def _positive(text: str) -> int:
@@ -79,12 +69,12 @@ def add_series_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="[default 64]")
     p.add_argument("--lr", type=float, default=1e-3, help="[default 1e-3]")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--fpr", type=_fraction, default=None, metavar="F",
+    group.add_argument("--fpr", type=fraction, default=None, metavar="F",
                        help="with --train: the threshold flags a fraction F of the held-out normal rows "
                             "[default 0.01]")
     group.add_argument("--threshold", type=float, default=None, metavar="T",
                        help="flag rows whose score exceeds T [default: the detector's]")
-    p.add_argument("--validation-fraction", type=_fraction, default=0.2, metavar="F",
+    p.add_argument("--validation-fraction", type=fraction, default=0.2, metavar="F",
                    help="the end of the training series held out to set the threshold [default 0.2]")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="[default 0]")
     p.add_argument("--threads", type=_positive, default=None, metavar="N", help="torch CPU threads [default torch's]")
