@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 
 from vaelab.errors import CheckpointError, ConfigError, DataError
 from vaelab.plotting import spans
@@ -286,7 +287,7 @@ def _is_int(v, low: int = 1) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
 
 
-class SeriesDetector:
+class SeriesDetector(BaseEstimator):
     """Anomaly scores for every timestamp of a multivariate series, from an autoencoder of its sliding windows
     (see the module docstring).
 
@@ -322,11 +323,6 @@ class SeriesDetector:
         self.random_state = random_state
         self.threads = threads
         self.verbose = verbose
-
-    def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in ("window", "stride", "model", "latent_dim", "channels", "hidden",
-                                              "gaussian_sigma", "epochs", "batch_size", "lr", "fpr",
-                                              "validation_fraction", "random_state", "threads", "verbose")}
 
     @property
     def stride_(self) -> int:
