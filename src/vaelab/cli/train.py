@@ -24,7 +24,7 @@ from vaelab.labels import class_names
 DEFAULT_PRESET = "seed-vae"
 DEFAULT_DATASET = "digits"
 # as vaelab.data.DATASETS (that needs torch)
-BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "dsprites")
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "dsprites")
 
 # Help for the generated flags, keyed by field name. A field missing here still gets a flag.
 DIGITS_EPOCHS = 100  # the default --epochs on the small digits dataset
@@ -160,7 +160,8 @@ def _add_run_flags(run) -> None:
                      help="start from a named preset (`vaelab models` describes them) [default seed-vae "
                           "unless --model is given]")
     run.add_argument("--dataset", metavar="NAME_OR_PATH", default=argparse.SUPPRESS,
-                     help="digits, mnist, fashion-mnist, cifar10, svhn, dsprites (generated, with its factors), or "
+                     help="digits, mnist, fashion-mnist, cifar10, svhn, celeba (64x64, 40 attributes as factors), "
+                          "dsprites (generated, with its factors), or "
                           "a path to a .npy/.npz/.csv file or an image folder [default digits]")
     run.add_argument("--factors", metavar="FILE", default=argparse.SUPPRESS,
                      help="ground-truth factors of the data, for `vaelab evaluate --disentanglement`: an .npy (N, F) "

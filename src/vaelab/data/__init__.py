@@ -1,7 +1,8 @@
-"""Datasets for vaelab: built-in ones (digits, mnist, fashion-mnist, cifar10, svhn, dsprites) and the user's own
-files.
+"""Datasets for vaelab: built-in ones (digits, mnist, fashion-mnist, cifar10, svhn, celeba, dsprites) and the user's
+own files.
 
-`load_dataset(name)` returns train/test `DataSplits` of compact in-memory `ArrayDataset`s (dsprites: bit-packed
+`load_dataset(name)` returns train/test `DataSplits` of compact in-memory `ArrayDataset`s (celeba: 64x64 crops
+memory-mapped from a cache file, with its 40 attributes as ground-truth factors; dsprites: bit-packed
 `PackedImageDataset`s with ground-truth factors; a large image folder: `LazyImageDataset`s that decode their files
 one batch at a time). `attach_factors(splits, FILE)` adds the factors of a file.
 """
@@ -21,7 +22,7 @@ from vaelab.data.idx import read_idx
 from vaelab.data.sources import DOWNLOADED, SYSTEM_DIRS, cache_dir, default_data_dirs, load_idx_dataset
 from vaelab.errors import DataError
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "dsprites")
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "dsprites")
 FILE_KINDS = ("a .npy file", "a .npz file (x[, y] or x_train/y_train/x_test/y_test)",
               "a folder of PNG/JPEG images (optionally one sub-folder per class, or train/ and test/)",
               "a .csv file of numbers")

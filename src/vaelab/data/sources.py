@@ -1,8 +1,9 @@
 """Datasets downloaded from their authors' sites: MNIST and Fashion-MNIST (four IDX files), CIFAR-10 (the binary
-version: fixed-length records, never the pickled one) and SVHN (MATLAB .mat files, read by scipy). Finding the
-files on disk, or downloading them into the cache.
+version: fixed-length records, never the pickled one), SVHN (MATLAB .mat files, read by scipy) and CelebA (a zip
+of JPEGs and two text files, read by vaelab.data.celeba). Finding the files on disk, or downloading them into the
+cache.
 
-Lookup order (the first folder holding all four files wins): the `data_dir` argument, $VAELAB_DATA,
+Lookup order (the first folder holding all the dataset's files wins): the `data_dir` argument, $VAELAB_DATA,
 the user cache, system folders (Debian's package for Fashion-MNIST), then a download. Downloads are
 verified against the canonical MD5s and only renamed into place once every file has arrived intact,
 so the cache never holds a partial or corrupt set.
@@ -22,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaelab.data import celeba
 from vaelab.data.arrays import ArrayDataset, DataSplits
 from vaelab.data.idx import read_idx
 from vaelab.errors import DataError
 
 IDX_DATASETS = ("mnist", "fashion-mnist")
-DOWNLOADED = IDX_DATASETS + ("cifar10", "svhn")  # every dataset this module finds or downloads
+DOWNLOADED = IDX_DATASETS + ("cifar10", "svhn", "celeba")  # every dataset this module finds or downloads
 CIFAR_ARCHIVE = "cifar-10-binary.tar.gz"
 CIFAR_FOLDER = "cifar-10-batches-bin"  # the archive's one folder
 CIFAR_RECORD = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue planes of 32x32 (row-major)
@@ -56,6 +58,9 @@ MD5 = {
     "cifar10": {CIFAR_ARCHIVE: "c32a1d4ab5d03f1284b67883e8d87530"},
     "svhn": {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
              "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"},
+    "celeba": {celeba.ARCHIVE: "00d2c5bc6d35e252742224ab0c1e8fcb",
+               celeba.PARTITION_FILE: "d32c9cbf5e040fd4025c592c306e6668",
+               celeba.ATTRIBUTE_FILE: "75e246fa4810816ffd6ee81facbd244c"},
 }
 
 # Folder URLs; a file's URL is the folder URL + file name.
@@ -64,6 +69,9 @@ MIRRORS = {
     "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
     "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
     "svhn": ["http://ufldl.stanford.edu/housenumbers/"],
+    # The authors share CelebA on Google Drive, which cannot be fetched as a plain folder; this mirror serves the
+    # three files by name.
+    "celeba": ["https://graal.ift.ulaval.ca/public/celeba/"],
 }
 
 # Read-only copies installed by the OS (Debian's dataset-fashion-mnist). Module-level so tests can
@@ -128,13 +136,13 @@ def _mirror_urls(name: str) -> list[str]:
 
 
 def load_idx_dataset(name: str, data_dir=None, *, download: bool = True, progress: bool = True) -> DataSplits:
-    """Find (or download) and load mnist, fashion-mnist, cifar10 or svhn."""
+    """Find (or download) and load mnist, fashion-mnist, cifar10, svhn or celeba."""
     looked = []
     filenames = list(MD5[name])
     for folder in default_data_dirs(name, data_dir):
         found, missing = _find_files(folder, name)
         if not missing:
-            return READERS.get(name, _load_folder)(name, found)
+            return READERS.get(name, _load_folder)(name, found, progress)
         if not folder.is_dir():
             looked.append(f"{folder} (no such folder)")
         elif found:
@@ -161,7 +169,7 @@ def load_idx_dataset(name: str, data_dir=None, *, download: bool = True, progres
         raise DataError(f"{name}: the dataset files were not found locally and the download failed.\n"
                         f"Looked in:\n{places}\nTried to download:\n{tried}\n{how}")
     found, _ = _find_files(target, name)
-    return READERS.get(name, _load_folder)(name, found)
+    return READERS.get(name, _load_folder)(name, found, progress)
 
 
 def _download(name: str, target: Path, progress: bool) -> list[tuple[str, str]]:
@@ -264,7 +272,7 @@ def _remove(path) -> None:
         pass
 
 
-def _load_folder(name: str, files: dict[str, Path]) -> DataSplits:
+def _load_folder(name: str, files: dict[str, Path], progress: bool = False) -> DataSplits:
     parts = {}
     for split, (img_name, lbl_name) in FILES.items():
         img_path, lbl_path = files[img_name], files[lbl_name]
@@ -288,7 +296,7 @@ def _load_folder(name: str, files: dict[str, Path]) -> DataSplits:
     return DataSplits(name, parts["train"], parts["test"])
 
 
-def _load_cifar10(name: str, files: dict[str, Path]) -> DataSplits:
+def _load_cifar10(name: str, files: dict[str, Path], progress: bool = False) -> DataSplits:
     """CIFAR-10's binary version: five training batches and a test batch of 3,073-byte records, read from the
     archive's members (nothing is extracted, nothing unpickled)."""
     import tarfile
@@ -331,7 +339,7 @@ def _cifar_records(data: bytes, archive: Path, split: str) -> tuple[torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels)
 
 
-def _load_svhn(name: str, files: dict[str, Path]) -> DataSplits:
+def _load_svhn(name: str, files: dict[str, Path], progress: bool = False) -> DataSplits:
     """SVHN's cropped digits: MATLAB files of X (32, 32, 3, N) uint8 and y (N, 1), 10 standing for the digit 0."""
     from scipy.io import loadmat
 
@@ -358,4 +366,11 @@ def _load_svhn(name: str, files: dict[str, Path]) -> DataSplits:
     return DataSplits(name, *parts)
 
 
-READERS = {"cifar10": _load_cifar10, "svhn": _load_svhn}  # the others are IDX files (_load_folder)
+def _load_celeba(name: str, files: dict[str, Path], progress: bool = True) -> DataSplits:
+    """CelebA's 64x64 crops and 40 attributes; the decoded pixels are cached beside the files, or in the cache."""
+    return celeba.load_celeba(files, cache_dir() / name, name=name, progress=progress)
+
+
+# name -> reader(name, files, progress): the splits from the dataset's files (file name -> path). Only a reader that
+# takes long (CelebA decodes 202,599 JPEGs once) shows progress. The others are IDX files (_load_folder).
+READERS = {"cifar10": _load_cifar10, "svhn": _load_svhn, "celeba": _load_celeba}
