@@ -49,9 +49,11 @@ def load_celeba(files: dict[str, Path], cache_folder: Path, *, name: str = "cele
     missing = [f for f in partition if f not in attributes]
     extra = [f for f in attributes if f not in partition]
     if missing or extra:
-        which = (f"{missing[0]} (and {len(missing) - 1} more) has no row in {attribute_path}" if missing else
-                 f"{attribute_path} has a row for {extra[0]} (and {len(extra) - 1} more), which {partition_path} "
-                 "does not list")
+        def more(names: list[str]) -> str:
+            return f"{names[0]}{f' (and {len(names) - 1} more)' if len(names) > 1 else ''}"
+
+        which = (f"{more(missing)} has no row in {attribute_path}" if missing else
+                 f"{attribute_path} has a row for {more(extra)}, which {partition_path} does not list")
         raise DataError(f"{attribute_path}: its rows do not match the file names of {partition_path}: {which}; "
                         "the two files are from different sets. Delete them and download them again")
     key = _cache_key(archive, partition_path)
