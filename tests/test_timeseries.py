@@ -232,9 +232,29 @@ def test_fit_errors():
                                 "fpr=2 must be a number in (0, 1): the false-positive rate on held-out normal rows"]
     with pytest.raises(ConfigError, match="stride=80 is larger than window=64"):
         SeriesDetector(window=64, stride=80).fit(np.zeros((500, 2)))
-    with pytest.raises(DataError, match="the training series has 200 rows: its first 160 train the model and its "
-                                        "last 40 set the threshold"):
+    with pytest.raises(DataError, match="the training series array has 200 rows: its first 160 train the model and "
+                                        "its last 40 set the threshold"):
         SeriesDetector(window=64).fit(np.random.default_rng(0).standard_normal((200, 2)))
+
+
+def test_several_training_series_never_share_a_window():
+    """Two runs of normal operation: windows come from within each run (none straddles the join), the
+    standardization is over both training parts, and the threshold is the quantile of both held-out ends."""
+    a, b = synthetic_series(1000, 3), synthetic_series(700, 4)
+    b.values = b.values[:, [0, 1, 2]] * 2.0 + 1.0  # another operating point
+    det = SeriesDetector(window=32, stride=8, epochs=3, threads=1).fit([a, b])
+    assert det.n_windows_ == (800 - 32) // 8 + 1 + (560 - 32) // 8 + 1
+    train = np.concatenate([a.values[:800], b.values[:560]])
+    np.testing.assert_allclose(det.mean_, train.mean(axis=0))
+    np.testing.assert_allclose(det.scale_, train.std(axis=0))
+    held = np.concatenate([det.score_timestamps(Series(a.values[800:], COLUMNS)),
+                           det.score_timestamps(Series(b.values[560:], COLUMNS))])
+    assert det.threshold_ == pytest.approx(float(np.quantile(held, 0.99)), rel=1e-6)
+    c = Series(a.values[:, :2], ["pressure", "flow"], name="two")
+    with pytest.raises(DataError, match=r"two has the channels \['pressure', 'flow'\], synthetic-3 has "):
+        SeriesDetector(window=32, epochs=1).fit([a, c])
+    with pytest.raises(DataError, match="got an empty list of training series"):
+        SeriesDetector().fit([])
 
 
 # ==================================================================================================== CLI

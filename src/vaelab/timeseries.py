@@ -283,6 +283,12 @@ def synthetic_series(rows: int, seed: int, anomalies=()) -> Series:
 # =============================================================================================== detector
 
 
+def _is_series_list(X) -> bool:
+    """Whether X is several series (a list or tuple of paths, Series, arrays or DataFrames), not one array."""
+    return isinstance(X, (list, tuple)) and all(
+        isinstance(x, (str, os.PathLike, Series, np.ndarray, torch.Tensor)) or hasattr(x, "to_numpy") for x in X)
+
+
 def _is_int(v, low: int = 1) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
 
@@ -302,7 +308,7 @@ class SeriesDetector(BaseEstimator):
       fpr               the false-positive rate the threshold aims at on held-out normal rows [0.01]
       validation_fraction   the end of the training series held out to set the threshold [0.2]
       random_state, threads, verbose
-    Fitted: model_, mean_, scale_ (per channel), columns_, threshold_, history_.
+    Fitted: model_, mean_, scale_ (per channel), columns_, threshold_, n_windows_ (training windows), history_.
     """
 
     def __init__(self, window=64, stride=None, *, model="ae", latent_dim=8, channels=(32, 64), hidden=(128,),
@@ -367,44 +373,53 @@ class SeriesDetector(BaseEstimator):
         return model, train
 
     def fit(self, X, y=None) -> SeriesDetector:
-        """Learn the windows of the normal series X (anything read_series reads), then set the threshold on its
-        held-out end. Returns self."""
+        """Learn the windows of the normal series X (anything read_series reads, or a list of such series: several
+        runs of normal operation, whose windows never cross from one to the next), then set the threshold on the
+        held-out end of each. Returns self."""
         from vaelab.data.arrays import ArrayDataset
         from vaelab.models import build_model
         from vaelab.sklearn import torch_threads
         from vaelab.training import fit
 
-        series = read_series(X)
         problems = self.problems()
         if problems:
             raise ConfigError(problems, "SeriesDetector parameters")
+        parts = [read_series(x) for x in X] if _is_series_list(X) else [read_series(X)]
+        if not parts:
+            raise DataError("got an empty list of training series; give at least one series of normal operation")
         w, s = self.window, self.stride_
-        n_held = int(round(len(series) * self.validation_fraction))
-        n_train = len(series) - n_held
-        model_cfg, train_cfg = self._config(series.values.shape[1], (n_train - w) // s + 1)
+        cut = [len(p) - int(round(len(p) * self.validation_fraction)) for p in parts]  # rows that train
+        for p, n in zip(parts, cut):
+            if p.columns != parts[0].columns:
+                raise DataError(f"{p.name} has the channels {p.columns}, {parts[0].name} has {parts[0].columns}; "
+                                "every training series needs the same columns in the same order")
+            if n < w or len(p) - n < w:
+                least = math.ceil(w / min(self.validation_fraction, 1 - self.validation_fraction))
+                raise DataError(f"the training series {p.name} has {len(p)} rows: its first {n} train the model and "
+                                f"its last {len(p) - n} set the threshold, and each part needs at least one window "
+                                f"of {w} rows; give at least {least} rows of normal operation or a shorter window")
+        n_windows = sum((n - w) // s + 1 for n in cut)
+        model_cfg, train_cfg = self._config(len(parts[0].columns), n_windows)
         problems = model_cfg.problems() + train_cfg.problems()
         if problems:
             raise ConfigError(problems, "SeriesDetector parameters")
-        if n_train < w or n_held < w:
-            raise DataError(f"the training series has {len(series)} rows: its first {n_train} train the model and "
-                            f"its last {n_held} set the threshold, and each part needs at least one window of {w} "
-                            f"rows; give at least {math.ceil(w / min(self.validation_fraction, 1 - self.validation_fraction))} "
-                            "rows of normal operation or a shorter window")
-        values = series.values
-        self.mean_ = values[:n_train].mean(axis=0)
-        std = values[:n_train].std(axis=0)
+        train_rows = np.concatenate([p.values[:n] for p, n in zip(parts, cut)])
+        self.mean_ = train_rows.mean(axis=0)
+        std = train_rows.std(axis=0)
         self.scale_ = np.where(std > 0, std, 1.0)  # a constant channel: centred, not scaled
-        self.columns_ = list(series.columns)
-        z = torch.from_numpy((values - self.mean_) / self.scale_).float()
-        train = z[:n_train]
-        view = train.t().unfold(1, w, s).permute(1, 0, 2)  # (N, C, w) windows every s rows, a view: no copies
-        data = ArrayDataset(view, None, 1.0, name=f"{series.name} windows")
+        self.columns_ = list(parts[0].columns)
+        z = [torch.from_numpy((p.values - self.mean_) / self.scale_).float() for p in parts]
+        # (N, C, w) windows every s rows of each training part: a view of one series (no copies), else their union
+        views = [t[:n].t().unfold(1, w, s).permute(1, 0, 2) for t, n in zip(z, cut)]
+        data = ArrayDataset(views[0] if len(views) == 1 else torch.cat(views), None, 1.0,
+                            name=f"{parts[0].name} windows")
+        self.n_windows_ = len(data)
         with torch_threads(self.threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.random_state or 0))
             self.model_ = build_model(model_cfg)
             self.history_ = fit(self.model_, data, None, train_cfg)
             self.model_.eval()
-            held = self._timestamp_scores(z[n_train:]).sum(axis=1)
+            held = np.concatenate([self._timestamp_scores(t[n:]).sum(axis=1) for t, n in zip(z, cut)])
         self.threshold_ = float(np.quantile(held, 1.0 - self.fpr))
         return self
 

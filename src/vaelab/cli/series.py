@@ -49,7 +49,9 @@ def add_series_parser(subparsers) -> argparse.ArgumentParser:
           vaelab series --detector runs/pump --data week-12.csv""",
           _FORMATTER)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train", metavar="CSV", help="a series of normal operation to fit a detector on")
+    source.add_argument("--train", metavar="CSV", nargs="+",
+                        help="a series of normal operation to fit a detector on (several files: several runs, no "
+                             "window crosses from one to the next)")
     source.add_argument("--detector", metavar="DIR", help="a detector saved by an earlier `vaelab series --train`")
     p.add_argument("--data", metavar="CSV", default=None,
                    help="the series to score [required with --detector; optional with --train]")
@@ -137,20 +139,21 @@ def _detector(args):
             raise VaelabError(f"--detector {args.detector!r} {what}; give the --out folder of `vaelab series --train`")
         det = SeriesDetector.load(folder)
         return det, folder, Path(args.out) if args.out else folder / f"detect-{Path(args.data).stem}"
-    train = read_series(args.train, time_column=args.time_column)
-    folder = Path(args.out or os.path.join("runs", f"series-{Path(args.train).stem}"))
+    train = [read_series(path, time_column=args.time_column) for path in args.train]
+    folder = Path(args.out or os.path.join("runs", f"series-{Path(args.train[0]).stem}"))
     det = SeriesDetector(window=args.window, stride=args.stride, model=args.model, latent_dim=args.latent_dim,
                          channels=args.channels, hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, fpr=args.fpr if args.fpr is not None else 0.01,
                          validation_fraction=args.validation_fraction, random_state=args.seed, threads=args.threads)
-    print(f"fitting on {args.train}: {len(train)} rows, {len(train.columns)} channels {train.columns}; windows of "
-          f"{det.window} rows every {det.stride_}", flush=True)
+    print(f"fitting on {', '.join(args.train)}: {sum(map(len, train))} rows, {len(train[0].columns)} channels "
+          f"{train[0].columns}; windows of {det.window} rows every {det.stride_}", flush=True)
     det.fit(train)
     det.save(folder)
     last = det.history_[-1]
-    print(f"trained {last['epoch']} epochs ({last['step']} steps): train loss {last['train_loss']:.4g}")
+    print(f"trained {last['epoch']} epochs ({last['step']} steps) on {det.n_windows_} windows: train loss "
+          f"{last['train_loss']:.4g}")
     print(f"threshold {det.threshold_:.6g}: {100 * det.fpr:g}% of the held-out rows (the last "
-          f"{100 * det.validation_fraction:g}% of the training series) lie above it")
+          f"{100 * det.validation_fraction:g}% of each training series) lie above it")
     print(f"wrote the detector: {folder}")
     return det, folder, None if args.data is None else folder / f"detect-{Path(args.data).stem}"
 
