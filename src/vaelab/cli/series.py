@@ -30,10 +30,9 @@ def add_series_parser(subparsers) -> argparse.ArgumentParser:
         convolutions along time, scores every timestamp. --train fits a detector on a stretch of normal
         operation and saves it into --out; --detector reuses a saved one. --data is the series to score.
 
-        A series is a CSV with one row per timestamp and one column per channel; a first column named
-        time/timestamp/date (or holding dates) is the time index (or name it with --time-column); a column
-        named 'label' (0/1) marks known anomalies, which are then used for the AUROC and the picture only.
-        An .npy array (T, C) works too. Each channel is standardized with the training series' statistics.
+        A series is a CSV with one row per timestamp and one column per channel (or an .npy array (T, C)); a
+        first column named time/timestamp/date (or holding dates) is the time index (or --time-column); a
+        'label' column (0/1) marks known anomalies, used for the AUROC and the picture only.
 
         A timestamp's score is the mean, over the windows that cover it, of their reconstruction error at
         that row (summed over the channels). The threshold comes from the end of the training series, held
@@ -49,9 +48,8 @@ def add_series_parser(subparsers) -> argparse.ArgumentParser:
           vaelab series --detector runs/pump --data week-12.csv""",
           _FORMATTER)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train", metavar="CSV", nargs="+",
-                        help="a series of normal operation to fit a detector on (several files: several runs, no "
-                             "window crosses from one to the next)")
+    source.add_argument("--train", metavar="CSV", nargs="+", help="normal operation to fit a detector on (several "
+                        "files: several runs, no window crosses from one to the next)")
     source.add_argument("--detector", metavar="DIR", help="a detector saved by an earlier `vaelab series --train`")
     p.add_argument("--data", metavar="CSV", default=None,
                    help="the series to score [required with --detector; optional with --train]")
