@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from vaelab.errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -115,6 +117,14 @@ def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.devi
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} asks for a CUDA GPU, but torch {torch.__version__} sees none on this "
+                          "machine (torch.cuda.is_available() is False); use --device cpu (or auto): a run trained "
+                          "on a GPU resumes, evaluates and samples on a CPU", "training settings")
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={str(dev)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}; choose one of them, or cpu or auto",
+                          "training settings")
     return dev
 
 
