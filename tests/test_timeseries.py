@@ -289,6 +289,12 @@ def test_cli_train_score_and_reuse(tmp_path):
     again = vaelab("series", "--detector", tmp_path / "pump", "--data", tmp_path / "log.csv", "--out", tmp_path / "re")
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "re" / "scores.csv").read_text() == (out / "scores.csv").read_text()
+    # --contamination: the fraction of the scored rows with the highest scores (2000 rows: 100)
+    top = vaelab("series", "--detector", tmp_path / "pump", "--data", tmp_path / "log.csv", "--contamination", 0.05,
+                 "--out", tmp_path / "top")
+    assert top.returncode == 0, top.stderr
+    flagged = json.loads((tmp_path / "top" / "detect.json").read_text())
+    assert flagged["flagged"] == 100 and flagged["threshold_from"] == "--contamination 0.05"
     # `vaelab detect` points to the command that scores series
     wrong = vaelab("detect", tmp_path / "pump", "--data", tmp_path / "log.csv")
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
@@ -304,5 +310,8 @@ def test_cli_errors_exit_cleanly(tmp_path):
     proc = vaelab("series", "--detector", tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--detector scores a series: give it with --data CSV" in proc.stderr
+    proc = vaelab("series", "--train", tmp_path / "bad.csv", "--contamination", 0.1)
+    assert proc.returncode != 0 and "--contamination flags rows of the series to score: give it with --data CSV" \
+        in proc.stderr
     proc = vaelab("series", "--detector", tmp_path / "none", "--data", tmp_path / "bad.csv")
     assert "--detector '" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -60,20 +60,16 @@ def add_series_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=_positive, default=None, metavar="S",
                    help="rows between window starts, for training and scoring [default W/4]")
     p.add_argument("--model", default="ae", metavar="NAME", help="a registered model: ae or vae [default ae]")
-    p.add_argument("--latent-dim", type=_positive, default=8, metavar="N", help="[default 8]")
-    p.add_argument("--channels", type=int_list, default=(32, 64), metavar="LIST",
-                   help="widths of the 1-D conv layers, each halving the length [default 32,64]")
-    p.add_argument("--hidden", type=int_list, default=(128,), metavar="LIST", help="dense layers [default 128]")
-    p.add_argument("--epochs", type=_positive, default=None, metavar="N",
-                   help="[default: about 3000 optimizer steps, 20 to 300 epochs]")
-    p.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="[default 64]")
-    p.add_argument("--lr", type=float, default=1e-3, help="[default 1e-3]")
+    _add_model_flags(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fpr", type=fraction, default=None, metavar="F",
                        help="with --train: the threshold flags a fraction F of the held-out normal rows "
                             "[default 0.01]")
     group.add_argument("--threshold", type=float, default=None, metavar="T",
                        help="flag rows whose score exceeds T [default: the detector's]")
+    group.add_argument("--contamination", type=fraction, default=None, metavar="C",
+                       help="flag the fraction C of the rows of --data with the highest scores (where the level "
+                            "drifts from the training series', a held-out threshold flags too much)")
     p.add_argument("--validation-fraction", type=fraction, default=0.2, metavar="F",
                    help="the end of the training series held out to set the threshold [default 0.2]")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="[default 0]")
@@ -85,23 +81,43 @@ def add_series_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_model_flags(p) -> None:
+    p.add_argument("--latent-dim", type=_positive, default=8, metavar="N", help="[default 8]")
+    p.add_argument("--channels", type=int_list, default=(32, 64), metavar="LIST",
+                   help="widths of the 1-D conv layers, each halving the length [default 32,64]")
+    p.add_argument("--hidden", type=int_list, default=(128,), metavar="LIST", help="dense layers [default 128]")
+    p.add_argument("--epochs", type=_positive, default=None, metavar="N",
+                   help="[default: about 3000 optimizer steps, 20 to 300 epochs]")
+    p.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="[default 64]")
+    p.add_argument("--lr", type=float, default=1e-3, help="[default 1e-3]")
+
+
 def run_series(args) -> int:
     import numpy as np
 
     from vaelab.timeseries import read_series
 
+    given = [f for f, v in (("--threshold", args.threshold), ("--contamination", args.contamination)) if v is not None]
+    if given and args.data is None:
+        raise VaelabError(f"{given[0]} flags rows of the series to score: give it with --data CSV")
     det, folder, out = _detector(args)
     if out is None:
         return 0
     data = read_series(args.data, time_column=args.time_column)
-    threshold = args.threshold if args.threshold is not None else det.threshold_
     per = det.score_timestamps(data, per_channel=True)
     score = per.sum(axis=1)
+    if args.threshold is not None:
+        threshold, how = args.threshold, "--threshold"
+    elif args.contamination is not None:
+        threshold = float(np.quantile(score, 1.0 - args.contamination))
+        how = f"--contamination {args.contamination:g}"
+    else:
+        threshold, how = det.threshold_, "the detector (held-out normal rows)"
     flagged = score > threshold
     segments = det.segments(data, per, threshold)
     summary = {"detector": str(folder), "data": str(args.data), "rows": len(data), "channels": det.columns_,
                "window": det.window, "stride": det.stride_, "threshold": threshold,
-               "threshold_from": "--threshold" if args.threshold is not None else "the detector (held-out normal rows)",
+               "threshold_from": how,
                "flagged": int(flagged.sum()), "segments": segments}
     if data.labels is not None and 0 < data.labels.sum() < len(data):
         from vaelab.evaluation.scores import auroc
@@ -130,7 +146,7 @@ def _detector(args):
             raise VaelabError("--detector scores a series: give it with --data CSV")
         if args.fpr is not None:
             raise VaelabError("--fpr sets the threshold when a detector is fitted (--train); with --detector give "
-                              "--threshold T, or fit again")
+                              "--threshold T or --contamination C, or fit again")
         folder = Path(args.detector)
         if not folder.is_dir():
             what = "is a file, not a directory" if folder.exists() else "does not exist"
