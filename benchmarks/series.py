@@ -55,7 +55,8 @@ import torch  # noqa: E402
 from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 
 from vaelab.io import atomic_write_json  # noqa: E402
-from vaelab.timeseries import INJECTED, SeriesDetector, synthetic_series, window_starts, windows  # noqa: E402
+from vaelab.timeseries import (INJECTED, SeriesDetector, fold_windows, synthetic_series, window_starts,  # noqa: E402
+                               windows)
 
 WINDOW, STRIDE, FPR, HELD = 64, 4, 0.01, 0.2
 # real series: (folder and file in sktime's package data, training rows, window, stride)
@@ -63,12 +64,11 @@ REAL = {"mitdb": ("mitdb/mitdb.csv", 5000, 256, 16), "yahoo": ("yahoo/yahoo.csv"
 
 
 def folded(window_scores: np.ndarray, starts: np.ndarray, rows: int, window: int) -> np.ndarray:
-    """Per-row scores from per-window ones: the mean over the windows that cover each row."""
-    total, count = np.zeros(rows), np.zeros(rows)
-    for s, v in zip(starts, window_scores):
-        total[s:s + window] += v
-        count[s:s + window] += 1
-    return total / count
+    """Per-row scores from per-window ones: the mean over the windows that cover each row (SeriesDetector's
+    folding, vaelab.timeseries.fold_windows)."""
+    total, count = torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
+    fold_windows(torch.from_numpy(np.repeat(window_scores[:, None], window, axis=1)), starts, total, count)
+    return (total / count).numpy()
 
 
 class WindowBaseline:

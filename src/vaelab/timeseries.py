@@ -237,6 +237,15 @@ def windows(values: torch.Tensor, window: int, starts: np.ndarray) -> torch.Tens
     return values[steps].transpose(1, 2)
 
 
+def fold_windows(per_step: torch.Tensor, starts, total: torch.Tensor, count: torch.Tensor) -> None:
+    """Add windows' values at each of their steps, per_step (N, window, ...), to the rows they cover: total[t] +=
+    every value at row t, count[t] += the number of windows covering t (both float64, updated in place; the mean
+    over the covering windows is total / count)."""
+    rows = (torch.as_tensor(starts)[:, None] + torch.arange(per_step.shape[1])).reshape(-1)
+    total.index_add_(0, rows, per_step.reshape(len(rows), *per_step.shape[2:]).to(total.dtype))
+    count.index_add_(0, rows, torch.ones(len(rows), dtype=count.dtype))
+
+
 # ============================================================================================ synthetic
 
 
@@ -445,14 +454,11 @@ class SeriesDetector(BaseEstimator):
         starts = window_starts(len(z), w, self.stride_)
         total = torch.zeros(len(z), z.shape[1], dtype=torch.float64)
         count = torch.zeros(len(z), dtype=torch.float64)
-        steps = torch.arange(w)
         for i in range(0, len(starts), batch):
             part = starts[i:i + batch]
             x = windows(z, w, part)
             err = -self.model_.likelihood.log_prob(x, self.model_.reconstruct_raw(x))  # (B, C, w)
-            rows = (torch.as_tensor(part)[:, None] + steps).reshape(-1)
-            total.index_add_(0, rows, err.transpose(1, 2).reshape(-1, z.shape[1]).double())
-            count.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+            fold_windows(err.transpose(1, 2), part, total, count)
         return (total / count[:, None]).numpy()
 
     def score_timestamps(self, X, *, per_channel: bool = False) -> np.ndarray:
@@ -528,5 +534,5 @@ class SeriesDetector(BaseEstimator):
         return det
 
 
-__all__ = ["Series", "SeriesDetector", "read_series", "window_starts", "windows", "synthetic_series", "INJECTED",
-           "SERIES_KEY"]
+__all__ = ["Series", "SeriesDetector", "read_series", "window_starts", "windows", "fold_windows", "synthetic_series",
+           "INJECTED", "SERIES_KEY"]
