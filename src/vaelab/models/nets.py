@@ -26,12 +26,11 @@ def _half(n: int) -> int:
     return (n + 1) // 2
 
 
-def _sizes(h: int, w: int, n: int) -> list[tuple[int, int]]:
-    """Spatial sizes after 0..n halvings: [(H, W), (ceil(H/2), ceil(W/2)), ...]."""
-    out = [(h, w)]
+def _sizes(spatial: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
+    """Spatial sizes after 0..n halvings: [(H, W), (ceil(H/2), ceil(W/2)), ...] (or [(L,), (ceil(L/2),), ...])."""
+    out = [tuple(spatial)]
     for _ in range(n):
-        h, w = _half(h), _half(w)
-        out.append((h, w))
+        out.append(tuple(_half(s) for s in out[-1]))
     return out
 
 
@@ -64,18 +63,19 @@ def build_networks(config, encoder_outputs: int, arch: str) -> tuple[nn.Module, 
 
 
 def _conv(cfg, k: int):
-    if len(cfg.input_shape) == 2:
-        return _conv1d(cfg, k)
-    c_in, h, w = cfg.input_shape
+    """Stride-2 convs of width 3 down, dense layers, transposed convs back up: on images (C, H, W) in 2-D, on
+    windows of a series (C, L) the same layers in 1-D along time."""
+    c_in, *spatial = cfg.input_shape
+    conv, convt = (Conv2d, ConvTranspose2d) if len(spatial) == 2 else (nn.Conv1d, nn.ConvTranspose1d)
     cond = cfg.condition_dim
     chans = list(cfg.channels)
-    sizes = _sizes(h, w, len(chans))
+    sizes = _sizes(spatial, len(chans))
     enc: list[nn.Module] = []
     prev = c_in + cond
-    for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2))
-        enc += [Conv2d(prev, c, 3, stride=2, padding=1), nn.ReLU()]
+    for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2)); (B, prev, L) -> (B, c, ceil(L/2))
+        enc += [conv(prev, c, 3, stride=2, padding=1), nn.ReLU()]
         prev = c
-    flat = prev * sizes[-1][0] * sizes[-1][1]
+    flat = prev * math.prod(sizes[-1])
     enc += [nn.Flatten()] + _dense([flat, *cfg.hidden])
     enc.append(nn.Linear(cfg.hidden[-1] if cfg.hidden else flat, k * cfg.latent_dim))
 
@@ -83,36 +83,11 @@ def _conv(cfg, k: int):
                             nn.Unflatten(1, (prev, *sizes[-1]))]
     for i, c in enumerate(reversed(chans)):  # each transposed conv doubles the size back exactly
         target = sizes[len(chans) - 1 - i]
-        pad = (1 - target[0] % 2, 1 - target[1] % 2)
-        dec += [ConvTranspose2d(prev, c, 3, stride=2, padding=1, output_padding=pad), nn.ReLU()]
+        pad = tuple(1 - t % 2 for t in target)
+        dec += [convt(prev, c, 3, stride=2, padding=1, output_padding=pad), nn.ReLU()]
         prev = c
-    c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per pixel
-    dec.append(ConvTranspose2d(prev, c_out, 3, stride=1, padding=1))  # the output layer, no activation
-    return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
-
-
-def _conv1d(cfg, k: int):
-    """_conv for windows of a series (C, L): stride-2 1-D convs of width 3 along time, the same layout."""
-    c_in, length = cfg.input_shape
-    cond = cfg.condition_dim
-    chans = list(cfg.channels)
-    sizes = [s for s, _ in _sizes(length, 1, len(chans))]
-    enc: list[nn.Module] = []
-    prev = c_in + cond
-    for c in chans:  # (B, prev, L) -> (B, c, ceil(L/2))
-        enc += [nn.Conv1d(prev, c, 3, stride=2, padding=1), nn.ReLU()]
-        prev = c
-    flat = prev * sizes[-1]
-    enc += [nn.Flatten()] + _dense([flat, *cfg.hidden])
-    enc.append(nn.Linear(cfg.hidden[-1] if cfg.hidden else flat, k * cfg.latent_dim))
-
-    dec: list[nn.Module] = [nn.Linear(cfg.latent_dim + cond, flat), nn.ReLU(), nn.Unflatten(1, (prev, sizes[-1]))]
-    for i, c in enumerate(reversed(chans)):  # each transposed conv doubles the length back exactly
-        target = sizes[len(chans) - 1 - i]
-        dec += [nn.ConvTranspose1d(prev, c, 3, stride=2, padding=1, output_padding=1 - target % 2), nn.ReLU()]
-        prev = c
-    c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per step
-    dec.append(nn.ConvTranspose1d(prev, c_out, 3, stride=1, padding=1))  # the output layer, no activation
+    c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per pixel or step
+    dec.append(convt(prev, c_out, 3, stride=1, padding=1))  # the output layer, no activation
     return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
 
 
@@ -120,7 +95,7 @@ def _conv_pool(cfg, k: int):
     c_in, h, w = cfg.input_shape
     cond = cfg.condition_dim
     chans = list(cfg.channels)
-    sizes = _sizes(h, w, len(chans))
+    sizes = _sizes((h, w), len(chans))
     enc: list[nn.Module] = []
     prev = c_in + cond
     for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2))
