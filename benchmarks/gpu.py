@@ -7,8 +7,9 @@ Sections, each written into DIR/gpu.json as soon as it ends (a failed one record
 - env:      torch, CUDA, the GPU, what `--precision auto` chooses there, and the measured matrix-product peaks
             (bf16, tf32, fp32: the mean of 10 timed 8192^3 products after 3 warm-ups) that the fractions use.
 - fixture:  `vaelab train --device cuda --precision auto` of the seed VAE on digits (10 epochs), its run directory
-            packed as DIR/cuda-run.tar.gz, and its test loss computed on the GPU: tests/test_gpu_run_on_cpu.py opens
-            that run on a CPU-only machine (evaluate, sample, resume).
+            packed as DIR/cuda-run.tar.gz, and its test loss computed on the GPU: unpacked into tests/fixtures/, it is
+            the real GPU run for tests/test_gpu_run_on_cpu.py to open on a CPU-only machine (evaluate, sample,
+            resume; that test fakes one today by editing config.json).
 - speed:    the seed presets and mnist-vae on MNIST, vaelab's `fit` against a plain PyTorch loop of the same
             network on the same GPU (the whole set on the GPU as one float tensor, batches sliced from it), fp32
             and bf16, alternating, --epochs each: steady s/epoch (median after the first), images/s (70,000 an

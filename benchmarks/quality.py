@@ -142,8 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=2, help="torch threads [default 2]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="", help="override the presets' precision "
-                   "(bf16: mixed precision, faster on CPUs with AVX-512 BF16)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="", help="override the presets' "
+                   "precision (bf16: mixed precision, faster on CPUs with AVX-512 BF16; auto: bf16 where the device "
+                   "computes it natively)")
     p.add_argument("--ae-epochs", type=int, default=10)
     p.add_argument("--nll-epochs", type=int, default=0, help="epochs of mnist-vae [default: the preset's]")
     p.add_argument("--long-epochs", type=int, default=0, help="epochs of mnist-hvae [default: the preset's]")

@@ -70,7 +70,8 @@ def _table(rows: list[list[str]]) -> None:
         print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
-def train_vqvae(cfg: ModelConfig, data, epochs: int, seed: int, threads: int, run: str | None = None) -> tuple:
+def train_vqvae(cfg: ModelConfig, data, epochs: int, seed: int, threads: int, run: str | None = None,
+                precision: str = "fp32") -> tuple:
     """(model, per-epoch rows with the quantizer's code usage, seconds): one epoch per fit call, resumed from
     the run directory's checkpoint, so the rows can read the quantizer between epochs. With a run directory
     that already holds some of these epochs (an interrupted benchmark), it continues after them."""
@@ -86,12 +87,12 @@ def train_vqvae(cfg: ModelConfig, data, epochs: int, seed: int, threads: int, ru
         seconds = sum(r["bench_s"] for r in rows)
         if rows:  # continue an interrupted benchmark: the model as it was after its last finished epoch
             fit(model, data.train, None, epochs=len(rows), batch_size=128, seed=seed, threads=threads,
-                progress=False, out=run, resume=True)
+                progress=False, out=run, resume=True, precision=precision)
             print(f"  continuing after epoch {len(rows)} in {run}", flush=True)
         for epoch in range(len(rows) + 1, epochs + 1):
             t0 = time.perf_counter()
             history = fit(model, data.train, None, epochs=epoch, batch_size=128, seed=seed, threads=threads,
-                          progress=False, out=run, resume=epoch > 1)
+                          progress=False, out=run, resume=epoch > 1, precision=precision)
             seconds += time.perf_counter() - t0
             # the loop's metrics row carries the epoch's code usage (train_perplexity, train_codes_used, ...)
             rows.append({**history[-1], "bench_s": round(time.perf_counter() - t0, 1)})
@@ -112,7 +113,8 @@ def _test_report(model, data) -> dict:
 def run_vqvae(args, mnist) -> tuple[dict, object]:
     print(f"(a) VQ-VAE, K={VQVAE.codebook_size} codes of size {VQVAE.latent_dim} on a 7x7 grid, {args.epochs} "
           "epochs", flush=True)
-    model, rows, seconds = train_vqvae(VQVAE, mnist, args.epochs, args.seed, args.threads, args.vqvae_run)
+    model, rows, seconds = train_vqvae(VQVAE, mnist, args.epochs, args.seed, args.threads, args.vqvae_run,
+                                       args.precision)
     vq = {"model": VQVAE.to_dict(), "epochs": args.epochs, "batch_size": 128, "train_s": round(seconds, 1),
           "per_epoch": rows, **_test_report(model, mnist)}
     print(f"  seed-conv-ae, {args.epochs} epochs", flush=True)
@@ -122,7 +124,8 @@ def run_vqvae(args, mnist) -> tuple[dict, object]:
     with tempfile.TemporaryDirectory() as tmp:  # a run directory, so an interrupted benchmark resumes
         run = Path(f"{args.vqvae_run}-seed-conv-ae" if args.vqvae_run else tmp)
         history = fit(ae, mnist.train, None, preset.train.replace(epochs=args.epochs, seed=args.seed,
-                                                                  threads=args.threads, progress=False),
+                                                                  threads=args.threads, progress=False,
+                                                                  precision=args.precision),
                       out=run, resume=(run / "checkpoint.safetensors").is_file())
     ae_s = sum(r["time_s"] for r in history)
     terms = loss_terms(ae, mnist.test)
@@ -297,6 +300,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="training precision of (a)'s VQ-VAE and seed-conv-ae [default fp32]")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vqvae.json"),
                    help="the JSON report; parts run now replace their entries, the others are kept")
     p.add_argument("--vqvae-run", default=None, help="run directory for (a)'s VQ-VAE (default: a temporary "
@@ -326,7 +331,8 @@ def main() -> None:
         elif args.vqvae_run and (Path(args.vqvae_run) / "model.safetensors").is_file():
             model = from_pretrained(args.vqvae_run)  # (a)'s model from an earlier invocation
         else:  # the priors and samples need a trained VQ-VAE
-            model, _, _ = train_vqvae(VQVAE, mnist, args.epochs, args.seed, args.threads, args.vqvae_run)
+            model, _, _ = train_vqvae(VQVAE, mnist, args.epochs, args.seed, args.threads, args.vqvae_run,
+                                       args.precision)
     if "ablation" in parts:
         save("ablation", run_ablation(args, mnist))
     if "priors" in parts:
