@@ -1,6 +1,6 @@
 """The GPU check (issue 23): one prepared script for a machine with a CUDA GPU.
 
-    python benchmarks/gpu.py --out DIR --data-dir DIR_WITH_mnist/     # on the GPU machine, ~6 minutes
+    VAELAB_TEST_DATA=D python benchmarks/gpu.py --out DIR --data-dir D    # on the GPU machine (D holds mnist/), ~6 min
     python benchmarks/gpu.py --out /tmp/g --device cpu --train-images 2000 --epochs 2 --budget-s 200   # dry run
 
 Sections, each written into DIR/gpu.json as soon as it ends (a failed one records its error, the others still run):
