@@ -158,6 +158,21 @@ def run_model(kind: str, splits, args, workdir: Path) -> dict:
     return row
 
 
+def run(args, command: str) -> dict:
+    torch.set_num_threads(args.threads)
+    splits = load_dataset(args.data_dir / "emoji", progress=False)
+    print(f"emoji: {len(splits.train)} train, {len(splits.test)} test, {tuple(splits.train.sample_shape)}", flush=True)
+    anchors = file_bits(splits.test)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.models.split(","):
+            rows.append(run_model(kind, splits, args, Path(tmp)))
+    return {"benchmark": "colour", "dataset": "emoji (64x64 RGB on white, the fixed test split)",
+            "test_images": len(splits.test), "files": anchors, "rows": rows, "threads": args.threads,
+            "width_scale": args.width_scale, "torch": torch.__version__, "python": platform.python_version(),
+            "command": command}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
@@ -169,19 +184,19 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "colour.json")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", default=None,
+                   help="instead of running: merge the rows of these result files (models run in separate processes "
+                        "side by side, e.g. --models vae --threads 1 and --models vqvae --threads 1) into --out")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    splits = load_dataset(args.data_dir / "emoji", progress=False)
-    print(f"emoji: {len(splits.train)} train, {len(splits.test)} test, {tuple(splits.train.sample_shape)}", flush=True)
-    anchors = file_bits(splits.test)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in args.models.split(","):
-            rows.append(run_model(kind, splits, args, Path(tmp)))
-    result = {"benchmark": "colour", "dataset": "emoji (64x64 RGB on white, the fixed test split)",
-              "test_images": len(splits.test), "files": anchors, "rows": rows, "threads": args.threads,
-              "width_scale": args.width_scale, "torch": torch.__version__, "python": platform.python_version(),
-              "command": "python benchmarks/colour.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    command = "python benchmarks/colour.py " + " ".join(map(str, sys.argv[1:] if argv is None else argv))
+    if args.merge:
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        rows = [{**r, "threads": part["threads"], "command": part["command"]} for part in parts for r in part["rows"]]
+        result = {**parts[0], "rows": rows, "threads": sorted({part["threads"] for part in parts}),
+                  "command": command, "merged": [part["command"] for part in parts]}
+    else:
+        result = run(args, command)
+    anchors, rows = result["files"], result["rows"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(f"\nthe test images as files: " + ", ".join(f"{k} {v['bits_per_dim']:.3f} bits/dim" for k, v in anchors.items()))
