@@ -14,6 +14,8 @@ printed in the table's title: bf16 mixed precision on CPUs with AVX-512 BF16 or 
   vqvae  benchmarks/vqvae.py --parts vqvae: the VQ-VAE (K=64) and the seed conv AE, 10 epochs: test MSE, perplexity.
 
 Evaluation is always fp32 (`vaelab evaluate`'s default), so the table compares the weights each precision trained.
+The training seconds are one torch thread with another job beside it on the 2 cores: a rough ratio, not a speed
+benchmark (benchmarks/speed.py is).
 Prints one table (mean, and the standard deviation over seeds where there are several) and writes
 benchmarks/results/precision-quality.json; each job's own JSON is kept in --work (a rerun skips finished jobs).
 """
@@ -86,12 +88,15 @@ def metrics(job: dict) -> dict[str, float]:
     if job["part"] == "seed":
         rows = data["rows"]
         return {"seed-conv-ae: test BCE per pixel": rows["seed-conv-ae"]["value"],
-                "seed-vae: test loss (784*BCE + KL)": rows["seed-vae"]["value"]}
+                "seed-vae: test loss (784*BCE + KL)": rows["seed-vae"]["value"],
+                "seed-conv-ae: training s (10 epochs)": rows["seed-conv-ae"]["train_s"],
+                "seed-vae: training s (10 epochs)": rows["seed-vae"]["train_s"]}
     if job["part"] == "nll":
         row = next(iter(data["rows"].values()))
         return {f"mnist-vae {row['epochs']} epochs: test NLL, K={row['nll_samples']}, {row['test_images']} images":
                 row["value"], f"mnist-vae {row['epochs']} epochs: NLL standard error": row["nll_se"],
-                f"mnist-vae {row['epochs']} epochs: test -ELBO": row["test_neg_elbo"]}
+                f"mnist-vae {row['epochs']} epochs: test -ELBO": row["test_neg_elbo"],
+                f"mnist-vae {row['epochs']} epochs: training s": row["train_s"]}
     vq, ae = data["vqvae"]["vqvae"], data["vqvae"]["seed_conv_ae"]
     return {"vqvae K=64: test MSE per pixel": vq["test_mse"], "vqvae K=64: test perplexity": vq["test_perplexity"],
             "seed-conv-ae (vqvae.py's): test MSE per pixel": ae["test_mse"]}
