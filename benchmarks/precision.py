@@ -12,6 +12,8 @@ printed in the table's title: bf16 mixed precision on CPUs with AVX-512 BF16 or 
          (the full recipe is 230 epochs), then the K=5000 importance-sampled test NLL of the first --nll-images
          test images (binarized once, fixed seed), with its standard error.
   vqvae  benchmarks/vqvae.py --parts vqvae: the VQ-VAE (K=64) and the seed conv AE, 10 epochs: test MSE, perplexity.
+  matmul (in this process, seconds) one-thread matrix products of the dense layers' shapes in fp32 and bf16,
+         alternated over 5 rounds: GFLOP/s, the median round (why bf16 can lose on a CPU without AMX).
 
 Evaluation is always fp32 (`vaelab evaluate`'s default), so the table compares the weights each precision trained.
 The training seconds are one torch thread with another job beside it on the 2 cores: a rough ratio, not a speed
@@ -102,6 +104,36 @@ def metrics(job: dict) -> dict[str, float]:
             "seed-conv-ae (vqvae.py's): test MSE per pixel": ae["test_mse"]}
 
 
+MATMUL_SHAPES = ((100, 784, 512), (100, 512, 512), (128, 3136, 16), (512, 512, 512))  # (batch, in, out)
+
+
+def matmul_rates(rounds: int = 5, reps: int = 200) -> list[dict]:
+    """GFLOP/s of x (m, k) @ w (k, n) on one thread, fp32 against bf16 tensors, alternated over rounds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    for m, k, n in MATMUL_SHAPES:
+        rates = {"fp32": [], "bf16": []}
+        x, w = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(rounds):
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                a, b = x.to(dtype), w.to(dtype)
+                for _ in range(10):
+                    a @ b
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    a @ b
+                rates[name].append(2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+        fp32, bf16 = statistics.median(rates["fp32"]), statistics.median(rates["bf16"])
+        out.append({"shape": [m, k, n], "fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
+                    "bf16_over_fp32": round(bf16 / fp32, 2)})
+        print(f"  matmul {m}x{k} @ {k}x{n}: fp32 {fp32:.0f}, bf16 {bf16:.0f} GFLOP/s ({bf16 / fp32:.2f}x)", flush=True)
+    torch.set_num_threads(threads)
+    return out
+
+
 def table(done: list[dict]) -> list[dict]:
     values: dict[str, dict[str, list[float]]] = {}
     for job in done:
@@ -139,7 +171,7 @@ def print_table(rows: list[dict], chose: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="seed,nll,vqvae")
+    p.add_argument("--parts", default="seed,nll,vqvae,matmul")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the seed part [default 0,1,2]")
     p.add_argument("--nll-epochs", type=int, default=30)
     p.add_argument("--nll-images", type=int, default=1000)
@@ -157,6 +189,7 @@ def main(argv=None) -> int:
     from vaelab.training.runtime import choose_precision
 
     chose, why = choose_precision(torch.device("cpu"))
+    matmul = matmul_rates() if "matmul" in args.parts else None
     todo = jobs(args)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -173,6 +206,7 @@ def main(argv=None) -> int:
     payload = {"machine": {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpus": os.cpu_count(),
                            "threads_per_job": 1}, "auto_chose": chose, "auto_why": why, "parts": args.parts,
                "seeds": args.seeds, "nll_epochs": args.nll_epochs, "nll_images": args.nll_images, "rows": rows,
+               "matmul_one_thread": matmul,
                "failed": failed, "wall_s": round(time.perf_counter() - t0)}
     atomic_write_json(Path(args.out), payload)
     print(f"wrote {args.out}")
