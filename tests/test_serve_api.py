@@ -331,6 +331,21 @@ def test_anomaly_scores_are_the_evaluation_scores(servers, models, test_x):
         assert r == {"score": want.tolist(), "kind": kind}
     r = servers["vae"].post("/api/score", {"x": x.tolist()}).json()
     assert r["kind"] == "elbo"
+    # the scores fitted on normal data: fitted once on the run's training split, as a detector fits them
+    from vaelab.data import load_dataset
+    from vaelab.evaluation import scores as sc
+
+    train = load_dataset("digits", progress=False).train
+    codes = sc.latent_codes(models["vae"], train)
+    mixture = sc.fit_latent_mixture(codes)
+    fitted = {"latent_stats": sc.latent_statistics(codes), "mixture": mixture,
+              "residual_var": sc.residual_variance(models["vae"], train),
+              "combination": sc.combination_statistics(sc.anomaly_scores(models["vae"], train, ("recon", "gmm"),
+                                                                         mixture=mixture))}
+    for kind in ("latent", "gmm", "zrecon", "combined"):
+        r = servers["vae"].post("/api/score", {"x": x.tolist(), "kind": kind}).json()
+        want = anomaly_scores(models["vae"], ArrayDataset(x, scale=1.0), (kind,), **fitted)[kind]
+        assert r["kind"] == kind and np.allclose(r["score"], want, rtol=1e-4, atol=1e-3), kind
     r = servers["ae"].post("/api/score", {"x": x.tolist()}).json()
     assert r["kind"] == "recon" and len(r["score"]) == 7
     r = servers["vae"].get("/api/scores", params={"kind": "recon"}).json()

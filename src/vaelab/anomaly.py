@@ -7,13 +7,14 @@
 
     table = one_class("mnist", normal_class=3, model="vae", out="runs/oc3")   # AUROC per score type
 
-Six anomaly scores (higher = more anomalous), each a function of one trained model, and a detector's choice:
+Seven anomaly scores (higher = more anomalous), each a function of one trained model, and a detector's choice:
 
   recon   reconstruction error: the registry loss's reconstruction NLL of the decoded posterior mean (nats)
   elbo    negative ELBO: the registry loss's -elbo with K posterior samples (reconstruction + KL, nats)
   iwae    importance-sampled negative log-likelihood -log p(x) ~ -log 1/K sum_k w_k (Burda et al. 2015)
   latent  squared Mahalanobis distance of the posterior mean to the training codes (Ledoit-Wolf covariance)
   gmm     -log density of the posterior mean under a Gaussian mixture of the training codes (K by BIC)
+  zrecon  reconstruction error with one noise variance per feature, fitted on the training rows (nats)
   combined  recon + gmm, each standardised by its median and IQR on held-out normal data
   auto    (a detector's) the score that best separates held-out normal rows from pseudo-anomalies made of
           them: half of a row replaced by the same half of another (vaelab.evaluation.scores.choose_score)

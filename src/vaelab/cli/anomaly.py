@@ -102,13 +102,16 @@ def add_one_class_parser(subparsers) -> argparse.ArgumentParser:
                    help="the normal class, by index or name [default: every class in turn]")
     p.add_argument("--model", default="vae", metavar="NAME", help="a registered model [default vae]")
     p.add_argument("--score", choices=SCORE_CHOICES, default=None,
-                   help="the detectors' threshold score [default elbo for a VAE, recon otherwise]; the table "
+                   help="the detectors' threshold score [default combined]; the table "
                         "reports every score the model supports (and auto when it is chosen here)")
     p.add_argument("--arch", default="mlp", choices=("mlp", "conv", "conv-pool"),
                    help="[default mlp: on MNIST as good as conv for reconstruction scores, at a fifth of the CPU "
                         "time; conv gives the better latent score]")
     p.add_argument("--latent-dim", type=int, default=None, metavar="N", help="[default 16]")
     p.add_argument("--epochs", type=int, default=None, metavar="N", help="[default 30]")
+    p.add_argument("--pixels", choices=("standardized", "raw"), default=None,
+                   help="images: standardize each pixel by the normal class's mean and deviation, or keep them "
+                        "in [0, 1] [default: AnomalyDetector's standardize_pixels]")
     p.add_argument("--samples", type=int, default=16, metavar="K",
                    help="posterior samples per row for elbo/iwae [default 16]")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="[default 0]")
@@ -126,7 +129,7 @@ def run_one_class(args) -> int:
                           "one-class settings")
     vae = MODELS[args.model].cls.capabilities.stochastic
     scores = [s for s in SCORES if vae or s not in SAMPLED] + ([AUTO] if args.score == AUTO else [])
-    first = args.score or ("elbo" if vae else "recon")  # the detectors' threshold score, then the others
+    first = args.score or "combined"  # the detectors' threshold score (AnomalyDetector's default), then the others
     if first not in scores:
         raise ConfigError(score_problems(args.model, first), "one-class settings")
     scores = [first] + [s for s in scores if s != first]  # auto, when asked, comes first: it is then fitted
@@ -135,6 +138,8 @@ def run_one_class(args) -> int:
         params["latent_dim"] = args.latent_dim
     if args.epochs is not None:
         params["epochs"] = args.epochs
+    if args.pixels is not None:
+        params["standardize_pixels"] = args.pixels == "standardized"
     out = Path(args.out or os.path.join("runs", f"one-class-{Path(str(args.dataset)).stem or 'data'}"))
     which = "every class" if args.normal_class is None else f"class {args.normal_class}"
     print(f"one-class {args.dataset}, {which}, model {args.model} ({args.arch}) -> {out}", flush=True)

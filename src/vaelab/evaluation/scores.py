@@ -6,6 +6,11 @@
   latent  squared Mahalanobis distance of the posterior mean to the training codes (Ledoit-Wolf covariance)
   gmm     negative log-density of the posterior mean under a Gaussian mixture fitted to the training codes
           (full covariances; the number of components, 1..8, chosen by BIC on the training codes)
+  zrecon  reconstruction error with a noise scale per feature fitted on normal data: the Gaussian negative
+          log-likelihood sum_j (r_j^2 / v_j + log 2 pi v_j) / 2 of the residual r = x - reconstruction, where v_j
+          is feature j's mean squared residual on the training rows, shrunk 10% towards the mean over features
+          (`residual_variance`); a feature the model always reconstructs well (a border pixel) then counts
+          more when it is wrong than one that is always noisy
   combined  recon and gmm, each standardised by its median and interquartile range on held-out normal data,
           then added: a row is anomalous when it reconstructs badly, sits in an empty region of the code
           space, or both
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 from vaelab.errors import ConfigError
 
-SCORES = ("recon", "elbo", "iwae", "latent", "gmm", "combined")
+SCORES = ("recon", "elbo", "iwae", "latent", "gmm", "zrecon", "combined")
 AUTO = "auto"  # a detector's choice among the scores, made on held-out normal data (choose_score)
 SCORE_CHOICES = (*SCORES, AUTO)
 SCORE_HELP = {
@@ -35,13 +40,16 @@ SCORE_HELP = {
     "iwae": "importance-sampled negative log-likelihood with K samples (nats; VAEs)",
     "latent": "squared Mahalanobis distance of the posterior mean to the training codes",
     "gmm": "negative log-density of the posterior mean under a Gaussian mixture of the training codes (BIC)",
+    "zrecon": "reconstruction error with a per-feature noise scale fitted on the training rows (nats)",
     "combined": "recon + gmm, each standardised (median, IQR) on held-out normal data",
     AUTO: "the score that best separates held-out normal rows from pseudo-anomalies made of them",
 }
 SAMPLED = ("elbo", "iwae")  # scores that need a Gaussian posterior and a prior
-FITTED = ("latent", "gmm", "combined")  # scores that need statistics of normal data (see anomaly_scores)
-AUTO_CANDIDATES = ("recon", "elbo", "latent", "gmm", "combined")  # iwae: K decoder passes, never better than elbo
+FITTED = ("latent", "gmm", "zrecon", "combined")  # scores that need statistics of normal data (see anomaly_scores)
+# iwae is no candidate: K decoder passes per row, and never better than elbo where measured
+AUTO_CANDIDATES = ("recon", "elbo", "latent", "gmm", "zrecon", "combined")
 MAX_COMPONENTS = 8  # the largest Gaussian mixture BIC may choose for the gmm score
+RESIDUAL_SHRINK = 0.1  # zrecon: each feature's residual variance moves this far towards the mean over features
 
 
 def score_problems(model_name: str, score: str) -> list[str]:
@@ -69,6 +77,55 @@ def latent_codes(model, data, *, batch_size: int = 512):
             x = data.batch(slice(start, start + batch_size)).to(dtype)
             out.append(model.encode(x).mean.flatten(1).double().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.latent_size))
+
+
+def _residuals(model, x):
+    """x - reconstruction (the likelihood's mean at the posterior mean), flattened: (B, D) in x's dtype."""
+    return (x - model.reconstruct(x)).flatten(1)
+
+
+def residual_variance(model, data, *, shrink: float = RESIDUAL_SHRINK, batch_size: int = 512):
+    """Each feature's noise variance for the zrecon score, from normal rows `data` (an ArrayDataset):
+    v_j = (1 - shrink) m_j + shrink mean_k m_k, where m_j is the mean squared residual of feature j
+    (x_j - reconstruction_j) over the rows. The shrinkage keeps a feature that is reconstructed exactly on every
+    training row (m_j = 0) at a finite variance. Returns float64 numpy (D,), D = the features of one row."""
+    import numpy as np
+    import torch
+
+    if not (isinstance(shrink, (int, float)) and 0 < shrink <= 1):
+        raise ConfigError(f"shrink={shrink!r} must be a number in (0, 1]: how far each feature's residual "
+                          "variance moves towards the mean over features", "residual_variance")
+    dtype = next(model.parameters()).dtype
+    total, n = None, 0
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            r = _residuals(model, data.batch(slice(start, start + batch_size)).to(dtype)).double()
+            total = (r ** 2).sum(0) if total is None else total + (r ** 2).sum(0)
+            n += len(r)
+    if not n:
+        raise ConfigError("residual_variance needs at least one row of normal data", "residual_variance")
+    return shrink_variance((total / n).numpy(), shrink)
+
+
+def shrink_variance(variance, shrink: float = RESIDUAL_SHRINK):
+    """Per-feature variances moved the fraction `shrink` towards their mean: (1 - shrink) v_j + shrink mean(v), so
+    a feature that never varies keeps a finite, positive variance; all ones when every variance is 0 (then no
+    feature can be told from another, and each counts alike). Any shape; float64 numpy of that shape."""
+    import numpy as np
+
+    v = np.asarray(variance, dtype=np.float64)
+    out = (1.0 - shrink) * v + shrink * v.mean()
+    return out if out.min() > 0 else np.ones_like(out)
+
+
+def residual_nll(residuals, variance):
+    """The zrecon score of residuals (B, D) (a torch tensor) under N(0, diag(variance)): (B,) float64, nats."""
+    import math
+
+    import torch
+
+    v = torch.as_tensor(variance, dtype=torch.float64)
+    return 0.5 * ((residuals.double() ** 2) / v).sum(1) + 0.5 * float(torch.log(2 * math.pi * v).sum())
 
 
 def latent_statistics(codes):
@@ -157,23 +214,10 @@ def combination_statistics(found: dict) -> dict:
     return {k: list(robust_standardization(found[k])) for k in ("recon", "gmm")}
 
 
-def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: int = 0, batch_size: int = 512,
-                   latent_stats=None, mixture=None, combination=None) -> dict:
-    """Anomaly scores (higher = more anomalous) of every row of `data` (an ArrayDataset), one float64 numpy
-    array (N,) per requested kind in `kinds` (see SCORES). One pass over the data serves all kinds.
-
-    `latent_stats` = (mean, precision) of the training codes (from `latent_statistics`) is needed for
-    "latent", `mixture` (from `fit_latent_mixture`) for "gmm" and "combined", and `combination` (from
-    `combination_statistics`) for "combined". The reconstruction term is the negative log-likelihood of the model's own likelihood, and the
-    sampled scores use its own importance weights (both stochastic layers of an hvae), so every registered model
-    is scored the way it was trained.
-    """
+def _request_problems(model, data, kinds, n_samples, latent_stats, mixture, combination, residual_var) -> list:
+    """What keeps anomaly_scores from computing `kinds`: unknown or unsupported kinds, missing statistics."""
     import numpy as np
-    import torch
 
-    from vaelab.losses import recon_nll
-
-    kinds = tuple(kinds)
     problems = [p for k in kinds for p in score_problems(model.config.model, k)]
     if AUTO in kinds:
         problems.append("score type 'auto' is a detector's choice among the scores; ask for one of "
@@ -184,12 +228,41 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
     if ("gmm" in kinds or "combined" in kinds) and mixture is None:
         problems.append("score types 'gmm' and 'combined' need a Gaussian mixture of the training codes: "
                         "mixture=fit_latent_mixture(latent_codes(model, train))")
+    if "zrecon" in kinds:
+        if residual_var is None:
+            problems.append("score type 'zrecon' needs each feature's residual variance on normal data: "
+                            "residual_var=residual_variance(model, train)")
+        elif len(residual_var) != int(np.prod(data.sample_shape)):
+            problems.append(f"residual_var holds {len(residual_var)} variances, but the rows of {data.name!r} have "
+                            f"{int(np.prod(data.sample_shape))} features; fit it on data of this shape")
     if "combined" in kinds and combination is None:
         problems.append("score type 'combined' needs the standardisation of its parts on held-out normal data: "
                         "combination=combination_statistics(anomaly_scores(model, held_out, ('recon', 'gmm'), "
                         "mixture=...))")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         problems.append(f"n_samples={n_samples!r} must be a positive integer (posterior samples per row)")
+    return problems
+
+
+def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: int = 0, batch_size: int = 512,
+                   latent_stats=None, mixture=None, combination=None, residual_var=None) -> dict:
+    """Anomaly scores (higher = more anomalous) of every row of `data` (an ArrayDataset), one float64 numpy
+    array (N,) per requested kind in `kinds` (see SCORES). One pass over the data serves all kinds.
+
+    `latent_stats` = (mean, precision) of the training codes (from `latent_statistics`) is needed for
+    "latent", `mixture` (from `fit_latent_mixture`) for "gmm" and "combined", `combination` (from
+    `combination_statistics`) for "combined", and `residual_var` (from `residual_variance`) for "zrecon". The
+    reconstruction term is the negative log-likelihood of the model's own likelihood, and the sampled scores use
+    its own importance weights (both stochastic layers of an hvae), so every registered model is scored the way
+    it was trained.
+    """
+    import numpy as np
+    import torch
+
+    from vaelab.losses import recon_nll
+
+    kinds = tuple(kinds)
+    problems = _request_problems(model, data, kinds, n_samples, latent_stats, mixture, combination, residual_var)
     if problems:
         raise ConfigError(problems, "anomaly scores")
 
@@ -209,6 +282,8 @@ def anomaly_scores(model, data, kinds=("elbo",), *, n_samples: int = 16, seed: i
             x = data.batch(slice(start, start + step)).to(dtype)  # (B, *sample_shape)
             if "recon" in kinds:
                 parts["recon"].append(recon_nll(x, model.reconstruct_raw(x), model.likelihood))
+            if "zrecon" in kinds:
+                parts["zrecon"].append(residual_nll(_residuals(model, x), residual_var))
             if sampled:
                 bounds = model.anomaly_bounds(x, eps)  # the model's own ELBO and IWAE bound, (B,) each
                 for k in ("elbo", "iwae"):
@@ -280,6 +355,7 @@ def auroc(anomaly_score, is_anomaly) -> float:
 
 
 __all__ = ["SCORES", "SCORE_CHOICES", "SCORE_HELP", "SAMPLED", "FITTED", "AUTO", "AUTO_CANDIDATES",
-           "score_problems", "latent_codes", "latent_statistics", "mahalanobis", "fit_latent_mixture",
+           "score_problems", "latent_codes", "residual_variance", "shrink_variance", "residual_nll",
+           "latent_statistics", "mahalanobis", "fit_latent_mixture",
            "mixture_log_density", "robust_standardization", "combination_statistics", "anomaly_scores",
            "pseudo_anomalies", "choose_score", "auroc"]

@@ -92,8 +92,10 @@ class TraverseRequest(Body):
 
 
 class ScoreRequest(Inputs):
-    kind: Optional[StrictStr] = Field(None, description="recon | elbo | iwae | latent [default elbo, or recon "
-                                                        "for models without a posterior]")
+    kind: Optional[StrictStr] = Field(None, description="recon | elbo | iwae | latent | gmm | zrecon | combined "
+                                                        "[default elbo, or recon for models without a posterior]; "
+                                                        "latent, gmm, zrecon and combined are fitted on the run's "
+                                                        "training split")
 
 
 def _json(obj, status: int = 200) -> Response:

@@ -427,23 +427,36 @@ class ServedRun:
             raise RequestError(problems[0] + f" (this model's kinds: {self.score_kinds()})")
         return kind
 
-    def _latent_stats(self):
-        from vaelab.evaluation.scores import latent_codes, latent_statistics
+    def _fitted(self, kind: str) -> dict:
+        """What score `kind` needs besides the model, fitted once on the run's training rows and cached: the
+        codes' statistics ("latent"), their Gaussian mixture ("gmm", "combined"), the standardisation of
+        "combined" (on those rows too: a served run has no held-out normal split), the residual variances
+        ("zrecon")."""
+        from vaelab.evaluation import scores as sc
 
-        if "latent_stats" not in self._cache:
+        if kind not in sc.FITTED:
+            return {}
+        if "fitted" not in self._cache:
             self._need_data()
             with self.lock:
-                self._cache["latent_stats"] = latent_statistics(latent_codes(self.model, self.data.train))
-        return self._cache["latent_stats"]
+                train = self.data.train
+                codes = sc.latent_codes(self.model, train)
+                mixture = sc.fit_latent_mixture(codes)
+                self._cache["fitted"] = {
+                    "latent_stats": sc.latent_statistics(codes), "mixture": mixture,
+                    "combination": sc.combination_statistics(sc.anomaly_scores(self.model, train, ("recon", "gmm"),
+                                                                               mixture=mixture)),
+                    "residual_var": sc.residual_variance(self.model, train)}
+        return self._cache["fitted"]
 
     def _scores(self, xb: torch.Tensor, kind: str) -> np.ndarray:
         from vaelab.data import ArrayDataset
         from vaelab.evaluation.scores import anomaly_scores
 
-        stats = self._latent_stats() if kind == "latent" else None
+        fitted = self._fitted(kind)
         data = ArrayDataset(xb, scale=1.0, name="request")
         with self.lock:
-            return anomaly_scores(self.model, data, (kind,), latent_stats=stats)[kind]
+            return anomaly_scores(self.model, data, (kind,), **fitted)[kind]
 
     def score(self, x=None, png=None, kind=None) -> dict:
         kind = self._kind(kind)
