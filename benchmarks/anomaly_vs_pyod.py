@@ -6,9 +6,10 @@
     python benchmarks/anomaly_vs_pyod.py --datasets wbc,wine --seeds 1 # a subset
 
 Detectors (PyOD's at their default settings, as a user runs them; random ones seeded):
-  vaelab          AnomalyDetector as `vaelab one-class` runs it: an MLP VAE (hidden 256 for images, 64 for
-                  tables; latent 16 / min(8, D/2)), Gaussian likelihood, its default score elbo. The other
-                  vaelab-<score> columns are the other scores of the same trained model.
+  vaelab          AnomalyDetector as `vaelab one-class` runs it, at its defaults: an MLP VAE (hidden 256 for
+                  images, 64 for tables; latent 16 / min(2, D/2)), Gaussian likelihood, pixels and columns
+                  standardized, 20% of the rows held out to standardize the parts of its default score
+                  combined. The other vaelab-<score> columns are the other scores of the same trained model.
   vaelab-auto     AnomalyDetector(score_type="auto"): 20% of the training rows held out, the score chosen
                   on them against pseudo-anomalies made of them (never on test labels).
   ECOD, IForest, KNN, LOF, OCSVM, COPOD, AutoEncoder, VAE: pyod.models.*, defaults.
@@ -32,7 +33,9 @@ draws the split, so every detector sees 3 splits). Reports per dataset the mean 
 (%, anomalies positive) over classes and seeds, mean fit and score seconds, and each detector's mean rank
 (by AUROC, rank 1 best) over the image sets, the tabular sets and all. Writes
 benchmarks/results/anomaly-vs-pyod.json and prints the tables. Parts run in separate processes merge into one
-file with --merge a.json b.json (the summary is recomputed from their runs).
+file with --merge a.json b.json (the summary is recomputed from their runs). --keep-from OLD.json with
+--detectors vaelab,vaelab-auto reruns vaelab's detectors only and carries PyOD's results over from OLD.json,
+task by task (the splits are seeded, so the rows are the same).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from vaelab.io import atomic_write_json  # noqa: E402
 IMAGE_SETS = ("emoji", "mnist", "fashion-mnist")
 TABULAR_SETS = ("wbc", "digits", "wine")
 PYOD = ("ECOD", "IForest", "KNN", "LOF", "OCSVM", "COPOD", "AutoEncoder", "VAE")
-VAELAB_SCORES = ("elbo", "recon", "latent", "gmm", "combined")  # elbo first: the default detector
+VAELAB_SCORES = ("combined", "elbo", "recon", "latent", "gmm", "zrecon")  # first: the default detector's score
 RANDOM = ("IForest", "AutoEncoder", "VAE")  # PyOD detectors whose training draws random numbers
 
 
@@ -157,7 +160,7 @@ def run_task(task: Task, seed: int, detectors: list[str], threads: int, first_se
         found = det.anomaly_scores(task.test, kinds=VAELAB_SCORES)
         t2 = time.perf_counter()
         for k in VAELAB_SCORES:
-            record("vaelab" if k == "elbo" else f"vaelab-{k}", found[k], t1 - t0, t2 - t1)
+            record("vaelab" if k == det.score_type else f"vaelab-{k}", found[k], t1 - t0, t2 - t1)
     if "vaelab-auto" in detectors:
         t0 = time.perf_counter()
         det = AnomalyDetector(score_type="auto", **base).fit(task.train)
@@ -246,6 +249,9 @@ def main(argv=None) -> int:
     p.add_argument("--classes", default="0,4,8", help="MNIST and Fashion-MNIST normal classes [default 0,4,8]")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="instead of running: merge the runs of these result files into --out")
+    p.add_argument("--keep-from", metavar="JSON", default=None,
+                   help="take the detectors not run now (--detectors) from this earlier result file, task by task "
+                        "(same dataset, normal class and seed: the splits are seeded, so they are the same rows)")
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=1, help="torch threads [default 1: fastest on a shared CPU]")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "anomaly-vs-pyod.json"))
@@ -274,6 +280,11 @@ def main(argv=None) -> int:
         p.error(f"unknown dataset(s) {unknown}; choose among {list(TABULAR_SETS + IMAGE_SETS)}")
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     classes = [int(c) for c in args.classes.split(",")]
+    kept = {}
+    if args.keep_from:
+        for r in json.loads(Path(args.keep_from).read_text())["runs"]:
+            kept[(r["dataset"], r["normal"], r["seed"])] = {d: m for d, m in r["detectors"].items()
+                                                           if d.split("-")[0] != "vaelab" and d not in detectors}
     runs, t_start = [], time.perf_counter()
     for ds in datasets:
         fixed = None if ds in TABULAR_SETS else image_tasks(ds, args.data_dir, args.full, classes)
@@ -282,6 +293,7 @@ def main(argv=None) -> int:
             for task in tasks:
                 t0 = time.perf_counter()
                 found = run_task(task, seed, detectors, args.threads, seed == 0)
+                found.update(kept.get((ds, task.name, seed), {}))
                 runs.append({"dataset": ds, "normal": task.name, "seed": seed, "n_train": len(task.train),
                              "n_test": len(task.is_anomaly), "anomalies": int(task.is_anomaly.sum()),
                              "detectors": {d: {k: (round(v, 4) if isinstance(v, float) else v)
@@ -296,6 +308,9 @@ def main(argv=None) -> int:
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "pyod": pyod.__version__,
                           "cpus": os.cpu_count(), "threads": args.threads},
               "protocol": {"datasets": datasets, "seeds": args.seeds, "full": args.full,
+                           "kept_from": args.keep_from and {
+                               "file": Path(args.keep_from).name,
+                               "detectors": sorted({d for v in kept.values() for d in v})},
                            "quick": None if args.full else f"mnist/fashion-mnist: classes {args.classes}; 1000 "
                                                            "training images per class; 2000 test images"},
               "seconds": round(time.perf_counter() - t_start, 1), **summary, "runs": runs}
