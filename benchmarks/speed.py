@@ -11,6 +11,11 @@ subprocess (so its peak RSS is its own):
 - reference: the same network written as a plain PyTorch loop (kept below, DataLoader-free: the whole set as one
              float tensor, batches sliced from it; default PyTorch settings), the same batch size.
 - keras:     with --tf-python, the tutorial's own Keras code (../shared/bench/tf_train.py, --inter-op 1).
+- pythae:    (seed-vae only; `pip install --no-deps pythae==0.1.2` and its dependencies cloudpickle, imageio,
+             pydantic) the plain loop's VAE layers as a pythae 0.1.2 `VAE` (custom BaseEncoder / BaseDecoder, the
+             decoder ending in a sigmoid as its "bce" loss needs: the same objective, 784-pixel BCE sum + KL),
+             trained through pythae's `TrainingPipeline` with its default trainer (Adam, lr 1e-3 set to match,
+             batch 128, evaluation on the test images every epoch, its best model kept), as a pythae user runs it.
 
 The table reports steady seconds per epoch (the median of the epochs after the first, training + validation as
 Keras counts an epoch), images/s (70,000 per epoch), the fraction of the fp32 peak (the epoch's FLOPs at the
@@ -178,6 +183,73 @@ def child_reference(args) -> dict:
     return {"epoch_s": epoch_s, "test_loss": test_loss}
 
 
+# ------------------------------------------------------------------------------------------- child: pythae
+
+
+def child_pythae(args) -> dict:
+    """The plain loop's seed VAE layers trained through pythae 0.1.2's TrainingPipeline."""
+    import tempfile
+
+    import torch
+    from pythae.models import VAE, VAEConfig
+    from pythae.models.base.base_utils import ModelOutput
+    from pythae.models.nn import BaseDecoder, BaseEncoder
+    from pythae.pipelines import TrainingPipeline
+    from pythae.trainers import BaseTrainerConfig
+    from pythae.trainers.training_callbacks import TrainingCallback
+
+    sys.path.insert(0, str(REPO / "src"))
+    from vaelab.data import load_dataset
+
+    data = load_dataset("mnist", args.data_dir, progress=False)
+    x_train, x_test = data.train.x.float() / 255, data.test.x.float() / 255
+    torch.manual_seed(args.seed)
+    ref = reference_model("seed-vae")
+
+    class Encoder(BaseEncoder):
+        def __init__(self):
+            super().__init__()
+            self.net = ref.encoder
+
+        def forward(self, x):
+            mean, logvar = self.net(x).chunk(2, dim=1)
+            return ModelOutput(embedding=mean, log_covariance=logvar)
+
+    class Decoder(BaseDecoder):
+        def __init__(self):
+            super().__init__()
+            self.net = ref.decoder
+
+        def forward(self, z):
+            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
+
+    class Clock(TrainingCallback):  # an epoch: from its start to the next one's (training, evaluation, bookkeeping)
+        def __init__(self):
+            self.starts, self.losses = [], []
+
+        def on_epoch_begin(self, training_config, **kwargs):
+            self.starts.append(time.perf_counter())
+
+        def on_log(self, training_config, logs, **kwargs):
+            if "eval_epoch_loss" in logs:
+                self.losses.append(float(logs["eval_epoch_loss"]))
+
+        def on_train_end(self, training_config, **kwargs):
+            self.starts.append(time.perf_counter())
+
+    model = VAE(VAEConfig(input_dim=(1, 28, 28), latent_dim=2, reconstruction_loss="bce"),
+                encoder=Encoder(), decoder=Decoder())
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        config = BaseTrainerConfig(output_dir=out, num_epochs=args.epochs, learning_rate=1e-3,
+                                   per_device_train_batch_size=BATCH["seed-vae"],
+                                   per_device_eval_batch_size=BATCH["seed-vae"], no_cuda=True, seed=args.seed)
+        TrainingPipeline(model=model, training_config=config)(train_data=x_train, eval_data=x_test,
+                                                              callbacks=[clock])
+    epoch_s = [b - a for a, b in zip(clock.starts, clock.starts[1:])]
+    return {"epoch_s": epoch_s, "test_loss": clock.losses[-1] if clock.losses else None}
+
+
 # --------------------------------------------------------------------------------- child: Keras (TF venv)
 
 
@@ -242,10 +314,14 @@ def _loss(row: dict):
     return row["test_bce"] if row["preset"] == "seed-conv-ae" and row.get("test_bce") is not None else row["test_loss"]
 
 
+BASELINES = ("keras", "reference", "pythae")  # what a vaelab run's speed-up is taken over, round by round
+
+
 def combine(raw: list[dict]) -> list[dict]:
     """One row per (preset, run) over the rounds: the median steady s/epoch, each round's speed-up over the
-    Keras run of the same round (`vs_keras_by_round`) and their median (`vs_keras`)."""
-    keras = {(r["preset"], r["round"]): r["steady_epoch_s"] for r in raw if r["kind"] == "keras"}
+    Keras run, the plain loop and pythae of the same round (`vs_keras_by_round`, `vs_reference_by_round`,
+    `vs_pythae_by_round`) and their medians (`vs_keras`, `vs_reference`, `vs_pythae`)."""
+    base = {b: {(r["preset"], r["round"]): r["steady_epoch_s"] for r in raw if r["kind"] == b} for b in BASELINES}
     rows = []
     for name in dict.fromkeys(r["run"] for r in raw):
         runs = [r for r in raw if r["run"] == name]
@@ -257,16 +333,19 @@ def combine(raw: list[dict]) -> list[dict]:
                    peak_rss_mb=max(r["peak_rss_mb"] for r in runs), rounds=len(runs),
                    steady_by_round=[r["steady_epoch_s"] for r in runs])
         row.pop("round")
-        ratios = [round(keras[preset, r["round"]] / r["steady_epoch_s"], 2) for r in runs
-                  if (preset, r["round"]) in keras]
-        if ratios:
-            row["vs_keras_by_round"], row["vs_keras"] = ratios, round(statistics.median(ratios), 2)
+        for b in BASELINES:
+            ratios = [round(base[b][preset, r["round"]] / r["steady_epoch_s"], 2) for r in runs
+                      if (preset, r["round"]) in base[b]]
+            if ratios:
+                row[f"vs_{b}_by_round"], row[f"vs_{b}"] = ratios, round(statistics.median(ratios), 2)
         rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     head = ["run", "s/epoch", "images/s", "% of fp32 peak", "test loss", "peak RSS MB", "vs Keras"]
+    others = [b for b in ("reference", "pythae") if any(f"vs_{b}" in r for r in rows)]
+    head += [{"reference": "vs plain loop", "pythae": "vs pythae"}[b] for b in others]
     many = any(len(r.get("vs_keras_by_round", ())) > 1 for r in rows)
     if many:
         head.append("vs Keras by round")
@@ -276,6 +355,7 @@ def print_table(rows: list[dict]) -> None:
         line = [r["run"], f"{r['steady_epoch_s']:.2f}", f"{r['images_per_s']:,}", f"{100 * r['peak_fraction']:.0f}%",
                 f"{loss:.4g}" if loss is not None else "-", f"{r['peak_rss_mb']:,}",
                 f"{r['vs_keras']:.2f}x" if "vs_keras" in r else "-"]
+        line += [f"{r[f'vs_{b}']:.2f}x" if f"vs_{b}" in r else "-" for b in others]
         if many:
             line.append(" ".join(f"{v:.2f}" for v in r.get("vs_keras_by_round", ())) or "-")
         table.append(line)
@@ -283,7 +363,8 @@ def print_table(rows: list[dict]) -> None:
     for row in table:
         print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     print("  (test loss: BCE per pixel for the AE, negative ELBO in nats for the VAE; vs Keras = Keras s/epoch / "
-          "this run's, in the same round; % of peak = the fp32 FLOP bound of an epoch / its time)")
+          "this run's, in the same round, and so for the plain loop and pythae; % of peak = the fp32 FLOP bound of "
+          "an epoch / its time)")
     if many:
         print("  (with --rounds: s/epoch is the median over the rounds, vs Keras the median of the rounds' ratios)")
 
@@ -292,24 +373,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3, help="epochs per run [default 3; steady = epochs after the 1st]")
     p.add_argument("--presets", default=",".join(PRESETS))
-    p.add_argument("--runs", default="keras,reference,vaelab", help="comma-separated subset of keras,reference,vaelab")
+    p.add_argument("--runs", default="keras,reference,vaelab",
+                   help="comma-separated subset of keras,reference,pythae,vaelab [default keras,reference,vaelab]")
     p.add_argument("--precisions", default="fp32,bf16", help="vaelab precisions to run [default fp32,bf16]")
     p.add_argument("--tf-python", default=None, help="python of a venv with tensorflow-cpu: adds the Keras runs")
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the Keras and vaelab runs this many times, alternating, and compare each vaelab run "
-                        "with the Keras run of its round (the plain loop runs in the first round only) [default 1]")
+                   help="repeat every run this many times, alternating, and compare each vaelab run with the Keras "
+                        "run, the plain loop and pythae of its round [default 1]")
     p.add_argument("--nll-images", type=int, default=100,
                    help=f"time the K={NLL_SAMPLES} importance-sampled NLL of the fp32 VAE on this many test images "
                         "(0: skip) [default 100]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
-    p.add_argument("--child", choices=["vaelab", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["vaelab", "reference", "pythae"], help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # one run inside its own process: print its result as the last line
-        result = child_vaelab(args) if args.child == "vaelab" else child_reference(args)
+        result = {"vaelab": child_vaelab, "reference": child_reference, "pythae": child_pythae}[args.child](args)
         print(json.dumps(result), flush=True)
         return 0
 
@@ -324,10 +406,12 @@ def main(argv=None) -> int:
     raw = []
     for preset in presets:
         for rnd in range(1, args.rounds + 1):
-            jobs = [("keras", None)] * ("keras" in runs) + [("reference", None)] * ("reference" in runs and rnd == 1) \
+            jobs = [("keras", None)] * ("keras" in runs) + [("reference", None)] * ("reference" in runs) \
+                + [("pythae", None)] * ("pythae" in runs and preset == "seed-vae") \
                 + [("vaelab", prec) for prec in args.precisions.split(",") if prec] * ("vaelab" in runs)
             for kind, precision in jobs:
-                name = {"keras": "Keras (tutorial)", "reference": "plain PyTorch loop"}.get(kind, f"vaelab {precision}")
+                name = {"keras": "Keras (tutorial)", "reference": "plain PyTorch loop",
+                        "pythae": "pythae 0.1.2"}.get(kind, f"vaelab {precision}")
                 print(f"{preset}: {name}, {args.epochs} epochs" + (f", round {rnd}" if args.rounds > 1 else "") + " ...",
                       flush=True)
                 try:
@@ -362,7 +446,7 @@ def main(argv=None) -> int:
                "epochs": args.epochs, "rounds": args.rounds, "peak_flops": PEAK_FLOPS,
                "train_flops_per_image": TRAIN_FLOPS, "rows": rows, "runs": raw,
                "keras_steady_epoch_s": {r["preset"]: r["steady_epoch_s"] for r in rows if r["kind"] == "keras"},
-               "speedup_vs_keras": {r["run"]: r["vs_keras"] for r in rows if "vs_keras" in r}}
+               **{f"speedup_vs_{b}": {r["run"]: r[f"vs_{b}"] for r in rows if f"vs_{b}" in r} for b in BASELINES}}
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -1,6 +1,7 @@
 """benchmarks/speed.py's arithmetic: steady epochs, and with --rounds each run against the Keras run of its round."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,13 @@ SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 def speed():
     spec = importlib.util.spec_from_file_location("speed_benchmark", SPEED)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # importable by name, as pythae's cloudpickle of the encoder's module needs
     spec.loader.exec_module(module)
     return module
 
 
-def _raw(speed, kind, name, epochs, rnd, rss=500):
-    row = speed.summarize(f"seed-conv-ae {name}", "seed-conv-ae",
+def _raw(speed, kind, name, epochs, rnd, rss=500, preset="seed-conv-ae"):
+    row = speed.summarize(f"{preset} {name}", preset,
                           {"epoch_s": epochs, "test_loss": 0.07, "test_bce": 0.07, "peak_rss_mb": rss})
     row.update(kind=kind, precision=None if kind != "vaelab" else "fp32", round=rnd)
     return row
@@ -53,3 +55,35 @@ def test_a_round_without_its_keras_run_has_no_ratio(speed, capsys):
     assert ours["vs_keras_by_round"] == [1.89] and ours["vs_keras"] == 1.89
     speed.print_table(speed.combine(raw))
     assert "1.89x" in capsys.readouterr().out
+
+
+def test_each_round_compares_with_the_plain_loop_and_pythae_of_that_round(speed, capsys):
+    vae = dict(preset="seed-vae")
+    raw = [_raw(speed, "reference", "plain PyTorch loop", [30.0, 28.0, 28.0], 1, **vae),
+           _raw(speed, "pythae", "pythae 0.1.2", [30.0, 24.0, 24.0], 1, **vae),
+           _raw(speed, "vaelab", "vaelab fp32", [20.0, 14.0, 14.0], 1, **vae),
+           _raw(speed, "reference", "plain PyTorch loop", [30.0, 21.0, 21.0], 2, **vae),
+           _raw(speed, "pythae", "pythae 0.1.2", [30.0, 30.0, 30.0], 2, **vae),
+           _raw(speed, "vaelab", "vaelab fp32", [20.0, 15.0, 15.0], 2, **vae)]
+    reference, pythae, ours = speed.combine(raw)
+    assert ours["vs_reference_by_round"] == [2.0, 1.4] and ours["vs_reference"] == 1.7
+    assert ours["vs_pythae_by_round"] == [round(24 / 14, 2), 2.0] and ours["vs_pythae"] == round((1.71 + 2.0) / 2, 2)
+    assert pythae["vs_reference_by_round"] == [round(28 / 24, 2), 0.7] and "vs_keras" not in ours
+    speed.print_table([reference, pythae, ours])
+    out = capsys.readouterr().out
+    assert "vs plain loop" in out and "vs pythae" in out and "1.70x" in out
+
+
+@pytest.mark.slow
+def test_the_pythae_run_trains_the_plain_loops_layers(speed, tmp_path):
+    """An epoch of the seed VAE through pythae 0.1.2's TrainingPipeline (needs `pip install --no-deps
+    pythae==0.1.2`): its per-epoch clock and its test loss, the same objective as the plain loop's."""
+    pytest.importorskip("pythae")
+    import argparse
+    import os
+
+    data = os.environ.get("VAELAB_TEST_DATA") or str(SPEED.parents[2] / "shared" / "data")
+    args = argparse.Namespace(epochs=1, seed=0, data_dir=data)
+    res = speed.child_pythae(args)
+    assert len(res["epoch_s"]) == 1 and res["epoch_s"][0] > 0
+    assert 160 < res["test_loss"] < 215  # nats: 784-pixel BCE + KL after one epoch (191 measured; Keras's 10: 154.7)
