@@ -36,8 +36,8 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from vaelab.data import ArrayDataset, standardize
 from vaelab.errors import CheckpointError, ConfigError, DataError
 from vaelab.evaluation.scores import (AUTO, AUTO_CANDIDATES, SAMPLED, SCORE_CHOICES, SCORES, anomaly_scores,
-                                      choose_score, combination_statistics, fit_latent_mixture, latent_codes,
-                                      latent_statistics, residual_variance, score_problems, shrink_variance)
+                                      choose_score, fit_score_statistics, latent_codes, score_problems,
+                                      shrink_variance)
 
 __all__ = ["AutoencoderTransformer", "VAETransformer", "AnomalyDetector"]
 
@@ -457,12 +457,10 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
     def _fit_statistics(self, train: ArrayDataset, held_out: ArrayDataset) -> None:
         """What the scores need besides the model: the latent statistics and the Gaussian mixture of the
         training codes, the standardisation of "combined" and the choice of "auto" on the held-out rows."""
-        codes = latent_codes(self.model_, train)
-        self.latent_mean_, self.latent_precision_ = latent_statistics(codes)
-        self.mixture_ = fit_latent_mixture(codes, seed=self.seed_)
-        self.residual_var_ = residual_variance(self.model_, train)
-        self.combination_ = combination_statistics(
-            anomaly_scores(self.model_, held_out, ("recon", "gmm"), mixture=self.mixture_))
+        fitted = fit_score_statistics(self.model_, train, held_out, seed=self.seed_)
+        self.latent_mean_, self.latent_precision_ = fitted["latent_stats"]
+        self.mixture_, self.residual_var_ = fitted["mixture"], fitted["residual_var"]
+        self.combination_ = fitted["combination"]
         candidates = [k for k in AUTO_CANDIDATES if self.model_.capabilities.stochastic or k not in SAMPLED]
         if self.score_type == AUTO:
             few = _first(held_out, 2000, self.seed_)

@@ -214,6 +214,18 @@ def combination_statistics(found: dict) -> dict:
     return {k: list(robust_standardization(found[k])) for k in ("recon", "gmm")}
 
 
+def fit_score_statistics(model, train, held_out=None, *, seed: int = 0) -> dict:
+    """Everything the fitted scores need besides the model, as anomaly_scores' keywords: the training codes'
+    statistics ("latent") and Gaussian mixture ("gmm", "combined"), each feature's residual variance on the
+    training rows ("zrecon"), and the standardisation of "combined" on `held_out` normal rows (None: the
+    training rows themselves). Returns {"latent_stats", "mixture", "residual_var", "combination"}."""
+    codes = latent_codes(model, train)
+    mixture = fit_latent_mixture(codes, seed=seed)
+    parts = anomaly_scores(model, train if held_out is None else held_out, ("recon", "gmm"), mixture=mixture)
+    return {"latent_stats": latent_statistics(codes), "mixture": mixture,
+            "residual_var": residual_variance(model, train), "combination": combination_statistics(parts)}
+
+
 def _request_problems(model, data, kinds, n_samples, latent_stats, mixture, combination, residual_var) -> list:
     """What keeps anomaly_scores from computing `kinds`: unknown or unsupported kinds, missing statistics."""
     import numpy as np
@@ -357,5 +369,6 @@ def auroc(anomaly_score, is_anomaly) -> float:
 __all__ = ["SCORES", "SCORE_CHOICES", "SCORE_HELP", "SAMPLED", "FITTED", "AUTO", "AUTO_CANDIDATES",
            "score_problems", "latent_codes", "residual_variance", "shrink_variance", "residual_nll",
            "latent_statistics", "mahalanobis", "fit_latent_mixture",
-           "mixture_log_density", "robust_standardization", "combination_statistics", "anomaly_scores",
+           "mixture_log_density", "robust_standardization", "combination_statistics", "fit_score_statistics",
+           "anomaly_scores",
            "pseudo_anomalies", "choose_score", "auroc"]

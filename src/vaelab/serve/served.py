@@ -439,14 +439,7 @@ class ServedRun:
         if "fitted" not in self._cache:
             self._need_data()
             with self.lock:
-                train = self.data.train
-                codes = sc.latent_codes(self.model, train)
-                mixture = sc.fit_latent_mixture(codes)
-                self._cache["fitted"] = {
-                    "latent_stats": sc.latent_statistics(codes), "mixture": mixture,
-                    "combination": sc.combination_statistics(sc.anomaly_scores(self.model, train, ("recon", "gmm"),
-                                                                               mixture=mixture)),
-                    "residual_var": sc.residual_variance(self.model, train)}
+                self._cache["fitted"] = sc.fit_score_statistics(self.model, self.data.train)
         return self._cache["fitted"]
 
     def _scores(self, xb: torch.Tensor, kind: str) -> np.ndarray:
