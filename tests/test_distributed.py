@@ -24,7 +24,8 @@ preset, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
 digits = load_dataset("digits")
 model = build_model(preset, input_shape=digits.train.sample_shape)
-fit(model, digits.train, digits.test, epochs=epochs, batch_size=100, progress=False, out=out, seed=5)
+fit(model, digits.train, digits.test, epochs=epochs, batch_size=100, progress=False, out=out, seed=5,
+    precision="fp32")  # the same arithmetic in both worlds (auto may choose differently for a rank's half batch)
 """
 
 
@@ -72,9 +73,17 @@ def test_the_cli_under_torchrun(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "vaelab", "train", "--preset", "seed-conv-ae", "--dataset", "digits", "--epochs",
-                           "1", "--batch-size", "64", "--no-progress", "--out", str(out)],
+                           "1", "--batch-size", "64", "--precision", "auto", "--no-progress", "--out", str(out)],
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("on 2 processes (global batch 64)") == 1  # rank 0 alone reports
     assert proc.stdout.count("test split of digits") == 1
     assert (out / "reconstructions.png").is_file() and (out / "evaluation.json").is_file()
+    # precision auto: the ranks time their shards, choose one precision from the summed times, and
+    # rank 0 alone says so and records it
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    chosen = cfg["precision_auto"]["chose"]
+    assert cfg["train"]["precision"] == chosen in ("fp32", "bf16")
+    assert proc.stderr.count("vaelab: --precision auto: ") == 1, proc.stderr

@@ -32,7 +32,9 @@ from vaelab.training.checkpoint import (CHECKPOINT_FILE, WEIGHTS_FILE, atomic_wr
                                         load_checkpoint, save_checkpoint, save_pretrained)
 from vaelab.training.corruption import corrupt
 from vaelab.training.distributed import Dist
-from vaelab.training.runtime import Meter, autocast, choose_precision, keep_freed_memory  # noqa: F401 (also for old importers)
+from vaelab.training.runtime import (Meter, autocast, choose_precision, host_identity,  # noqa: F401 (Meter also
+                                     keep_freed_memory, pick_measured, step_times_file,  # for old importers)
+                                     store_step_times, stored_step_times, time_precisions)
 from vaelab.training.schedules import beta_at, capacity_at, lr_at
 from vaelab.training.tracking import Tracker, make_tracker
 from vaelab.training.validation import loss_terms
@@ -50,6 +52,12 @@ class RunFiles:
     config: str | None = "config.json"  # the model and training settings, with run_info
     model: bool = True  # save_pretrained: model.safetensors, and the model section of config.json
     metrics: str | None = METRICS_FILE  # the history, one JSON row per epoch
+
+
+# precision="auto"'s step times (seconds, by precision) and when they were measured ("" = in this process), by what
+# they depend on (_Run._measure_key): one measurement per model and setting in a process, so that fitting the same
+# model twice (an estimator's refit, a benchmark's seeds) chooses alike even where the cache folder is read-only
+_MEASURED: dict[str, tuple[dict[str, float], str]] = {}
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -104,11 +112,12 @@ def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, 
                on_epoch=on_epoch, tracker=tracker)
     if resume:
         run.resume()
-        if run.start_epoch >= cfg.epochs:  # done already: end as the run did, on its best weights
-            if run.best_state is not None:
-                model.load_state_dict(run.best_state)
-            run.catch_up_tracker()
-            return run.history
+    run.settle_precision()  # "auto" chooses here (a resumed run keeps its choice)
+    if resume and run.start_epoch >= cfg.epochs:  # done already: end as the run did, on its best weights
+        if run.best_state is not None:
+            model.load_state_dict(run.best_state)
+        run.catch_up_tracker()
+        return run.history
     run.open()
     for epoch in range(run.start_epoch, cfg.epochs):
         row = run.train_epoch(epoch)
@@ -163,12 +172,7 @@ class _Run:
         keep_freed_memory()
         self.dist = Dist.from_env(cfg.device)  # a world of one unless launched by torchrun
         model.to(self.dist.device)
-        self.precision_note = None
-        if cfg.precision == "auto":  # resolved once, here: config.json and the checkpoints hold the choice
-            chosen, why = choose_precision(self.dist.device)
-            self.cfg = cfg = cfg.replace(precision=chosen)
-            self.run_info = {**(run_info or {}), "precision_auto": {"chose": chosen, "why": why}}
-            self.precision_note = f"vaelab: --precision auto: {chosen} ({why})"
+        self.precision_note = None  # what precision="auto" chose and why (settle_precision), printed once
         # the model's optimizer, and one per auxiliary network ({} for almost every model)
         self.optimizer, self.aux_optimizers = make_optimizers(model, cfg.lr)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -179,7 +183,7 @@ class _Run:
         self.start_epoch, self.step = 0, 0  # the first epoch to run (past 0 when resuming), optimizer steps done
         self.best_loss, self.best_state, self.bad_epochs = math.inf, None, 0
         self.position, self.saved = None, {}  # where a checkpoint written inside an epoch left off
-        self.net, self.resumed = model, False
+        self.net, self.resumed, self.kept_precision = model, False, None
         self.tracker = tracker if run_dir is not None and self.main else None  # only the writing process logs
 
     def resume(self) -> None:
@@ -193,8 +197,84 @@ class _Run:
         self.resumed = True
         self.best_loss, self.bad_epochs = state.get("best_loss", math.inf), state.get("bad_epochs", 0)
         self.position = state.get("position")
+        self.kept_precision = (state.get("run_info") or {}).get("precision_auto")  # what "auto" chose at the start
         if self.cfg.early_stopping and any(k.startswith("best.") for k in self.saved):
             self.best_state = {k[5:]: v for k, v in self.saved.items() if k.startswith("best.")}
+
+    def settle_precision(self) -> None:
+        """precision="auto", resolved once per run, before its files are written: config.json, the checkpoints and
+        the tracker then hold the precision it trains in. Where the device computes bf16 natively
+        (runtime.choose_precision) a training step of this model on a batch of this data is timed in both
+        precisions (runtime.time_precisions, which leaves no trace) and bf16 taken only where it is faster
+        (runtime.pick_measured); elsewhere fp32 without measuring. A resumed run keeps its first choice."""
+        if self.cfg.precision != "auto":
+            if self.kept_precision and self.kept_precision.get("chose") == self.cfg.precision:
+                # resumed with the precision auto chose (the command line resumes with config.json's): keep the record
+                self.run_info = {"precision_auto": self.kept_precision, **(self.run_info or {})}
+            return
+        if self.kept_precision:
+            chosen, why = self.kept_precision["chose"], self.kept_precision["why"] + " (chosen when the run began)"
+            measured = self.kept_precision.get("step_ms")
+        else:
+            chosen, why = choose_precision(self.dist.device)
+            measured = None
+            if chosen == "bf16":
+                step_s, when = self._step_times()
+                chosen, why = pick_measured(step_s, why)
+                if when:
+                    why += f" (measured on this machine at {when}, kept in {step_times_file()})"
+                measured = {k: round(1e3 * v, 3) for k, v in step_s.items()}
+        self.cfg = self.cfg.replace(precision=chosen)
+        self.run_info = {**(self.run_info or {}),
+                         "precision_auto": {"chose": chosen, "why": why, **({"step_ms": measured} if measured else {})}}
+        self.precision_note = f"vaelab: --precision auto: {chosen} ({why})"
+
+    def _step_times(self) -> tuple[dict[str, float], str]:
+        """The step times "auto" chooses by, and when they were measured ("" = now): this process's measurement
+        of the same model and setting, else the one kept in the cache folder (runtime.stored_step_times), else
+        measured now and kept there. Every rank ends with the same times: the ranks' mean, and measured afresh
+        by all where any lacks a kept one."""
+        key = self._measure_key()
+        if key in _MEASURED:
+            return _MEASURED[key]
+        stored = stored_step_times(key)
+        fresh = self.dist.any(stored is None)
+        local = self._time_precisions() if fresh else stored
+        summed = self.dist.all_sum(torch.tensor([local["fp32"], local["bf16"]], dtype=torch.float64,
+                                                device=self.dist.device)).tolist()
+        step_s = {"fp32": summed[0] / self.dist.world, "bf16": summed[1] / self.dist.world}
+        if fresh and self.main:
+            threads, world = torch.get_num_threads(), self.dist.world
+            store_step_times(key, step_s, f"{self.model.config.model}, batch {self.bs}, {threads} thread"
+                                          f"{'s' * (threads != 1)}, {world} process{'es' * (world != 1)}")
+        _MEASURED[key] = step_s, "" if fresh else stored["measured"]
+        return _MEASURED[key]
+
+    def _measure_key(self) -> str:
+        """What a measured step's time depends on: the machine (runtime.host_identity), the model and its
+        settings, the batch, the threads and the world; `_MEASURED` and the cache folder hold measurements by it."""
+        cfg = self.cfg
+        return json.dumps([host_identity(self.dist.device), self.dist.world, type(self.model).__name__,
+                           self.model.config.to_dict(), self.bs, torch.get_num_threads(), cfg.binarize,
+                           cfg.iw_samples, cfg.noise, bool(self.semi)], sort_keys=True, default=str)
+
+    def _time_precisions(self) -> dict[str, float]:
+        """The median seconds of one training step's forward and backward pass in fp32 and in bf16, on a batch of
+        the training data drawn with its own generator (this rank's shard of it); every rank takes the same
+        number of steps (their mean), as the model's forward pass may gather from all of them."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        order = self.semi.epoch_order(gen) if self.semi else torch.randperm(self.n, generator=gen)
+        batch = order[:self.bs]
+        x = self.train.batch(self.dist.shard(batch), binarize=self.cfg.binarize, generator=gen)
+        self.model.start_epoch(self.start_epoch)  # the stage it trains in (models/m1m2.py)
+        self.model.train()
+        dist = self.dist
+
+        def mean(n: int) -> int:
+            return round(float(dist.all_sum(torch.tensor([float(n)], device=dist.device))) / dist.world)
+
+        return time_precisions(lambda precision: self._forward_backward(batch, x, gen, precision), self.model,
+                               dist.device, agree=mean)
 
     def open(self) -> None:
         """Write the run's config.json, start the tracker, and wrap the model for the world of processes."""
@@ -270,28 +350,13 @@ class _Run:
               gen: torch.Generator) -> dict[str, torch.Tensor]:
         """One optimizer step on the global batch `batch_idx`, of which this rank holds `x` (train.batch of its
         shard); returns this rank's per-sample loss terms."""
-        model, cfg, dist, train, semi = self.model, self.cfg, self.dist, self.train, self.semi
-        idx = dist.shard(batch_idx)  # this rank's samples of the global batch, the same on every rank
-        x = x.to(dist.device)  # (B, C, H, W) / (B, D)
-        x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
-        cond = None
-        if model.capabilities.conditional:
-            cond = (semi.labels[idx] if semi else train.labels(idx)).to(dist.device)
-        with autocast(cfg.precision, x):  # bf16 mixed precision when asked for; weights stay fp32
-            out = self.net(x_in, cond, n_samples=cfg.iw_samples)
-        # per-sample terms in fp32, (B,) each; the clean x is the target
-        shaping = shaping_at(cfg, self.step, self.steps, len(train), semi)
-        terms = model.loss(x_in, out.float(), target=x, shaping=shaping)
-        # the global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its sum
-        # by world / global batch size (exact for any split; for one process this is the mean)
-        loss = terms["loss"].sum() / len(batch_idx) * dist.world
-        self.optimizer.zero_grad(set_to_none=True)
+        model, cfg, dist = self.model, self.cfg, self.dist
+        out, terms, loss = self._forward_backward(batch_idx, x, gen, cfg.precision)
         if cfg.lr_schedule != "constant":  # a pure function of the step: resumes exactly
             lr = lr_at(self.step, lr=cfg.lr, schedule=cfg.lr_schedule, total_steps=cfg.epochs * self.steps,
                        lr_min=cfg.lr_min)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        loss.backward()
         # the gradients' global L2 norm in one fused pass, (); Inf/NaN when any entry is. One check (and one
         # sync) for loss and gradients, before the weights move; every rank stops together
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -305,6 +370,28 @@ class _Run:
             terms = {**terms, **self._auxiliary_step(out.float(), len(batch_idx), epoch)}
         self.step += 1
         return terms
+
+    def _forward_backward(self, batch_idx: torch.Tensor, x: torch.Tensor, gen: torch.Generator, precision: str):
+        """The step's forward pass in `precision`, its per-sample loss terms and the backward pass of the global
+        batch's mean loss (the gradients, set afresh): (the model's output, the terms, the loss)."""
+        model, cfg, dist, train, semi = self.model, self.cfg, self.dist, self.train, self.semi
+        idx = dist.shard(batch_idx)  # this rank's samples of the global batch, the same on every rank
+        x = x.to(dist.device)  # (B, C, H, W) / (B, D)
+        x_in = corrupt(x, cfg.noise, cfg.noise_level, gen)  # the input the model sees (denoising)
+        cond = None
+        if model.capabilities.conditional:
+            cond = (semi.labels[idx] if semi else train.labels(idx)).to(dist.device)
+        with autocast(precision, x):  # bf16 mixed precision when asked for; weights stay fp32
+            out = self.net(x_in, cond, n_samples=cfg.iw_samples)
+        # per-sample terms in fp32, (B,) each; the clean x is the target
+        shaping = shaping_at(cfg, self.step, self.steps, len(train), semi)
+        terms = model.loss(x_in, out.float(), target=x, shaping=shaping)
+        # the global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its sum
+        # by world / global batch size (exact for any split; for one process this is the mean)
+        loss = terms["loss"].sum() / len(batch_idx) * dist.world
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return out, terms, loss
 
     def _auxiliary_step(self, out, global_batch: int, epoch: int) -> dict[str, torch.Tensor]:
         """One optimizer step of every auxiliary network on its loss at the step's output `out`; returns their

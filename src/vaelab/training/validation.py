@@ -24,8 +24,8 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
     the posterior sample and the binarization, without touching the caller's random state. With `dist`
     (a training.distributed.Dist under torchrun) each rank evaluates its share and the means are global.
     precision="bf16" runs the forward pass as bf16 training does (autocast; the loss in fp32): what `fit`
-    validates a bf16 run with; "auto" chooses as training does (runtime.choose_precision). The default fp32 is
-    what `evaluate` reports.
+    validates a bf16 run with; "auto" chooses by the device's instructions alone (runtime.choose_precision;
+    training also times a step). The default fp32 is what `evaluate` reports.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is unknown; choose one of {list(PRECISIONS)}", "evaluation")
