@@ -52,7 +52,8 @@ torch.manual_seed(0)
 digits = load_dataset("digits")
 model = build_model(model="vqvae", channels=(8, 16), latent_dim=4, codebook_size=32, vq_restart_after=2,
                     input_shape=digits.train.sample_shape)
-history = fit(model, digits.train, digits.test, epochs=epochs, batch_size=100, seed=3, progress=False,
+# fp32: the same arithmetic in both worlds (auto may choose differently for a rank's half batch)
+history = fit(model, digits.train, digits.test, epochs=epochs, batch_size=100, seed=3, progress=False, precision="fp32",
               out=f"{out}/run", resume=resume)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/rank{rank}.safetensors")
 json.dump(history, open(f"{out}/history{rank}.json", "w"))

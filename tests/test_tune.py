@@ -159,7 +159,8 @@ def test_validation_test_selects_on_the_test_split_as_asked(tmp_path, capsys):
     run = Path(t.user_attrs["run_dir"])
     data = load_dataset("digits")
     assert history(run)[0]["step"] == -(-1617 // 128)  # the whole training split
-    assert t.value == loss_terms(from_pretrained(run), data.test, batch_size=256)["loss"]
+    precision = json.loads((run / "config.json").read_text())["train"]["precision"]  # what auto chose
+    assert t.value == loss_terms(from_pretrained(run), data.test, batch_size=256, precision=precision)["loss"]
     summary = json.loads((out / "study.json").read_text())
     assert summary["best_value_split"] == "test" and summary["best_test_value"] == t.value
     assert summary["validation"]["split"] == "test" and not (out / "validation.json").exists()
@@ -249,15 +250,19 @@ def test_search_writes_best_settings_that_train_reproduces(tmp_path, capsys):
     bs = max(best["params"]["batch_size"], 256)
     _, validation, test = selection_data(out)
     model = from_pretrained(run)
-    assert best["value"] == loss_terms(model, validation, batch_size=bs)["loss"]
+    precision = json.loads((run / "config.json").read_text())["train"]["precision"]  # what auto chose: validated in it
+    assert best["value"] == loss_terms(model, validation, batch_size=bs, precision=precision)["loss"]
     # the test split is measured once, for the best trial, and reported apart
     assert summary["best_value_split"] == "validation"
-    assert summary["best_test_value"] == loss_terms(model, test, batch_size=bs)["loss"] != best["value"]
+    assert summary["best_test_value"] == loss_terms(model, test, batch_size=bs, precision=precision)["loss"] \
+        != best["value"]
     config = json.loads((run / "config.json").read_text())
     assert config["tune"]["trial"] == best["number"] and config["tune"]["objective"] == "val_loss"
     assert (run / "model.safetensors").is_file()
     evaluation = json.loads((run / "evaluation.json").read_text())
-    assert evaluation["split"] == "validation" and evaluation["loss"] == best["value"]
+    # evaluation.json is in fp32 whatever the run trained (and validated) in
+    assert evaluation["split"] == "validation" and evaluation["loss"] == (
+        best["value"] if precision == "fp32" else loss_terms(model, validation, batch_size=bs)["loss"])
     assert f"best: val_loss {best['value']:.6g} on the validation split (trial {best['number']}:" in stdout
     assert f"best trial on the test split: val_loss {summary['best_test_value']:.6g}\n" in stdout
     assert len(re.findall(r"^  \d+ +complete +\d", stdout, re.M)) == 3  # the summary table

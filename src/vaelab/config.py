@@ -225,7 +225,9 @@ class TrainConfig:
     free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised; 0 = off
     iw_samples: int = 1  # importance samples of the IWAE bound; 1 = the ELBO
     labels: int = 0  # semi-supervised (m2): keep this many labels, balanced over the classes; 0 = keep all
-    precision: str = "fp32"  # fp32 | bf16 (mixed precision: bf16 autocast forward, fp32 weights and losses)
+    # fp32 | bf16 (mixed precision: bf16 autocast forward, fp32 weights and losses) | auto: bf16 where the device
+    # computes it natively and a measured training step is faster in it, else fp32 (training/loop.py)
+    precision: str = "auto"
     device: str = "auto"  # auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N
 
     def problems(self) -> list[str]:
@@ -275,7 +277,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             out.append(f"precision={self.precision!r} is unknown; choose one of {list(PRECISIONS)} (bf16 = "
                        "mixed precision, faster on CPUs with AVX-512 BF16 / AMX and on recent GPUs; auto = bf16 "
-                       "where the device computes bf16 natively, else fp32)")
+                       "where the device computes bf16 natively and a training step measures faster in it, else "
+                       "fp32)")
         return out
 
     def validate(self) -> TrainConfig:
@@ -343,13 +346,14 @@ PRESETS: dict[str, Preset] = {
             "The longer likelihood recipe: the two-stochastic-layer VAE (model hvae) of the IWAE paper, wider: MLP "
             "784-512-512-(z1 64)-256-256-(z2 32) and back, Bernoulli, trained on the IWAE bound with K=5 importance "
             "samples after a 40-epoch linear warm-up of the weights' KL part (without it the top layer closes at "
-            "once), bf16 mixed precision, dynamically binarized inputs, Adam 1e-3 with cosine decay to 1e-5, batch "
-            "100, 400 epochs (13 s each on 2 CPU cores: 90 minutes); score it with `vaelab evaluate RUN "
+            "once), dynamically binarized inputs, Adam 1e-3 with cosine decay to 1e-5, batch "
+            "100, 400 epochs (13 s each on 2 CPU cores in bf16, which --precision auto takes where it measures faster: "
+            "90 minutes); score it with `vaelab evaluate RUN "
             "--nll-samples 5000 --binarize dynamic`.",
             ModelConfig(model="hvae", arch="mlp", hidden=(512, 512), latent_dim=64, latent2_dim=32,
                         hidden2=(256, 256), likelihood="bernoulli"),
             TrainConfig(epochs=400, batch_size=100, binarize=True, lr_schedule="cosine", lr_min=1e-5, iw_samples=5,
-                        kl_schedule="linear", kl_warmup=40, precision="bf16"),
+                        kl_schedule="linear", kl_warmup=40),
         ),
         Preset(
             "resnet-32",

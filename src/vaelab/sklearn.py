@@ -120,7 +120,9 @@ class _VaelabEstimator(BaseEstimator):
         raise NotImplementedError
 
     def _train_settings(self, image: bool) -> dict:
-        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        # fp32: an estimator's fit is the same for the same random_state on every machine (precision "auto" would
+        # time the two precisions, and a small model's steps can fall on either side of its line)
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "precision": "fp32"}
 
     def _problems(self, data: ArrayDataset) -> list[str]:
         from vaelab.config import ModelConfig, TrainConfig
@@ -390,7 +392,7 @@ class AnomalyDetector(OutlierMixin, _VaelabEstimator):
 
     def _train_settings(self, image):
         return {"epochs": self.epochs if self.epochs is not None else (30 if image else 60),
-                "batch_size": self.batch_size, "lr": self.lr}
+                "batch_size": self.batch_size, "lr": self.lr, "precision": "fp32"}  # fp32: see the base class
 
     def _own_problems(self) -> list[str]:
         out = []

@@ -378,7 +378,8 @@ class SeriesDetector(BaseEstimator):
                             latent_dim=self.latent_dim, channels=tup(self.channels), hidden=tup(self.hidden),
                             likelihood="gaussian", gaussian_sigma=self.gaussian_sigma)
         train = TrainConfig(epochs=self.epochs_for(n_windows), batch_size=self.batch_size, lr=self.lr,
-                            seed=int(self.random_state or 0), progress=bool(self.verbose))
+                            seed=int(self.random_state or 0), progress=bool(self.verbose),
+                            precision="fp32")  # the same fit for the same random_state everywhere (sklearn.py)
         return model, train
 
     def fit(self, X, y=None) -> SeriesDetector:

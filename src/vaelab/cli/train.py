@@ -86,7 +86,9 @@ FIELD_HELP = {
     "iw_samples": "importance samples K per input: K > 1 trains on the IWAE bound of Burda et al. "
                   "(tighter than the ELBO, K times the decoder cost); 1 = the ELBO",
     "precision": "floating-point precision of training and its validation (bf16: mixed precision, fp32 weights; "
-                 "auto: bf16 where the CPU or GPU computes it natively, printed and written into config.json)",
+                 "auto, the default: bf16 where the CPU or GPU computes it natively and a training step of the "
+                 "model, timed in both before the first epoch, is faster in it; the choice is printed and written "
+                 "into config.json)",
     "labels": "semi-supervised training (--model m2): keep this many training labels, balanced over the "
               "classes and chosen with --seed, and hide the rest; every batch mixes both kinds (0 = keep all)",
 }
