@@ -126,6 +126,39 @@ def test_m1_epochs_must_leave_epochs_to_m2_and_settings_are_checked():
     assert "m2_latent=-1 must be an integer >= 1" in text
 
 
+def test_uniform_order_shows_every_sample_equally_often():
+    from vaelab.data.semisupervised import MixedBatches
+
+    y = torch.arange(103) % 5
+    semi = MixedBatches(y, torch.tensor([0, 1, 2, 3, 4]), batch_size=8)  # 5 labelled, 98 unlabelled: 2 a batch
+    order = semi.uniform_order(torch.Generator().manual_seed(0))
+    assert semi.epoch_length == 98 + 17 * 2 == len(order)  # 17 steps of 6 unlabelled + 2 labelled
+    counts = torch.bincount(order, minlength=103)
+    assert counts.min() >= 1 and counts.max() <= 2 and int((counts == 2).sum()) == 132 - 103
+    assert torch.equal(order, semi.uniform_order(torch.Generator().manual_seed(0)))  # a function of the generator
+    mixed = torch.bincount(semi.epoch_order(torch.Generator().manual_seed(0)), minlength=103)
+    assert sorted(mixed[:5].tolist()) == [6, 7, 7, 7, 7]  # the mixed batches: each labelled sample ~7 times
+
+
+def test_m1_batches_uniform_trains_m1_on_every_image_equally_and_m2_on_mixed_batches(monkeypatch):
+    digits = load_dataset("digits")
+    model = build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, hidden=(16,), latent_dim=4,
+                        m2_hidden=(8,), m2_latent=2, m1_epochs=1, m1_batches="uniform")
+    seen, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda x, c=None, n_samples=1: seen.append(c.clone()) or forward(x, c))
+    # fp32: precision auto's timed steps would pass through forward too
+    fit(model, digits.train, None, epochs=2, batch_size=64, labels=20, seed=4, progress=False, precision="fp32")
+    steps = len(seen) // 2
+    m1, m2 = torch.cat(seen[:steps]), seen[steps:]
+    assert all((c >= 0).sum() == 16 for c in m2[:-1])  # M2's stage: a quarter of every batch labelled
+    assert int((m1 >= 0).sum()) <= 2 * 20  # M1's stage: the 20 labelled images at most twice each, as any image
+    assert model.mixes_labels(0) is False and model.mixes_labels(1) is True
+    default = build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, m1_epochs=1)
+    assert default.mixes_labels(0) is True  # mixed unless asked (the preset's measured recipe)
+    with pytest.raises(ConfigError, match="m1_batches='even' is unknown; choose 'mixed' or 'uniform'"):
+        build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, m1_batches="even")
+
+
 def test_a_bad_label_tensor_is_a_clear_error():
     model = _tiny()
     x, _ = _batch()

@@ -30,12 +30,12 @@ TINY = {"input_shape": SHAPE, "latent_dim": 4, "channels": (4, 8), "hidden": (16
 CLASSES = 3  # condition_dim of the conditional models
 BASE_SETTINGS = {"codebook_size": 64}  # a small codebook, more codes than a batch has vectors (restarts)
 # settings that act only when another is set: the code prior's shape needs a prior
-NEEDS = {"prior_channels": {"prior_layers": 1}, "prior_classes": {"prior_layers": 1}}
+NEEDS = {"prior_channels": {"prior_layers": 1}, "prior_classes": {"prior_layers": 1}, "m1_batches": {"m1_epochs": 1}}
 # the perturbed value of each built-in setting; a setting not listed gets one from its default's type (_other)
 PERTURBED = {"beta": 2.5, "alpha": 0.7, "latent2_dim": 3, "hidden2": (8,), "codebook_size": 72,
              "vq_commitment": 1.0, "vq_ema": False, "vq_kmeans_init": False, "vq_restart_after": 1,
              "prior_layers": 2, "prior_channels": 8, "prior_classes": 3, "estimator": "mss", "variant": "ii",
-             "lambda_d": 3.0}
+             "lambda_d": 3.0, "m1_batches": "uniform"}
 
 
 def _fields(name: str) -> list[dataclasses.Field]:
@@ -133,7 +133,10 @@ def where_it_reaches(name: str, field: str, value) -> str | None:
         return "loss"
     _train_steps(a, x, cond), _train_steps(b, x, cond)
     found = _state_differs(a, b)
-    return f"weights after training steps: {found}" if found else None
+    if found:
+        return f"weights after training steps: {found}"
+    # what the loop asks the model for its batches (m1m2's m1_batches: the batches of M1's stage)
+    return "the loop's batches (mixes_labels)" if a.mixes_labels(0) != b.mixes_labels(0) else None
 
 
 @pytest.mark.parametrize("name,field", CASES, ids=[f"{m}-{f}" for m, f in CASES])

@@ -95,6 +95,15 @@ class MixedBatches:
         parts = [t for pair in zip(u.split(self.n_unlabelled), lab.split(self.n_labelled)) for t in pair]
         return torch.cat(parts)
 
+    def uniform_order(self, generator: torch.Generator) -> torch.Tensor:
+        """An epoch of as many batches as `epoch_order`'s, (epoch_length,), drawn uniformly: permutations of all
+        the training samples back to back, cut at epoch_length, so each is seen as often as any other (for a
+        stage that learns without labels, where the mixed batches would show the few labelled samples far more
+        often than the rest)."""
+        n = len(self.labels)
+        passes = math.ceil(self.epoch_length / n)
+        return torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])[:self.epoch_length]
+
     def classifier_weight(self, alpha: float) -> float:
         """The per-sample weight of -log q(y|x) on labelled samples for the paper's α = alpha * N.
 

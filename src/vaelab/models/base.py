@@ -265,6 +265,13 @@ class Autoencoder(nn.Module):
         """Called by the training loop before training epoch `epoch` (0-based), a resumed one included: a model
         trained in stages picks its stage here (models/m1m2.py). Nothing by default."""
 
+    def mixes_labels(self, epoch: int) -> bool:
+        """With hidden labels (--labels N), whether epoch `epoch` trains on the mixed batches (a share of every
+        batch labelled, data.semisupervised.MixedBatches.epoch_order); False: on as many batches drawn uniformly
+        from all the training samples (uniform_order), for a stage that learns without labels (models/m1m2.py).
+        True by default."""
+        return True
+
     def epoch_metrics(self) -> dict:
         """The model's own numbers of the training epoch that just ended (the loop adds them as train_*)."""
         return {}

@@ -62,6 +62,10 @@ class M1M2Settings(ModelSettings):
     m2_hidden: tuple[int, ...] = field(default=(500,), metadata={
         "help": "hidden layers of M2's networks (classifier, encoder, decoder), on M1's codes"})
     m2_latent: int = field(default=50, metadata={"help": "size of M2's latent z2"})
+    m1_batches: str = field(default="mixed", metadata={"choices": ("mixed", "uniform"),
+        "help": "the batches of M1's stage with --labels N: mixed (a quarter of every batch from the labelled "
+                "images, as M2's stage) or uniform (every training image equally often, as the paper's M1, which "
+                "sees no labels)"})
     m1_epochs: int = field(default=0, metadata={
         "help": "epochs of the first stage, M1 alone; the others train M2 on the frozen M1's codes (0: both "
                 "train together from the start, M2 on the codes of the M1 that learns beside it)"})
@@ -75,6 +79,9 @@ class M1M2Settings(ModelSettings):
             out.append(f"m2_hidden={list(self.m2_hidden)!r} must be a list of positive integers")
         if not is_int(self.m2_latent) or self.m2_latent < 1:
             out.append(f"m2_latent={self.m2_latent!r} must be an integer >= 1 (the size of M2's latent z2)")
+        if self.m1_batches not in ("mixed", "uniform"):
+            out.append(f"m1_batches={self.m1_batches!r} is unknown; choose 'mixed' or 'uniform' (the batches of "
+                       "M1's stage)")
         if not is_int(self.m1_epochs) or self.m1_epochs < 0:
             out.append(f"m1_epochs={self.m1_epochs!r} must be an integer >= 0 (the epochs M1 trains alone first; 0 "
                        "trains both together)")
@@ -140,6 +147,10 @@ class M1M2(Autoencoder):
     def start_epoch(self, epoch: int) -> None:
         m1_epochs = self.settings.m1_epochs
         self.stage = None if not m1_epochs else "m1" if epoch < m1_epochs else "m2"
+
+    def mixes_labels(self, epoch: int) -> bool:
+        """M1's stage trains on uniform batches with m1_batches="uniform" (it learns without labels)."""
+        return not (self.settings.m1_batches == "uniform" and epoch < self.settings.m1_epochs)
 
     def training_problems(self, train) -> list[str]:
         out = super().training_problems(train)

@@ -309,7 +309,10 @@ class _Run:
         t0 = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # the model's noise (reparameterization) this epoch
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1)  # data order, binarization
-        perm = self.semi.epoch_order(gen) if self.semi else torch.randperm(self.n, generator=gen)
+        if self.semi:  # with hidden labels: mixed batches, or uniform ones for a stage that learns without labels
+            perm = (self.semi.epoch_order if self.model.mixes_labels(epoch) else self.semi.uniform_order)(gen)
+        else:
+            perm = torch.randperm(self.n, generator=gen)
         self.model.start_epoch(epoch)
         self.model.train()
         meter = Meter()
