@@ -107,7 +107,7 @@ def test_every_problem_of_a_search_file_is_named_at_once(tmp_path, capsys):
                    "[space] epochs: low = 1.5 must be an integer (epochs is an integer setting)",
                    "[space] hidden: choice 'x': hidden = 'x' must be a list of integers",
                    "[fixed] 'out' cannot be fixed",
-                   "[fixed] 'batchsize' is not a `vaelab train` setting (did you mean 'batch_size'?)",
+                   "[fixed] 'batchsize' is not a `vaelab train` setting (did you mean 'batch_size' or 'm1_batches'?)",
                    "[study] objective = 'nl' is unknown (did you mean 'nll'?)",
                    "[study] 'n_trails' is not a study setting (did you mean 'n_trials'?)"):
         assert needle in err, f"{needle!r} not in:\n{err}"
