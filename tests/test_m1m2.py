@@ -23,8 +23,10 @@ from vaelab.evaluation import evaluate
 from vaelab.evaluation.nll import log_likelihood
 from vaelab.losses import recon_nll
 from vaelab.models import build_model, from_pretrained
-from vaelab.models.m1m2 import M1M2
+from vaelab.models.m1m2 import CODE_LIKELIHOOD, M1M2
+from vaelab.models.m2 import m2_loss
 from vaelab.training import fit
+from vaelab.training.schedules import lr_at
 
 K = 3  # classes of the tiny models
 
@@ -159,6 +161,80 @@ def test_m1_batches_uniform_trains_m1_on_every_image_equally_and_m2_on_mixed_bat
         build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, m1_batches="even")
 
 
+@pytest.mark.parametrize("span", ["run", "stage"])
+def test_lr_span_stage_restarts_the_cosine_schedule_for_m2(monkeypatch, span):
+    """lr_span="stage": M1's epochs and M2's each run the whole cosine (as two models trained one after the
+    other); "run": one cosine over both. The learning rates the optimizer stepped with, read at every step."""
+    digits = load_dataset("digits")
+    model = build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, hidden=(16,), latent_dim=4,
+                        m2_hidden=(8,), m2_latent=2, m1_epochs=2, lr_span=span)
+    rates, step = [], torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"])
+                        or step(self, *a, **k))
+    fit(model, digits.train, None, epochs=5, batch_size=128, labels=20, seed=4, progress=False, precision="fp32",
+        lr=1e-2, lr_schedule="cosine", lr_min=1e-4)
+    steps = len(rates) // 5  # the mixed batches' epoch (the labelled images repeated)
+    assert len(rates) == 5 * steps and steps > math.ceil(len(digits.train) / 128)
+    cosine = lambda i, n: lr_at(i, lr=1e-2, schedule="cosine", total_steps=n * steps, lr_min=1e-4)  # noqa: E731
+    if span == "run":
+        assert rates == [cosine(i, 5) for i in range(5 * steps)]
+    else:
+        assert rates == [cosine(i, 2) for i in range(2 * steps)] + [cosine(i, 3) for i in range(3 * steps)]
+        assert rates[2 * steps] == 1e-2  # M2's first step at the full rate
+    assert model.schedule_span(1, 5) == ((0, 2) if span == "stage" else (0, 5))
+    assert model.schedule_span(2, 5) == ((2, 5) if span == "stage" else (0, 5))
+    with pytest.raises(ConfigError, match="lr_span='epoch' is unknown; choose 'run' or 'stage'"):
+        build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, lr_span="epoch")
+
+
+def test_code_dims_active_feeds_m2s_inference_networks_the_dimensions_m1_uses():
+    """code_dims="active" (Kingma et al.'s code keeps M1's dimensions whose posterior mean varies, std > 0.1):
+    measured once, on the first batch of M2's stage; the classifier and q(z2|z1,y) read the code with the others
+    zeroed, p(z1|y,z2) still models every dimension; the mask is saved with the weights."""
+    model = _tiny(m1_epochs=1, code_dims="active")
+    last = [m for m in model.m1.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight[[0, 2]] = 0.0  # the means of dimensions 0 and 2 no longer depend on x: inactive
+    x, labels = _batch()
+    assert model.code_mask.tolist() == [0.0, 0.0, 0.0]  # not measured yet: M1 trains first
+    model.train(), model.start_epoch(0)
+    model(x, labels)
+    assert model.code_mask.tolist() == [0.0, 0.0, 0.0]
+    model.start_epoch(1)
+    torch.manual_seed(5)
+    out = model(x, labels)
+    means = model.m1.encode(x).mean
+    assert means.std(0).gt(0.1).tolist() == [False, True, False]
+    assert model.code_mask.tolist() == [0.0, 1.0, 0.0]
+    codes = out.m1.z
+    assert codes[:, [0, 2]].abs().min() > 0  # M1's draws keep every dimension ...
+    seen = codes * torch.tensor([0.0, 1.0, 0.0], dtype=codes.dtype)
+    assert torch.equal(out.m2.class_logits, model.m2.classifier(seen))  # ... the classifier reads dimension 1
+    terms = model.loss(x, out)
+    m2 = m2_loss(codes, out.m2, likelihood=CODE_LIKELIHOOD, beta=1.3, alpha=0.7)  # p(z1|y,z2) of all 3
+    assert torch.equal(terms["m2_recon"], m2["recon"])
+    with torch.no_grad():
+        last.weight[0] = 1.0  # M1 changes: the mask does not (measured once)
+    model(x, labels)
+    assert model.code_mask.tolist() == [0.0, 1.0, 0.0]
+    model.eval()
+    mask = torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype)
+    assert torch.allclose(model.classify(x), torch.softmax(model.m2.classifier(model.m1.encode(x).mean * mask), 1))
+    loaded = _tiny(m1_epochs=1, code_dims="active")
+    loaded.load_state_dict(model.state_dict())
+    assert loaded.code_mask.tolist() == [0.0, 1.0, 0.0]
+    none = _tiny(m1_epochs=1, code_dims="active")
+    with torch.no_grad():
+        [m for m in none.m1.encoder.modules() if isinstance(m, torch.nn.Linear)][-1].weight[:3] = 0.0
+    none.train(), none.start_epoch(1)
+    none(x, labels)
+    assert none.code_mask.tolist() == [1.0, 1.0, 1.0]  # no dimension active: M2 reads them all
+    assert "code_mask" not in _tiny(m1_epochs=1).state_dict()  # code_dims="all": nothing to keep
+    with pytest.raises(ConfigError, match="code_dims='active' picks the dimensions M1 uses when M2's stage begins, "
+                                          "so it needs two stages: set m1_epochs > 0"):
+        _tiny(code_dims="active")
+
+
 def test_a_bad_label_tensor_is_a_clear_error():
     model = _tiny()
     x, _ = _batch()
@@ -224,9 +300,11 @@ def test_the_ddp_path_trains_both_stages(tmp_path):
         "import sys, torch\n"
         "from vaelab.data import load_dataset\nfrom vaelab.models import build_model\nfrom vaelab.training import fit\n"
         "torch.manual_seed(0)\ndigits = load_dataset('digits')\n"
-        "model = build_model(model='m1m2', condition_dim=10, hidden=(16,), latent_dim=4, m2_hidden=(8,), "
-        "m2_latent=2, m1_epochs=1, input_shape=digits.train.sample_shape)\n"
-        "fit(model, digits.train, digits.test, epochs=2, batch_size=64, labels=20, progress=False, out=sys.argv[1])\n")
+        "model = build_model(model='m1m2', condition_dim=10, hidden=(16,), latent_dim=12, m2_hidden=(8,), "
+        "m2_latent=2, m1_epochs=1, code_dims='active', input_shape=digits.train.sample_shape)\n"
+        "fit(model, digits.train, digits.test, epochs=2, batch_size=64, labels=20, progress=False, out=sys.argv[1])\n"
+        "import os, json\n"
+        "open(sys.argv[1] + '/mask' + os.environ['RANK'], 'w').write(json.dumps(model.code_mask.tolist()))\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(worker), str(tmp_path / "run")], env=torchrun_env(), capture_output=True, text=True,
                           timeout=300)
@@ -234,6 +312,10 @@ def test_the_ddp_path_trains_both_stages(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "train_error" not in rows[0] and 0 <= rows[1]["train_error"] <= 1
     assert all(math.isfinite(r["train_loss"]) for r in rows)
+    # code_dims="active": the mask comes from the global batch's statistics, the same on both ranks
+    masks = [json.loads((tmp_path / "run" / f"mask{rank}").read_text()) for rank in (0, 1)]
+    assert masks[0] == masks[1] == load_file(str(tmp_path / "run" / "model.safetensors"))["code_mask"].tolist()
+    assert set(masks[0]) <= {0.0, 1.0} and sum(masks[0]) >= 1
 
 
 # ------------------------------------------------------------------------------------------ using it

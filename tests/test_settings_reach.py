@@ -30,12 +30,14 @@ TINY = {"input_shape": SHAPE, "latent_dim": 4, "channels": (4, 8), "hidden": (16
 CLASSES = 3  # condition_dim of the conditional models
 BASE_SETTINGS = {"codebook_size": 64}  # a small codebook, more codes than a batch has vectors (restarts)
 # settings that act only when another is set: the code prior's shape needs a prior
-NEEDS = {"prior_channels": {"prior_layers": 1}, "prior_classes": {"prior_layers": 1}, "m1_batches": {"m1_epochs": 1}}
+NEEDS = {"prior_channels": {"prior_layers": 1}, "prior_classes": {"prior_layers": 1}, "m1_batches": {"m1_epochs": 1},
+         "lr_span": {"m1_epochs": 1}, "code_dims": {"m1_epochs": 1}}
 # the perturbed value of each built-in setting; a setting not listed gets one from its default's type (_other)
 PERTURBED = {"beta": 2.5, "alpha": 0.7, "latent2_dim": 3, "hidden2": (8,), "codebook_size": 72,
              "vq_commitment": 1.0, "vq_ema": False, "vq_kmeans_init": False, "vq_restart_after": 1,
              "prior_layers": 2, "prior_channels": 8, "prior_classes": 3, "estimator": "mss", "variant": "ii",
-             "lambda_d": 3.0, "m1_batches": "uniform"}
+             "lambda_d": 3.0, "m1_batches": "uniform", "lr_span": "stage",
+             "code_dims": "active"}
 
 
 def _fields(name: str) -> list[dataclasses.Field]:
@@ -136,7 +138,10 @@ def where_it_reaches(name: str, field: str, value) -> str | None:
     if found:
         return f"weights after training steps: {found}"
     # what the loop asks the model for its batches (m1m2's m1_batches: the batches of M1's stage)
-    return "the loop's batches (mixes_labels)" if a.mixes_labels(0) != b.mixes_labels(0) else None
+    if a.mixes_labels(0) != b.mixes_labels(0):
+        return "the loop's batches (mixes_labels)"
+    # and the span of its learning-rate schedule (m1m2's lr_span)
+    return "the loop's schedule (schedule_span)" if a.schedule_span(1, 3) != b.schedule_span(1, 3) else None
 
 
 @pytest.mark.parametrize("name,field", CASES, ids=[f"{m}-{f}" for m, f in CASES])

@@ -272,6 +272,12 @@ class Autoencoder(nn.Module):
         True by default."""
         return True
 
+    def schedule_span(self, epoch: int, epochs: int) -> tuple[int, int]:
+        """The epochs [first, last) over which the learning-rate schedule (--lr-schedule) of epoch `epoch` runs,
+        of a run of `epochs`: the whole run by default; a model trained in stages may restart it at each stage
+        (models/m1m2.py)."""
+        return 0, epochs
+
     def epoch_metrics(self) -> dict:
         """The model's own numbers of the training epoch that just ended (the loop adds them as train_*)."""
         return {}

@@ -12,6 +12,13 @@ by the epoch (`start_epoch`), so a run resumes in either: the first `m1_epochs` 
 negative ELBO); the rest train M2 on codes of the frozen M1 (M1 runs without gradients; its weights stay as
 stage 1 left them). With m1_epochs 0 (and outside the loop, a model never given an epoch) both train at once:
 M1 on its ELBO, M2 on M1's codes, detached (M2's objective never reaches M1).
+The stages' other choices: `m1_batches` (M1's stage on the mixed batches of M2's or on uniform ones), `lr_span`
+(one learning-rate schedule over the run, or one per stage as two models trained one after the other) and
+`code_dims`: "active" feeds M2's inference networks (q(y|z1), q(z2|z1,y)) only the dimensions of the code that M1
+uses, as Kingma et al.'s code does (the std of q(z1|x)'s mean over the images above 0.1, measured on the first
+batch of M2's stage and kept in the weights as `code_mask`); the others are noise drawn from the prior, which the
+classifier would otherwise see in training and not at test (where it reads the mean). p(z1|y,z2) still models
+every dimension, so the stacked bound stays a bound on the whole code (any q is allowed).
 
 Evaluation (eval mode) runs both: the terms of M1 (recon, kl, bce, mse of the images), M2's terms on the
 sampled code (m2_recon, m2_kl, entropy, classifier_nll, error), and `elbo`, the bound of the stacked model
@@ -32,11 +39,16 @@ from vaelab.config import is_int, is_nonneg
 from vaelab.errors import VaelabError
 from vaelab.losses import Likelihood, LearnedGaussian, Shaping, iwae_bound, log_normal_diag, recon_nll_samples
 from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
+from vaelab.models.collective import all_sum
 from vaelab.models.m2 import M2, M2Output, m2_loss
 from vaelab.models.registry import register
 from vaelab.models.vae import VAE, vae_loss
 
 CODE_LIKELIHOOD = LearnedGaussian()  # p(z1 | y, z2): M2's likelihood of M1's real-valued codes
+M1_BATCHES = ("mixed", "uniform")  # M1's stage: the mixed batches of M2's, or uniform over the training images
+LR_SPANS = ("run", "stage")  # the learning-rate schedule over the whole run, or afresh for each stage
+CODE_DIMS = ("all", "active")  # the dimensions of M1's code M2's inference networks read
+ACTIVE_STD = 0.1  # an active dimension: its mean under q(z1|x) varies over the images by more (Kingma et al.'s code)
 
 
 @dataclass
@@ -62,13 +74,21 @@ class M1M2Settings(ModelSettings):
     m2_hidden: tuple[int, ...] = field(default=(500,), metadata={
         "help": "hidden layers of M2's networks (classifier, encoder, decoder), on M1's codes"})
     m2_latent: int = field(default=50, metadata={"help": "size of M2's latent z2"})
-    m1_batches: str = field(default="mixed", metadata={"choices": ("mixed", "uniform"),
+    m1_batches: str = field(default="mixed", metadata={"choices": M1_BATCHES,
         "help": "the batches of M1's stage with --labels N: mixed (a quarter of every batch from the labelled "
                 "images, as M2's stage) or uniform (every training image equally often, as the paper's M1, which "
                 "sees no labels)"})
     m1_epochs: int = field(default=0, metadata={
         "help": "epochs of the first stage, M1 alone; the others train M2 on the frozen M1's codes (0: both "
                 "train together from the start, M2 on the codes of the M1 that learns beside it)"})
+    code_dims: str = field(default="all", metadata={"choices": CODE_DIMS,
+        "help": "the dimensions of M1's code that M2's inference networks (the classifier q(y|z1) and q(z2|z1,y)) "
+                "read: all, or the active ones (with m1_epochs > 0: those whose mean under q(z1|x) has a standard "
+                "deviation above 0.1 over the first batch of M2's stage, as Kingma et al.'s code keeps); "
+                "p(z1|y,z2) models every dimension either way"})
+    lr_span: str = field(default="run", metadata={"choices": LR_SPANS,
+        "help": "the span of the learning-rate schedule (--lr-schedule) with m1_epochs > 0: the whole run, or "
+                "each stage afresh (M1's epochs, then M2's, as two models trained one after the other)"})
 
     def problems(self, config) -> list[str]:
         out = []
@@ -79,9 +99,18 @@ class M1M2Settings(ModelSettings):
             out.append(f"m2_hidden={list(self.m2_hidden)!r} must be a list of positive integers")
         if not is_int(self.m2_latent) or self.m2_latent < 1:
             out.append(f"m2_latent={self.m2_latent!r} must be an integer >= 1 (the size of M2's latent z2)")
-        if self.m1_batches not in ("mixed", "uniform"):
+        if self.m1_batches not in M1_BATCHES:
             out.append(f"m1_batches={self.m1_batches!r} is unknown; choose 'mixed' or 'uniform' (the batches of "
                        "M1's stage)")
+        if self.code_dims not in CODE_DIMS:
+            out.append(f"code_dims={self.code_dims!r} is unknown; choose 'all' or 'active' (the dimensions of M1's "
+                       "code M2's inference networks read)")
+        elif self.code_dims == "active" and not self.m1_epochs:
+            out.append("code_dims='active' picks the dimensions M1 uses when M2's stage begins, so it needs two "
+                       "stages: set m1_epochs > 0")
+        if self.lr_span not in LR_SPANS:
+            out.append(f"lr_span={self.lr_span!r} is unknown; choose 'run' or 'stage' (the span of the "
+                       "learning-rate schedule)")
         if not is_int(self.m1_epochs) or self.m1_epochs < 0:
             out.append(f"m1_epochs={self.m1_epochs!r} must be an integer >= 0 (the epochs M1 trains alone first; 0 "
                        "trains both together)")
@@ -142,6 +171,8 @@ class M1M2(Autoencoder):
                                     latent_dim=s.m2_latent, likelihood=CODE_LIKELIHOOD.name,
                                     settings={"beta": s.beta, "alpha": s.alpha}))
         self.latent_shape = (s.m2_latent,)
+        if s.code_dims == "active":  # 1 for a dimension M2's inference networks read; all 0 until measured
+            self.register_buffer("code_mask", torch.zeros(codes))
         self.stage: str | None = None  # "m1", "m2", or None: both (never given an epoch)
 
     def start_epoch(self, epoch: int) -> None:
@@ -151,6 +182,13 @@ class M1M2(Autoencoder):
     def mixes_labels(self, epoch: int) -> bool:
         """M1's stage trains on uniform batches with m1_batches="uniform" (it learns without labels)."""
         return not (self.settings.m1_batches == "uniform" and epoch < self.settings.m1_epochs)
+
+    def schedule_span(self, epoch: int, epochs: int) -> tuple[int, int]:
+        """With lr_span="stage", the learning-rate schedule runs over M1's epochs, then afresh over M2's."""
+        m1_epochs = self.settings.m1_epochs
+        if self.settings.lr_span == "run" or not m1_epochs:
+            return 0, epochs
+        return (0, m1_epochs) if epoch < m1_epochs else (m1_epochs, epochs)
 
     def training_problems(self, train) -> list[str]:
         out = super().training_problems(train)
@@ -181,18 +219,41 @@ class M1M2(Autoencoder):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = self.m1(x, n_samples=n_samples)
         codes = out.z.flatten(-len(self.m1.latent_shape)).detach()  # (B, L1) / (K, B, L1): M2's data
+        if frozen and hasattr(self, "code_mask") and not self.code_mask.any():
+            self._measure_active(out.posterior.mean.flatten(1))
         k = n_samples if n_samples > 1 else None
-        m2 = self.m2(codes.flatten(0, 1) if k else codes, labels.repeat(k) if k else labels)
+        seen = self._seen(codes)  # what M2's inference networks read; its p(z1|y,z2) models all of `codes`
+        m2 = self.m2(seen.flatten(0, 1) if k else seen, labels.repeat(k) if k else labels)
         if not self.training:  # classify the code's mean, not a draw
-            logits = self.m2.classifier(out.posterior.mean.flatten(1))
+            logits = self.m2.classifier(self._seen(out.posterior.mean.flatten(1)))
             m2.class_logits = logits.repeat(k, 1) if k else logits
         z = m2.z.unflatten(0, (k, -1)) if k and len(m2.z) == len(codes.flatten(0, 1)) else m2.z
         return M1M2Output(out.recon, z, m2.posterior, m1=out, m2=m2)
 
+    @torch.no_grad()
+    def _measure_active(self, means: torch.Tensor) -> None:
+        """Keep the dimensions of M1's code whose mean under q(z1|x) varies over the batch's images (`means`,
+        (B, L1); the global batch under torchrun) with a standard deviation above ACTIVE_STD; every dimension
+        when none does."""
+        m = means.double()
+        stats = all_sum(torch.cat([m.sum(0), m.pow(2).sum(0), m.new_tensor([len(m)])]))
+        n = stats[-1]
+        mean, square = stats[:m.shape[1]] / n, stats[m.shape[1]:-1] / n
+        std = (square - mean.pow(2)).clamp(min=0).mul(n / (n - 1).clamp(min=1)).sqrt()
+        active = std > ACTIVE_STD
+        self.code_mask.copy_(active if active.any() else torch.ones_like(active))
+
+    def _seen(self, codes: torch.Tensor) -> torch.Tensor:
+        """M1's codes (..., L1) as M2's inference networks read them: the inactive dimensions zeroed with
+        code_dims="active" once measured, else as they are."""
+        if not hasattr(self, "code_mask") or not self.code_mask.any():
+            return codes
+        return codes * self.code_mask.to(codes.dtype)
+
     # -------------------------------------------------------------------------------------------- using
 
     def _code(self, x: torch.Tensor) -> torch.Tensor:
-        return self.m1.encode(x).mean.flatten(1)  # (B, L1) the mean of q(z1|x)
+        return self._seen(self.m1.encode(x).mean.flatten(1))  # (B, L1) the mean of q(z1|x), as M2 reads it
 
     def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z2 | z1, y) at the mean code z1 of x, y the given labels (or the classifier's most probable class
@@ -251,7 +312,7 @@ class M1M2(Autoencoder):
             k, b = eps.shape[:2]
             z1 = q1.mean.flatten(1) + q1.std.flatten(1) * eps[..., :l1]  # (K, B, L1)
             y = labels.repeat(k)
-            q2 = self.m2.encode(z1.flatten(0, 1), y)
+            q2 = self.m2.encode(self._seen(z1.flatten(0, 1)), y)
             z2 = q2.mean + q2.std * eps[..., l1:].flatten(0, 1)  # (K*B, L2)
             log_p_z1 = -CODE_LIKELIHOOD.nll(z1.flatten(0, 1), self.m2.decode_raw(z2, y))
             log_p_x = -self.likelihood.nll(x.repeat(k, *[1] * (x.dim() - 1)),

@@ -30,9 +30,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
+
+from vaelab.models.collective import all_sum, broadcast, global_batch
 
 KMEANS_ITERS = 10  # Lloyd iterations of the initialization; the first batch is small, this is cheap
 
@@ -78,7 +79,7 @@ class VectorQuantizer(nn.Module):
             flat = z_e.float().movedim(1, -1).reshape(-1, self.dim)  # (N, D), N = B * prod(grid)
             per_sample = math.prod(grid)  # rows of flat per sample
             if update and not bool(self.initialized):
-                self._kmeans_init(_global_batch(flat.detach(), per_sample))
+                self._kmeans_init(global_batch(flat.detach(), per_sample))
             indices = self.nearest(flat.detach())  # (N,)
             z_q = F.embedding(indices, self.codebook.float())  # (N, D): gathered before any update below
             if update:
@@ -99,7 +100,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
         centroids, counts = kmeans(flat, self.codebook_size)
-        centroids, counts = _broadcast(centroids), _broadcast(counts)  # rank 0's result on every rank
+        centroids, counts = broadcast(centroids), broadcast(counts)  # rank 0's result on every rank
         self.codebook.data.copy_(centroids)
         if self.ema:
             self.cluster_size.copy_(counts.clamp(min=1.0))  # e_k = m_k / N_k holds from the start
@@ -111,7 +112,7 @@ class VectorQuantizer(nn.Module):
         counts = torch.bincount(indices, minlength=self.codebook_size).float()  # (K,)
         if self.ema:
             sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)  # (K, D)
-            both = _all_sum(torch.cat([counts[:, None], sums], 1))  # one collective for both statistics
+            both = all_sum(torch.cat([counts[:, None], sums], 1))  # one collective for both statistics
             counts, sums = both[:, 0], both[:, 1:]
             self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -120,18 +121,18 @@ class VectorQuantizer(nn.Module):
             smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
             self.codebook.copy_(self.embed_sum / smoothed[:, None])
         else:
-            counts = _all_sum(counts)
+            counts = all_sum(counts)
         self.counts += counts.double()
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         if self.restart_after:
             dead = self.unused_steps >= self.restart_after  # the same on every rank: global counts
             if bool(dead.any()):
-                self._restart(dead, _global_batch(flat, per_sample))
+                self._restart(dead, global_batch(flat, per_sample))
 
     def _restart(self, dead: torch.Tensor, flat: torch.Tensor) -> None:
         """Move the dead codes onto random encoder outputs of the (global) batch flat (N, D)."""
         picks = torch.randint(len(flat), (int(dead.sum()),), device=flat.device)
-        fresh = _broadcast(flat[picks].contiguous())  # (n_dead, D), rank 0's draw on every rank
+        fresh = broadcast(flat[picks].contiguous())  # (n_dead, D), rank 0's draw on every rank
         self.codebook.data[dead] = fresh
         if self.ema:
             self.cluster_size[dead] = 1.0  # a young code: its first assignments move it quickly
@@ -191,42 +192,3 @@ def _nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """argmin_k ||x - e_k||^2 for each row of x (N, D) -> (N,). ||x||^2 is the same for every code, so it is
     argmin_k (||e_k||^2 - 2 x.e_k): one matrix product."""
     return torch.addmm(codebook.pow(2).sum(1), x, codebook.t(), alpha=-2.0).argmin(1)
-
-
-def _distributed() -> bool:
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
-
-
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t
-
-
-def _global_batch(flat: torch.Tensor, per_sample: int) -> torch.Tensor:
-    """The rows (N, D) of the whole global batch, in the order one process would see them, from this rank's
-    shard flat (n, D) of them, per_sample rows per sample; flat itself when not distributed.
-
-    The training loop gives rank r the samples r, r + W, r + 2W, ... of each global batch (Dist.shard), so
-    sample j of the global batch is sample j // W of rank j % W. Every rank returns the same tensor."""
-    if not _distributed():
-        return flat
-    world, dim = tdist.get_world_size(), flat.shape[1]
-    size = torch.tensor([len(flat) // per_sample], device=flat.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    tdist.all_gather(sizes, size)  # samples per rank: the shards differ by one when W does not divide B
-    sizes = [int(n) for n in sizes]
-    padded = flat.new_zeros(max(sizes) * per_sample, dim)  # all_gather needs equal sizes
-    padded[:len(flat)] = flat
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    tdist.all_gather(parts, padded.contiguous())
-    out = flat.new_empty(sum(sizes), per_sample, dim)
-    for rank, (part, n) in enumerate(zip(parts, sizes)):
-        out[rank::world] = part[:n * per_sample].view(n, per_sample, dim)
-    return out.view(-1, dim)
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        tdist.broadcast(t, src=0)
-    return t

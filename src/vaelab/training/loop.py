@@ -356,8 +356,9 @@ class _Run:
         model, cfg, dist = self.model, self.cfg, self.dist
         out, terms, loss = self._forward_backward(batch_idx, x, gen, cfg.precision)
         if cfg.lr_schedule != "constant":  # a pure function of the step: resumes exactly
-            lr = lr_at(self.step, lr=cfg.lr, schedule=cfg.lr_schedule, total_steps=cfg.epochs * self.steps,
-                       lr_min=cfg.lr_min)
+            first, last = model.schedule_span(epoch, cfg.epochs)
+            lr = lr_at(self.step - first * self.steps, lr=cfg.lr, schedule=cfg.lr_schedule,
+                       total_steps=(last - first) * self.steps, lr_min=cfg.lr_min)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         # the gradients' global L2 norm in one fused pass, (); Inf/NaN when any entry is. One check (and one
