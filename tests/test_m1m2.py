@@ -156,7 +156,10 @@ def test_m1_batches_uniform_trains_m1_on_every_image_equally_and_m2_on_mixed_bat
     assert int((m1 >= 0).sum()) <= 2 * 20  # M1's stage: the 20 labelled images at most twice each, as any image
     assert model.mixes_labels(0) is False and model.mixes_labels(1) is True
     default = build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, m1_epochs=1)
-    assert default.mixes_labels(0) is True  # mixed unless asked (the preset's measured recipe)
+    assert default.mixes_labels(0) is False  # uniform unless asked (the measured recipe)
+    mixed = build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, m1_epochs=1,
+                        m1_batches="mixed")
+    assert mixed.mixes_labels(0) is True and mixed.mixes_labels(1) is True
     with pytest.raises(ConfigError, match="m1_batches='even' is unknown; choose 'mixed' or 'uniform'"):
         build_model("m1m2", input_shape=digits.train.sample_shape, condition_dim=10, m1_batches="even")
 

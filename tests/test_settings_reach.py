@@ -36,7 +36,7 @@ NEEDS = {"prior_channels": {"prior_layers": 1}, "prior_classes": {"prior_layers"
 PERTURBED = {"beta": 2.5, "alpha": 0.7, "latent2_dim": 3, "hidden2": (8,), "codebook_size": 72,
              "vq_commitment": 1.0, "vq_ema": False, "vq_kmeans_init": False, "vq_restart_after": 1,
              "prior_layers": 2, "prior_channels": 8, "prior_classes": 3, "estimator": "mss", "variant": "ii",
-             "lambda_d": 3.0, "m1_batches": "uniform", "lr_span": "stage",
+             "lambda_d": 3.0, "m1_batches": "mixed", "lr_span": "stage",
              "code_dims": "active"}
 
 

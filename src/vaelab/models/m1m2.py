@@ -74,10 +74,10 @@ class M1M2Settings(ModelSettings):
     m2_hidden: tuple[int, ...] = field(default=(500,), metadata={
         "help": "hidden layers of M2's networks (classifier, encoder, decoder), on M1's codes"})
     m2_latent: int = field(default=50, metadata={"help": "size of M2's latent z2"})
-    m1_batches: str = field(default="mixed", metadata={"choices": M1_BATCHES,
-        "help": "the batches of M1's stage with --labels N: mixed (a quarter of every batch from the labelled "
-                "images, as M2's stage) or uniform (every training image equally often, as the paper's M1, which "
-                "sees no labels)"})
+    m1_batches: str = field(default="uniform", metadata={"choices": M1_BATCHES,
+        "help": "the batches of M1's stage with --labels N: uniform (every training image equally often, as the "
+                "paper's M1, which sees no labels) or mixed (a quarter of every batch from the labelled images, "
+                "as M2's stage)"})
     m1_epochs: int = field(default=0, metadata={
         "help": "epochs of the first stage, M1 alone; the others train M2 on the frozen M1's codes (0: both "
                 "train together from the start, M2 on the codes of the M1 that learns beside it)"})
@@ -180,7 +180,7 @@ class M1M2(Autoencoder):
         self.stage = None if not m1_epochs else "m1" if epoch < m1_epochs else "m2"
 
     def mixes_labels(self, epoch: int) -> bool:
-        """M1's stage trains on uniform batches with m1_batches="uniform" (it learns without labels)."""
+        """M1's stage trains on uniform batches with m1_batches="uniform" (the default: it learns without labels)."""
         return not (self.settings.m1_batches == "uniform" and epoch < self.settings.m1_epochs)
 
     def schedule_span(self, epoch: int, epochs: int) -> tuple[int, int]:
