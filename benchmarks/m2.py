@@ -87,7 +87,9 @@ def train_model(name, train, test, model_cfg, train_cfg, labels: int, seed: int,
     history = fit(model, train, test, cfg, out=run_dir, resume=resume)
     wall = time.perf_counter() - t0
     seconds = sum(r["time_s"] for r in history)  # every epoch's time, those of an interrupted session too
+    chosen = json.loads((run_dir / "config.json").read_text()).get("precision_auto") or {}
     return {"labels": labels, "seed": seed, "model": name, "test_error": history[-1]["val_error"],
+            "precision": chosen.get("chose", cfg.precision),  # what --precision auto chose
             "epochs": len(history), "train_s": round(seconds, 1), "wall_s_this_session": round(wall, 1),
             "s_per_epoch": round(statistics.median(r["time_s"] for r in history), 1),
             "per_epoch": [{"epoch": r["epoch"], "test_error": round(r["val_error"], 5),

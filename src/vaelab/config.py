@@ -416,7 +416,7 @@ PRESETS: dict[str, Preset] = {
             "then M2 (MLPs of 500 units, latent 50, alpha 10) learns from M1's codes, drawn from q(z1|x) afresh "
             "each batch, for 100 more, on batches a quarter labelled; Adam 1e-3 with cosine decay to 1e-5 over the "
             "120 epochs, batch 128. Chosen on a validation split of the training images (benchmarks/m2.py "
-            "--validation, 100 labels, seed 0): uniform M1 batches 6.2% against 9.5% mixed, alpha 10 against 1, "
+            "--validation, 100 labels, seed 0): uniform M1 batches 6.5% against 9.5% mixed, alpha 10 against 1, "
             "M2's error still falling after 40 epochs and flat from about 100; "
             "MNIST test error: see docs/results.md#m1m2-adgm.",
             ModelConfig(model="m1m2", arch="mlp", hidden=(600, 600), latent_dim=50, likelihood="bernoulli",
