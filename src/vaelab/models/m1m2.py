@@ -171,8 +171,8 @@ class M1M2(Autoencoder):
                                     latent_dim=s.m2_latent, likelihood=CODE_LIKELIHOOD.name,
                                     settings={"beta": s.beta, "alpha": s.alpha}))
         self.latent_shape = (s.m2_latent,)
-        if s.code_dims == "active":  # 1 for a dimension M2's inference networks read; all 0 until measured
-            self.register_buffer("code_mask", torch.zeros(codes))
+        # code_dims="active": 1 for a dimension M2's inference networks read, all 0 until measured; else None
+        self.register_buffer("code_mask", torch.zeros(codes) if s.code_dims == "active" else None)
         self.stage: str | None = None  # "m1", "m2", or None: both (never given an epoch)
 
     def start_epoch(self, epoch: int) -> None:
@@ -219,7 +219,7 @@ class M1M2(Autoencoder):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = self.m1(x, n_samples=n_samples)
         codes = out.z.flatten(-len(self.m1.latent_shape)).detach()  # (B, L1) / (K, B, L1): M2's data
-        if frozen and hasattr(self, "code_mask") and not self.code_mask.any():
+        if frozen and self.code_mask is not None and not self.code_mask.any():
             self._measure_active(out.posterior.mean.flatten(1))
         k = n_samples if n_samples > 1 else None
         seen = self._seen(codes)  # what M2's inference networks read; its p(z1|y,z2) models all of `codes`
@@ -246,7 +246,7 @@ class M1M2(Autoencoder):
     def _seen(self, codes: torch.Tensor) -> torch.Tensor:
         """M1's codes (..., L1) as M2's inference networks read them: the inactive dimensions zeroed with
         code_dims="active" once measured, else as they are."""
-        if not hasattr(self, "code_mask") or not self.code_mask.any():
+        if self.code_mask is None or not self.code_mask.any():
             return codes
         return codes * self.code_mask.to(codes.dtype)
 
