@@ -227,7 +227,8 @@ def test_labels_need_a_semi_supervised_model_and_labelled_data():
         mixed_batches(m2, ArrayDataset(small.x), 10, 0, 8)
 
 
-def test_the_training_loop_hides_all_but_the_kept_labels(monkeypatch):
+@pytest.mark.parametrize("share, per_batch, steps", [(None, 16, 33), (0.1, 6, 28)])
+def test_the_training_loop_hides_all_but_the_kept_labels(monkeypatch, share, per_batch, steps):
     digits = load_dataset("digits")
     torch.manual_seed(0)
     model = build_model(model="m2", condition_dim=10, hidden=(16,), latent_dim=4, input_shape=digits.train.sample_shape)
@@ -235,14 +236,20 @@ def test_the_training_loop_hides_all_but_the_kept_labels(monkeypatch):
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda x, c=None, n_samples=1: seen.append(c.clone()) or forward(x, c))
     # fp32: precision auto's timed steps would pass through forward too
-    fit(model, digits.train, None, epochs=1, batch_size=64, labels=50, seed=4, progress=False, precision="fp32")
+    fit(model, digits.train, None, epochs=1, batch_size=64, labels=50, seed=4, progress=False, precision="fp32",
+        **({} if share is None else {"labelled_share": share}))
     given = torch.cat(seen)
-    assert all((c >= 0).any() and (c < 0).any() for c in seen)  # every step sees both kinds
+    assert all((c >= 0).sum() == per_batch and (c < 0).any() for c in seen)  # every step sees both kinds
     assert (given < 0).sum() == len(digits.train) - 50  # each unlabelled sample once
-    # 16 labelled a batch (a quarter of 64), cycled through the 5 kept labels per class: 33 * 16 = 528 draws
-    # are 10 full passes over the 50 and 28 more, so every class comes 50 to 55 times
+    # by default 16 labelled a batch (a quarter of 64), cycled through the 5 kept labels per class: 33 * 16 = 528
+    # draws are 10 full passes over the 50 and 28 more, so every class comes 50 to 55 times; with a share of 0.1,
+    # 6 a batch (64 * 0.1 rounded), 28 * 6 = 168 draws: 3 passes and 18 more, 15 to 20 times a class
     per_class = Counter(given[given >= 0].tolist())
-    assert len(seen) == 33 and per_class.total() == 33 * 16 and all(50 <= v <= 55 for v in per_class.values())
+    passes = steps * per_batch // 50
+    assert len(seen) == steps and per_class.total() == steps * per_batch
+    assert all(5 * passes <= v <= 5 * (passes + 1) for v in per_class.values())
+    with pytest.raises(ConfigError, match=r"labelled_share=1 must be a number between 0 and 1, both excluded"):
+        TrainConfig(labels=50, labelled_share=1).validate()
 
 
 # ------------------------------------------------------------------------------------------ real training

@@ -91,6 +91,9 @@ FIELD_HELP = {
                  "into config.json)",
     "labels": "semi-supervised training (--model m2): keep this many training labels, balanced over the "
               "classes and chosen with --seed, and hide the rest; every batch mixes both kinds (0 = keep all)",
+    "labelled_share": "with --labels N: the least share of every batch taken from the N labelled samples, cycled "
+                      "through in a fresh order each pass (the rest: each unlabelled sample once an epoch); the "
+                      "labelled set's own share of the data when that is larger",
 }
 FIELD_CHOICES = {"arch": ARCHS, "likelihood": LIKELIHOODS, "noise": NOISES, "kl_schedule": KL_SCHEDULES,
                  "lr_schedule": LR_SCHEDULES}

@@ -166,7 +166,7 @@ class _Run:
         self.files, self.run_info, self.on_epoch = files, run_info, on_epoch
         self.checkpoint = run_dir / files.checkpoint if run_dir is not None else None
         # --labels N (semi-supervised): N labels kept, the rest hidden (-1), both kinds in every batch; else None
-        self.semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size)
+        self.semi = mixed_batches(model, train, cfg.labels, cfg.seed, cfg.batch_size, cfg.labelled_share)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         keep_freed_memory()
@@ -566,7 +566,7 @@ def _restore_position(position: dict, saved: dict[str, torch.Tensor], meter: Met
     if changed:
         raise TrainingError(
             f"the checkpoint was written after step {position.get('epoch_step')} of an epoch, and continuing "
-            "that epoch needs the same batch size, training data and number of processes "
+            "that epoch needs the same batch size (and labelled share), training data and number of processes "
             f"({'; '.join(changed)}); resume with --batch-size {position.get('batch_size')} on the same data "
             f"and {position.get('world')} process(es)")
     r = dist.rank
