@@ -7,11 +7,12 @@ into every batch.
     order = batches.epoch_order(generator)               # the epoch's global batches, back to back
 
 An epoch is one pass over the unlabelled samples. Each global batch holds `n_unlabelled` of them and
-`n_labelled` labelled ones (at least `share` of the batch: TrainConfig.labelled_share, a quarter by default), cycled through the (small) labelled set in a fresh order each pass, so every
-optimizer step sees labelled samples (Kingma et al. 2014 spread the labelled set over the minibatches of an
-epoch; with 100 labels and hundreds of steps an epoch, we oversample it instead). `classifier_weight` turns
-the paper's α (in units of the training set's size) into the per-sample weight of the classification loss
-that gives the same objective in expectation under this sampling.
+`n_labelled` labelled ones (at least `share` of the batch: TrainConfig.labelled_share, a quarter by default),
+cycled through the (small) labelled set in a fresh order each pass, so every optimizer step sees labelled
+samples (Kingma et al. 2014 spread the labelled set over the minibatches of an epoch; with 100 labels and
+hundreds of steps an epoch, we oversample it instead). `classifier_weight` turns the paper's α (in units of the
+training set's size) into the per-sample weight of the classification loss that gives the same objective in
+expectation under this sampling.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch
 
 from vaelab.config import LABELLED_SHARE
 from vaelab.errors import ConfigError, DataError
-
 
 
 def select_labels(y: torch.Tensor, n: int, seed: int, num_classes: int | None = None) -> torch.Tensor:
@@ -117,7 +117,8 @@ class MixedBatches:
 def mixed_batches(model, train, labels: int, seed: int, batch_size: int,
                   share: float = LABELLED_SHARE) -> MixedBatches | None:
     """The semi-supervised plan of a training run with `labels` kept labels, at least `share` of every batch
-    labelled (None for labels=0: every label is kept and batches are plain permutations). Checks that the model learns from partly labelled data."""
+    labelled (None for labels=0: every label is kept and batches are plain permutations). Checks that the model
+    learns from partly labelled data."""
     if not labels:
         return None
     if not model.capabilities.semi_supervised:
