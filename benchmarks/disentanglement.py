@@ -19,6 +19,11 @@ Every protocol setting is written into the JSON with the scores.
 
 Prints a table of mean ± std over seeds next to the published figures (PUBLISHED below, each with its source) and
 writes benchmarks/results/disentanglement.json after every run; rerunning the same command skips finished runs.
+Two processes side by side (one thread each, each its own --out), joined afterwards into one file and table:
+
+    python benchmarks/disentanglement.py --models vae,btcvae,dipvae-i --threads 1 --out a.json &
+    python benchmarks/disentanglement.py --models beta-vae,factorvae,dipvae-ii --threads 1 --out b.json
+    python benchmarks/disentanglement.py --merge a.json b.json      # -> benchmarks/results/disentanglement.json
 """
 
 from __future__ import annotations
@@ -139,6 +144,29 @@ def print_table(rows: list[dict]) -> None:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)), flush=True)
 
 
+def merge(files: list[Path], out: Path, published: dict) -> int:
+    """Join the runs of several result files into `out` (a run found twice is kept once) and print one table for
+    each protocol (the settings a run was made with) among them."""
+    runs: list[dict] = []
+    for f in files:
+        for r in json.loads(f.read_text())["runs"]:
+            if not any(d["model"] == r["model"] and d["seed"] == r["seed"] and d["settings"] == r["settings"]
+                       for d in runs):
+                runs.append(r)
+    protocols = []
+    for r in runs:
+        if r["settings"] not in protocols:
+            protocols.append(r["settings"])
+    tables = [{"settings": settings, "summary": summary([r for r in runs if r["settings"] == settings], published)}
+              for settings in protocols]
+    atomic_write_json(out, {"runs": runs, "summaries": tables, "merged": [str(f) for f in files],
+                            "torch": torch.__version__, "cpus": os.cpu_count()})
+    for table in tables:
+        print(", ".join(f"{k} {v}" for k, v in table["settings"].items()), flush=True)
+        print_table(table["summary"])
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "disentanglement.json"))
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", default=None,
+                   help="instead of running: merge the runs of these result files (models run in separate processes "
+                        "side by side, each with --threads 1 and its own --out) into --out, and print their table")
     args = p.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODELS]
@@ -161,9 +192,11 @@ def main(argv=None) -> int:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     published = PUBLISHED
     out = Path(args.out)
+    if args.merge:
+        return merge(args.merge, out, published)
     done = json.loads(out.read_text())["runs"] if out.is_file() else []
     data = load_dataset("dsprites")
-    settings = {k: v for k, v in vars(args).items() if k not in ("models", "seeds", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("models", "seeds", "out", "merge")}
     for name in names:
         for seed in args.seeds:
             if any(r["model"] == name and r["seed"] == seed and r["settings"] == settings for r in done):
