@@ -154,6 +154,9 @@ def test_the_two_optimizers_own_disjoint_parameters_and_gradients():
     assert ids(disc) == [id(p) for p in _disc_params(model).values()]
     assert disc.param_groups[0]["lr"] == DISCRIMINATOR_LR == 1e-4 and main.param_groups[0]["lr"] == 1e-3
     assert disc.param_groups[0]["betas"] == DISCRIMINATOR_BETAS == (0.5, 0.9)
+    # the setting reaches D's optimizer only
+    main, aux = make_optimizers(_model(disc_lr=3e-3), 1e-3)
+    assert aux["discriminator"].param_groups[0]["lr"] == 3e-3 and main.param_groups[0]["lr"] == 1e-3
 
     x = torch.rand((8, 1, 8, 8), generator=torch.Generator().manual_seed(1))
     out = model(x)
@@ -207,9 +210,10 @@ def test_the_iwae_objective_and_bad_settings_are_refused():
         fit(model, ArrayDataset(torch.rand(8, 1, 8, 8), scale=1.0), None, epochs=1, iw_samples=5, progress=False)
     assert "deterministic" not in " ".join(model.training_problems(TrainConfig(iw_samples=5)))
     with pytest.raises(ConfigError) as e:
-        _model(gamma=-1.0, disc_width=0, disc_layers=1.5)
+        _model(gamma=-1.0, disc_width=0, disc_layers=1.5, disc_lr=float("nan"))
     msg = str(e.value)
-    assert "3 problems" in msg and "gamma=-1.0" in msg and "disc_width=0" in msg and "disc_layers=1.5" in msg
+    assert "4 problems" in msg and "gamma=-1.0" in msg and "disc_width=0" in msg and "disc_layers=1.5" in msg
+    assert "disc_lr=nan must be a finite number > 0 (the discriminator's learning rate; the paper: 1e-4)" in msg
 
 
 def test_the_discriminator_is_saved_with_the_model(tmp_path):
@@ -327,7 +331,7 @@ def _vaelab(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 
 CLI = ["--model", "factorvae", "--dataset", "digits", "--latent-dim", "4", "--channels", "8,16",
-       "--disc-width", "64", "--disc-layers", "3", "--gamma", "5", "--no-progress", "--seed", "2"]
+       "--disc-width", "64", "--disc-layers", "3", "--disc-lr", "2e-4", "--gamma", "5", "--no-progress", "--seed", "2"]
 
 
 @pytest.mark.slow  # three CLI runs in real processes: most of the time goes to starting them
@@ -336,7 +340,8 @@ def test_the_cli_trains_evaluates_and_samples_a_factorvae_run(tmp_path):
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["model"] == "factorvae"
-    assert config["model"]["settings"] == {"beta": 1.0, "gamma": 5.0, "disc_width": 64, "disc_layers": 3}
+    assert config["model"]["settings"] == {"beta": 1.0, "gamma": 5.0, "disc_width": 64, "disc_layers": 3,
+                                                "disc_lr": 2e-4}
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train_tc", "train_discriminator_accuracy", "val_tc"} <= set(row)
     proc = _vaelab("evaluate", "run", "--out", "ev.json", cwd=tmp_path)

@@ -11,7 +11,8 @@ with D(z) the softmax probability of class 0 (the paper's two-logit D). Per trai
 1. the VAE steps on recon + β·KL + γ·TC(z) (β = 1 in the paper), with z ~ q(z|x) of the batch and D held
    fixed: its gradient moves the encoder only (`Discriminator.forward(frozen=True)`);
 2. D steps on its cross-entropy with an Adam of its own (the paper's lr 1e-4, betas (0.5, 0.9)), through the
-   training loop's hook for networks with optimizers of their own (models.base.Auxiliary).
+   training loop's hook for networks with optimizers of their own (models.base.Auxiliary). The paper trains the
+   VAE at the same lr, 1e-4; a VAE trained faster outruns a D left at 1e-4, so `disc_lr` sets D's.
 
 The paper draws a second batch for D's permuted codes, so that real and permuted codes come from independent
 draws. Here the step's own batch is split in halves: its first ⌊B/2⌋ codes are D's real samples, and the
@@ -28,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.config import is_int, is_nonneg
+from vaelab.config import is_int, is_nonneg, is_pos
 from vaelab.losses import Likelihood, Shaping
 from vaelab.models.base import Auxiliary, ModelOutput
 from vaelab.models.registry import register
 from vaelab.models.vae import VAE, VAESettings, vae_loss
 
-# the discriminator's optimizer: Adam with the paper's settings (constant: the loop's lr schedule is the VAE's)
+# the discriminator's optimizer: Adam with the paper's settings (a constant lr: the loop's schedule is the VAE's);
+# the lr is a setting, disc_lr, with the paper's value as its default
 DISCRIMINATOR_LR = 1e-4
 DISCRIMINATOR_BETAS = (0.5, 0.9)
 
@@ -51,6 +53,8 @@ class FactorVAESettings(VAESettings):
         "help": "units in each hidden layer of the discriminator (the paper: 1000)"})
     disc_layers: int = field(default=6, metadata={
         "help": "hidden layers of the discriminator, LeakyReLU(0.2) each (the paper: 6)"})
+    disc_lr: float = field(default=DISCRIMINATOR_LR, metadata={
+        "help": "the discriminator's Adam learning rate, constant (the paper: 1e-4, the same as its VAE's)"})
 
     def problems(self, config) -> list[str]:
         out = super().problems(config)
@@ -61,6 +65,9 @@ class FactorVAESettings(VAESettings):
             if not is_int(value) or value < 1:
                 out.append(f"{name}={value!r} must be an integer >= 1 (the paper's discriminator: 6 layers of "
                            "1000 units)")
+        if not is_pos(self.disc_lr):
+            out.append(f"disc_lr={self.disc_lr!r} must be a finite number > 0 (the discriminator's learning rate; "
+                       "the paper: 1e-4)")
         return out
 
 
@@ -166,7 +173,7 @@ class FactorVAE(VAE):
         return FactorOutput(recon=out.recon, z=out.z, posterior=out.posterior, tc=logits[..., 0] - logits[..., 1])
 
     def auxiliaries(self) -> dict[str, Auxiliary]:
-        return {"discriminator": Auxiliary(self.discriminator, lr=DISCRIMINATOR_LR, betas=DISCRIMINATOR_BETAS)}
+        return {"discriminator": Auxiliary(self.discriminator, lr=self.settings.disc_lr, betas=DISCRIMINATOR_BETAS)}
 
     def auxiliary_loss(self, name: str, out: ModelOutput) -> dict[str, torch.Tensor]:
         """The discriminator's terms on the step's codes: the first half as drawn, the second half permuted."""
