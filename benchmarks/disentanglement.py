@@ -76,9 +76,13 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
 
 
-def run_one(data, name: str, seed: int, args) -> dict:
+def model_config(name: str) -> ModelConfig:
     model_name, settings = MODELS[name]
-    mc = ModelConfig(model=model_name, **NETWORK, **settings)
+    return ModelConfig(model=model_name, **NETWORK, **settings)
+
+
+def run_one(data, name: str, seed: int, args) -> dict:
+    mc = model_config(name)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False,
                      precision=args.precision, threads=args.threads)
     gen = torch.Generator().manual_seed(seed)
@@ -131,17 +135,20 @@ def summary(runs: list[dict], published: dict) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     head = ["model", "seeds", "budget", "s/run", *SCORES]
-    lines = [head]
+    lines, sources = [head], []
     for r in rows:
         budget = f"{r['epochs']} x {r['train_images']:,} img ({r['steps']:,} steps)"
         cells = [f"{r[s]['mean']:.3f} ± {r[s]['std']:.3f}" if s in r else "-" for s in SCORES]
         lines.append([r["model"], str(r["seeds"]), budget, str(r["train_s"]), *cells])
         for metric, entry in r["published"].items():
-            lines.append(["", "", "published", "", *[f"{entry['value']} ({entry['source']})" if s == metric else ""
+            sources.append(entry["source"])
+            lines.append(["", "", "published", "", *[f"{entry['value']} [{len(sources)}]" if s == metric else ""
                                                      for s in SCORES]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)), flush=True)
+    for i, source in enumerate(sources, 1):
+        print(f"  [{i}] {source}", flush=True)
 
 
 def merge(files: list[Path], out: Path, published: dict) -> int:
@@ -151,7 +158,7 @@ def merge(files: list[Path], out: Path, published: dict) -> int:
     for f in files:
         for r in json.loads(f.read_text())["runs"]:
             if not any(d["model"] == r["model"] and d["seed"] == r["seed"] and d["settings"] == r["settings"]
-                       for d in runs):
+                       and d["config"]["model"] == r["config"]["model"] for d in runs):
                 runs.append(r)
     protocols = []
     for r in runs:
@@ -199,8 +206,9 @@ def main(argv=None) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("models", "seeds", "out", "merge")}
     for name in names:
         for seed in args.seeds:
-            if any(r["model"] == name and r["seed"] == seed and r["settings"] == settings for r in done):
-                continue
+            if any(r["model"] == name and r["seed"] == seed and r["settings"] == settings
+                   and r["config"]["model"] == model_config(name).to_dict() for r in done):
+                continue  # the same model, recipe, seed and protocol: done
             print(f"{name}, seed {seed} ...", flush=True)
             run = {**run_one(data, name, seed, args), "settings": settings}
             print("  " + ", ".join(f"{k} {v:.4f}" for k, v in run["scores"].items() if v is not None), flush=True)
