@@ -140,6 +140,10 @@ def where_it_reaches(name: str, field: str, value) -> str | None:
     # what the loop asks the model for its batches (m1m2's m1_batches: the batches of M1's stage)
     if a.mixes_labels(0) != b.mixes_labels(0):
         return "the loop's batches (mixes_labels)"
+    # the optimizers of the networks it trains beside itself (factorvae's disc_lr)
+    optimizers = lambda m: {k: (aux.lr, aux.betas) for k, aux in m.auxiliaries().items()}  # noqa: E731
+    if optimizers(a) != optimizers(b):
+        return "the loop's auxiliary optimizers (auxiliaries)"
     # and the span of its learning-rate schedule (m1m2's lr_span)
     return "the loop's schedule (schedule_span)" if a.schedule_span(1, 3) != b.schedule_span(1, 3) else None
 
