@@ -151,14 +151,19 @@ def print_table(rows: list[dict]) -> None:
         print(f"  [{i}] {source}", flush=True)
 
 
+def _same_run(run: dict, model: str, seed: int, settings: dict, recipe: dict) -> bool:
+    """Whether `run` is the run of this model, recipe (its config's model section), seed and protocol."""
+    return (run["model"] == model and run["seed"] == seed and run["settings"] == settings
+            and run["config"]["model"] == recipe)
+
+
 def merge(files: list[Path], out: Path, published: dict) -> int:
     """Join the runs of several result files into `out` (a run found twice is kept once) and print one table for
     each protocol (the settings a run was made with) among them."""
     runs: list[dict] = []
     for f in files:
         for r in json.loads(f.read_text())["runs"]:
-            if not any(d["model"] == r["model"] and d["seed"] == r["seed"] and d["settings"] == r["settings"]
-                       and d["config"]["model"] == r["config"]["model"] for d in runs):
+            if not any(_same_run(d, r["model"], r["seed"], r["settings"], r["config"]["model"]) for d in runs):
                 runs.append(r)
     protocols = []
     for r in runs:
@@ -206,8 +211,7 @@ def main(argv=None) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("models", "seeds", "out", "merge")}
     for name in names:
         for seed in args.seeds:
-            if any(r["model"] == name and r["seed"] == seed and r["settings"] == settings
-                   and r["config"]["model"] == model_config(name).to_dict() for r in done):
+            if any(_same_run(r, name, seed, settings, model_config(name).to_dict()) for r in done):
                 continue  # the same model, recipe, seed and protocol: done
             print(f"{name}, seed {seed} ...", flush=True)
             run = {**run_one(data, name, seed, args), "settings": settings}
