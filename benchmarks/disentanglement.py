@@ -57,6 +57,7 @@ MODELS = {
     "beta-vae": ("vae", {"beta": 4.0}),
     "btcvae": ("btcvae", {"beta": 6.0}),
     "factorvae": ("factorvae", {"gamma": 35.0}),
+    "factorvae-d1000": ("factorvae", {"gamma": 35.0, "disc_width": 1000}),  # the paper's discriminator: 6 x 1000
     "dipvae-i": ("dipvae", {"variant": "i", "lambda_od": 10.0}),
     "dipvae-ii": ("dipvae", {"variant": "ii", "lambda_od": 10.0}),
 }
