@@ -40,7 +40,7 @@ def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_
     assert protocol["settings"]["train_images"] == 256 and protocol["settings"]["threads"] == 1
     rows = protocol["summary"]
     assert [(row["model"], row["seeds"], row["steps"]) for row in rows] == [("vae", 1, 4), ("btcvae", 1, 4)]
-    for row, run in zip(protocol["summary"], result["runs"]):
+    for row, run in zip(rows, result["runs"]):
         assert row["mig"] == {"mean": run["scores"]["mig"], "std": 0.0}
     assert "train_images 256" in table and "1 x 256 img (4 steps)" in table
     assert [line.split()[0] for line in table.splitlines() if "x 256 img" in line] == ["vae", "btcvae"]
