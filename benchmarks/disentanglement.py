@@ -59,6 +59,8 @@ MODELS = {
     "factorvae": ("factorvae", {"gamma": 35.0}),
     "factorvae-d1000": ("factorvae", {"gamma": 35.0, "disc_width": 1000}),  # the paper's discriminator: 6 x 1000
     "dipvae-i": ("dipvae", {"variant": "i", "lambda_od": 10.0}),
+    "dipvae-i-od2": ("dipvae", {"variant": "i", "lambda_od": 2.0}),  # the bottom of Locatello et al.'s sweep
+    "dipvae-i-od5": ("dipvae", {"variant": "i", "lambda_od": 5.0}),
     "dipvae-i-od50": ("dipvae", {"variant": "i", "lambda_od": 50.0}),  # the top of Locatello et al.'s sweep
     "dipvae-ii": ("dipvae", {"variant": "ii", "lambda_od": 10.0}),
 }
