@@ -175,9 +175,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def _same_run(run: dict, model: str, seed: int, settings: dict, recipe: dict) -> bool:
-    """Whether `run` is the run of this model, recipe (its config's model section), seed and protocol."""
+    """Whether `run` is the run of this model, recipe (its config's model section), seed and protocol. The saved
+    section is read through ModelConfig, so a field added since (at its default) leaves the run the same."""
     return (run["model"] == model and run["seed"] == seed and run["settings"] == settings
-            and run["config"]["model"] == recipe)
+            and ModelConfig.from_dict(run["config"]["model"]).to_dict() == ModelConfig.from_dict(recipe).to_dict())
 
 
 def merge(files: list[Path], out: Path, published: dict) -> int:

@@ -25,6 +25,11 @@ ARCHS = ("auto", "conv", "conv-pool", "mlp", "resnet")
 # losses.LIKELIHOOD_KINDS builds each (the continuous ones on [0, 1] or the reals; the discretized ones on 8-bit data)
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli", "discretized-logistic", "discretized-gaussian",
                "gaussian-learned")
+# the nonlinearity of the hidden layers of vaelab's own networks (arch conv, conv-pool and mlp, and the MLPs of the
+# semi-supervised models; models/nets.py maps each name to its layer): relu as the tutorial's Keras models, softplus as
+# Kingma et al. 2014's M1+M2, tanh as Kingma & Welling 2014's MNIST VAE, elu. Each is monotonic (non-decreasing), so
+# arch conv-pool may apply it after the max-pool exactly.
+ACTIVATIONS = ("relu", "softplus", "tanh", "elu")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the device computes it natively (training/runtime.py)
 # the training options' choices (the modules that implement them check that they know each one)
 NOISES = ("none", "gaussian", "masking", "salt-pepper")
@@ -81,6 +86,7 @@ class ModelConfig:
     logvar_min: float = -30.0
     logvar_max: float = 20.0
     condition_dim: int = 0  # size of the condition (number of classes for labels); conditional models only
+    activation: str = "relu"  # the hidden layers' nonlinearity (ACTIVATIONS); arch resnet keeps its SiLU
     # networks of the user's own in place of `arch`'s (models/networks.py): {"encoder": {"class":
     # "pkg.mod:Name", "kwargs": {...}}, "decoder": {...}}; None: the networks of `arch`
     networks: dict | None = field(default=None, hash=False)
@@ -90,11 +96,12 @@ class ModelConfig:
                  latent_dim: int = 16, channels: tuple[int, ...] = (32, 64), hidden: tuple[int, ...] = (256,),
                  blocks: tuple[int, ...] = (2,), likelihood: str = "bernoulli", gaussian_sigma: float = 1.0,
                  mixtures: int = 5, logvar_min: float = -30.0, logvar_max: float = 20.0, condition_dim: int = 0,
-                 networks: dict | None = None, settings: dict | None = None, **model_settings):
+                 activation: str = "relu", networks: dict | None = None, settings: dict | None = None,
+                 **model_settings):
         common = dict(model=model, arch=arch, input_shape=input_shape, latent_dim=latent_dim, channels=channels,
                       hidden=hidden, blocks=(blocks,) if type(blocks) is int else blocks, likelihood=likelihood,
                       gaussian_sigma=gaussian_sigma, mixtures=mixtures, logvar_min=logvar_min, logvar_max=logvar_max,
-                      condition_dim=condition_dim)
+                      condition_dim=condition_dim, activation=activation)
         for k, v in common.items():
             object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
         object.__setattr__(self, "networks", copy.deepcopy(networks))
@@ -119,6 +126,8 @@ class ModelConfig:
             out.append(f"arch={self.arch!r} is unknown; choose one of {list(ARCHS)}")
         if self.likelihood not in LIKELIHOODS:
             out.append(f"likelihood={self.likelihood!r} is unknown; choose one of {list(LIKELIHOODS)}")
+        if self.activation not in ACTIVATIONS:
+            out.append(f"activation={self.activation!r} is unknown; choose one of {list(ACTIVATIONS)}")
         if not is_int(self.latent_dim) or self.latent_dim < 1:
             out.append(f"latent_dim={self.latent_dim!r} must be a positive integer")
         for name in ("channels", "hidden"):

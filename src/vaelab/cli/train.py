@@ -17,7 +17,8 @@ from pathlib import Path
 
 from vaelab.cli.common import (Interrupted, add_trust_code, fmt_number, fmt_value, int_list, print_table, print_terms,
                                print_written, sub, write_evaluation)
-from vaelab.config import ARCHS, KL_SCHEDULES, LIKELIHOODS, LR_SCHEDULES, NOISES, PRESETS, ModelConfig, TrainConfig
+from vaelab.config import (ACTIVATIONS, ARCHS, KL_SCHEDULES, LIKELIHOODS, LR_SCHEDULES, NOISES, PRESETS, ModelConfig,
+                           TrainConfig)
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.labels import class_names
 
@@ -51,6 +52,9 @@ FIELD_HELP = {
                   "unchanged; may change on --resume)",
     "logvar_max": "upper bound of the posterior's log-variance: lower it (e.g. 10) when a run stops on a "
                   "non-finite loss (may change on --resume)",
+    "activation": "the nonlinearity of the hidden layers of the conv, conv-pool and mlp networks (and of the "
+                  "semi-supervised models' MLPs): relu, softplus (Kingma et al.'s M1+M2), tanh (Kingma & Welling's "
+                  "MNIST VAE) or elu; arch resnet keeps its SiLU",
     "condition_dim": "size of a conditional model's condition; for --model cvae it is the number of classes "
                      "of the training data unless given (0 for unconditional models)",
     "epochs": f"passes over the training set ({DIGITS_EPOCHS} on digits unless given)",
@@ -95,8 +99,8 @@ FIELD_HELP = {
                       "through in a fresh order each pass (the rest: each unlabelled sample once an epoch); the "
                       "labelled set's own share of the data when that is larger",
 }
-FIELD_CHOICES = {"arch": ARCHS, "likelihood": LIKELIHOODS, "noise": NOISES, "kl_schedule": KL_SCHEDULES,
-                 "lr_schedule": LR_SCHEDULES}
+FIELD_CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "likelihood": LIKELIHOODS, "noise": NOISES,
+                 "kl_schedule": KL_SCHEDULES, "lr_schedule": LR_SCHEDULES}
 # model settings a resumed run may change: they bound values, they shape no weight
 RESUMABLE_MODEL_FIELDS = ("logvar_min", "logvar_max")
 NOT_FLAGS = {"input_shape", "settings", "networks"}  # set from the data or in Python; own settings get flags below

@@ -20,8 +20,8 @@ sample's a shared by its K pairs. A labelled sample adds alpha * (-log q(y|a,x))
 Use (classify, val_error, evaluate's error, encode / embed / reconstruct without a label): q(y|x) is taken as
 q(y|a,x) at a = the mean of q(a|x), one deterministic pass (the paper's classifier draws a; the mean spares
 the noise of one draw, and a test set's error needs no averaging over draws). The networks are MLPs with
-`hidden` layers (ReLU), each first layer split per input as in M2's PairEncoder, so a per-sample input (x, a)
-costs one product per sample and not one per class.
+`hidden` layers (the config's `activation`, ReLU by default), each first layer split per input as in M2's
+PairEncoder, so a per-sample input (x, a) costs one product per sample and not one per class.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from vaelab.losses import (Likelihood, kl_standard_normal_dims, likelihood_of, l
                            recon_nll_samples)
 from vaelab.models.base import Capabilities, DiagonalGaussian
 from vaelab.models.m2 import M2, M2Output, M2Settings
-from vaelab.models.nets import _dense, _init_like_keras
+from vaelab.models.nets import _dense, _init_like_keras, activation
 from vaelab.models.registry import register
 
 
@@ -140,7 +140,8 @@ class PairNet(nn.Module):
     embedding, as in M2's PairEncoder). Equal to one linear layer on the concatenation, at a hidden label's
     cost of one image-sized product per sample rather than K. Inputs may carry leading draw dims (n, ...)."""
 
-    def __init__(self, sample_dims: list[int], pair_dims: list[int], k: int, hidden: list[int], out: int):
+    def __init__(self, sample_dims: list[int], pair_dims: list[int], k: int, hidden: list[int], out: int,
+                 act: type[nn.Module] = nn.ReLU):
         super().__init__()
         sizes = [*hidden, out]
         first = sizes[0]
@@ -148,7 +149,7 @@ class PairNet(nn.Module):
         self.sample = nn.ModuleList(nn.Linear(d, first, bias=i == 0) for i, d in enumerate(sample_dims))
         self.pair = nn.ModuleList(nn.Linear(d, first, bias=i == 0 and not sample_dims) for i, d in enumerate(pair_dims))
         self.y = nn.Embedding(k, first) if k else None  # W_y^T: one row per class
-        self.rest = nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.ReLU(), nn.Linear(a, b))])
+        self.rest = nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (act(), nn.Linear(a, b))])
         for m in (*self.sample, *self.pair, *([self.y] if k else [])):  # Glorot, as models/nets.py's layers
             nn.init.xavier_uniform_(m.weight)
             if getattr(m, "bias", None) is not None:
@@ -191,15 +192,16 @@ class ADGM(M2):
         hidden = list(config.hidden)
         rev = hidden[::-1]
         self.latent_shape = (latent,)
-        self.aux_encoder = nn.Sequential(*_dense([d, *hidden]), nn.Linear(hidden[-1] if hidden else d, 2 * aux))
-        self.classifier = PairNet([d, aux], [], 0, hidden, k)  # q(y|a,x)
-        self.encoder = PairNet([d, aux], [], k, hidden, 2 * latent)  # q(z|a,y,x): mean and log-variance
+        act = activation(config)
+        self.aux_encoder = nn.Sequential(*_dense([d, *hidden], act), nn.Linear(hidden[-1] if hidden else d, 2 * aux))
+        self.classifier = PairNet([d, aux], [], 0, hidden, k, act)  # q(y|a,x)
+        self.encoder = PairNet([d, aux], [], k, hidden, 2 * latent, act)  # q(z|a,y,x): mean and log-variance
         raw = likelihood_of(config).raw_shape(shape)  # the likelihood's parameters per dimension
         into_x = latent + k + (aux if self.skip else 0)  # p(x|y,z) or p(x|a,y,z) on [z, one-hot y(, a)]
-        self.decoder = nn.Sequential(*_dense([into_x, *rev]), nn.Linear(rev[-1] if rev else into_x, math.prod(raw)),
-                                     nn.Unflatten(1, raw))
+        self.decoder = nn.Sequential(*_dense([into_x, *rev], act),
+                                     nn.Linear(rev[-1] if rev else into_x, math.prod(raw)), nn.Unflatten(1, raw))
         # p(a|y,z) (SDGM) or p(a|x,y,z) (ADGM)
-        self.aux_decoder = PairNet([] if self.skip else [d], [latent], k, rev, 2 * aux)
+        self.aux_decoder = PairNet([] if self.skip else [d], [latent], k, rev, 2 * aux, act)
         for net in (self.aux_encoder, self.decoder):
             _init_like_keras(net)
 

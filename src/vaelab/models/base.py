@@ -252,6 +252,7 @@ class Autoencoder(nn.Module):
                        "(config networks)")
         if config.input_shape is not None and config.arch in cls.archs and config.networks is None:
             out.extend(shape_problems(config, resolve_arch(cls, config)))
+        out.extend(activation_problems(cls, config))
         return out
 
     @classmethod
@@ -444,6 +445,20 @@ def resolve_arch(cls: type[Autoencoder], config: ModelConfig) -> str:
     if config.arch != "auto":
         return config.arch
     return cls.default_arch or ("conv" if config.is_image or config.is_sequence else "mlp")
+
+
+def activation_problems(cls: type[Autoencoder], config: ModelConfig) -> list[str]:
+    """Why config.activation cannot apply: it sets the hidden layers of vaelab's own conv, conv-pool and mlp
+    networks (and the models' MLPs), not the residual networks (SiLU after GroupNorm) nor the user's own."""
+    if config.activation == "relu":
+        return []
+    if config.networks is not None:
+        return [f"activation={config.activation!r} applies to vaelab's own networks; networks of your own "
+                "(encoder= / decoder=) choose their own nonlinearity: leave activation at 'relu'"]
+    if config.arch in cls.archs and resolve_arch(cls, config) == "resnet":
+        return [f"activation={config.activation!r} does not apply to arch 'resnet', whose blocks use SiLU after "
+                "GroupNorm; use arch 'conv' or 'mlp' for another activation, or leave it at 'relu'"]
+    return []
 
 
 def settings_problems(cls: type[Autoencoder], config: ModelConfig) -> list[str]:

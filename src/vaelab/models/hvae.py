@@ -27,7 +27,7 @@ from vaelab.config import is_int, is_nonneg
 from vaelab.losses import (Likelihood, Shaping, iwae_bound, kl_standard_normal, log_normal_diag, pixel_metrics,
                            recon_nll_samples)
 from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
-from vaelab.models.nets import _dense, _init_like_keras
+from vaelab.models.nets import _dense, _init_like_keras, activation
 from vaelab.models.registry import register
 
 
@@ -132,8 +132,8 @@ def hvae_loss(x, out: HVAEOutput, *, likelihood: Likelihood | str = "bernoulli",
 
 
 
-def _mlp(sizes: list[int], out: int) -> nn.Sequential:
-    net = nn.Sequential(*_dense(sizes), nn.Linear(sizes[-1], out))
+def _mlp(sizes: list[int], out: int, act: type[nn.Module]) -> nn.Sequential:
+    net = nn.Sequential(*_dense(sizes, act), nn.Linear(sizes[-1], out))
     _init_like_keras(net)
     return net
 
@@ -154,8 +154,9 @@ class HVAE(Autoencoder):
         super().__init__(config)
         l1, h = config.latent_dim, list(self.settings.hidden2)
         l2 = self.settings.latent2_dim or max(1, l1 // 2)
-        self.up = _mlp([l1, *h], 2 * l2)  # q(z2 | z1)
-        self.down = _mlp([l2, *h[::-1]], 2 * l1)  # p(z1 | z2)
+        act = activation(config)
+        self.up = _mlp([l1, *h], 2 * l2, act)  # q(z2 | z1)
+        self.down = _mlp([l2, *h[::-1]], 2 * l1, act)  # p(z1 | z2)
         self.latent_shape = (l2,)  # the top layer: the prior's, what sampling and latent walks use
         self.bottom_shape = (l1,)
 

@@ -9,9 +9,9 @@ pulled toward the classes under which the decoder explains an image best.
 
 Labels are class indices, -1 where a label is hidden; `forward(x)` without labels treats every label as hidden.
 `encode`, `embed` and `reconstruct` without a label use the classifier's most probable class. The networks are
-MLPs with `hidden` layers (ReLU): the classifier, the encoder on [x, one-hot y] and the decoder on
-[z, one-hot y], as in the paper and Pyro's SS-VAE example; with arch resnet, the residual conv networks of
-models/resnet.py for the classifier, the encoder's image part and the decoder.
+MLPs with `hidden` layers (the config's `activation`, ReLU by default): the classifier, the encoder on [x, one-hot
+y] and the decoder on [z, one-hot y], as in the paper and Pyro's SS-VAE example; with arch resnet, the residual
+conv networks of models/resnet.py for the classifier, the encoder's image part and the decoder.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from vaelab.losses import (Likelihood, Shaping, iwae_bound, likelihood_of, log_i
 from vaelab.models.base import Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
 from vaelab.models import resnet
 from vaelab.models.cvae import CVAE
-from vaelab.models.nets import _dense, _init_like_keras
+from vaelab.models.nets import _dense, _init_like_keras, activation
 from vaelab.models.registry import register
 
 
@@ -139,14 +139,15 @@ class PairEncoder(nn.Module):
     once per sample and the class's column of W_y (an embedding of y) added per pair: a hidden label's K pairs
     cost one image-sized product, not K (on MNIST with 500 hidden units that is most of the encoder's work)."""
 
-    def __init__(self, d: int, k: int, hidden: list[int], out: int, x_net: nn.Module | None = None):
+    def __init__(self, d: int, k: int, hidden: list[int], out: int, x_net: nn.Module | None = None,
+                 act: type[nn.Module] = nn.ReLU):
         super().__init__()
         sizes = [*hidden, out]
         # W_x x + b, or with arch resnet a residual trunk ending in that linear map (models/resnet.py)
         self.x = nn.Linear(d, sizes[0]) if x_net is None else x_net
         self.y = nn.Embedding(k, sizes[0])  # W_y^T: one row per class
         nn.init.xavier_uniform_(self.y.weight)  # Glorot, as the Linear layers (Keras' default)
-        self.rest = nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.ReLU(), nn.Linear(a, b))])
+        self.rest = nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (act(), nn.Linear(a, b))])
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """x (B, ...), rows (P,) indices into x, condition (P,) class indices or (P, K) vectors -> (P, out)."""
@@ -180,11 +181,13 @@ class M2(CVAE):
             self.encoder = PairEncoder(d, k, hidden, 2 * latent, x_net=resnet.encoder(config, first, hidden=()))
             self.decoder = resnet.decoder(config, latent + k)
             return
-        self.classifier = nn.Sequential(nn.Flatten(), *_dense([d, *hidden]), nn.Linear(hidden[-1] if hidden else d, k))
-        self.encoder = PairEncoder(d, k, hidden, 2 * latent)  # mean and log-variance
+        act = activation(config)
+        self.classifier = nn.Sequential(nn.Flatten(), *_dense([d, *hidden], act),
+                                        nn.Linear(hidden[-1] if hidden else d, k))
+        self.encoder = PairEncoder(d, k, hidden, 2 * latent, act=act)  # mean and log-variance
         rev = hidden[::-1]
         raw = likelihood_of(config).raw_shape(shape)  # the likelihood's parameters per dimension
-        self.decoder = nn.Sequential(*_dense([latent + k, *rev]),
+        self.decoder = nn.Sequential(*_dense([latent + k, *rev], act),
                                      nn.Linear(rev[-1] if rev else latent + k, math.prod(raw)), nn.Unflatten(1, raw))
         for net in (self.classifier, self.encoder, self.decoder):
             _init_like_keras(net)

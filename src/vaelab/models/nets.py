@@ -34,10 +34,20 @@ def _sizes(spatial: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
     return out
 
 
-def _dense(sizes: list[int]) -> list[nn.Module]:
+# ModelConfig.activation (config.ACTIVATIONS) -> its layer
+ACTIVATION_LAYERS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh,
+                                                 "elu": nn.ELU}
+
+
+def activation(config) -> type[nn.Module]:
+    """The layer class of config.activation, the nonlinearity of the hidden layers of vaelab's own networks."""
+    return ACTIVATION_LAYERS[config.activation]
+
+
+def _dense(sizes: list[int], act: type[nn.Module] = nn.ReLU) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(a, b), act()]
     return layers
 
 
@@ -67,24 +77,25 @@ def _conv(cfg, k: int):
     windows of a series (C, L) the same layers in 1-D along time."""
     c_in, *spatial = cfg.input_shape
     conv, convt = (Conv2d, ConvTranspose2d) if len(spatial) == 2 else (nn.Conv1d, nn.ConvTranspose1d)
+    act = activation(cfg)
     cond = cfg.condition_dim
     chans = list(cfg.channels)
     sizes = _sizes(spatial, len(chans))
     enc: list[nn.Module] = []
     prev = c_in + cond
     for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2)); (B, prev, L) -> (B, c, ceil(L/2))
-        enc += [conv(prev, c, 3, stride=2, padding=1), nn.ReLU()]
+        enc += [conv(prev, c, 3, stride=2, padding=1), act()]
         prev = c
     flat = prev * math.prod(sizes[-1])
-    enc += [nn.Flatten()] + _dense([flat, *cfg.hidden])
+    enc += [nn.Flatten()] + _dense([flat, *cfg.hidden], act)
     enc.append(nn.Linear(cfg.hidden[-1] if cfg.hidden else flat, k * cfg.latent_dim))
 
-    dec: list[nn.Module] = [nn.Linear(cfg.latent_dim + cond, flat), nn.ReLU(),
+    dec: list[nn.Module] = [nn.Linear(cfg.latent_dim + cond, flat), act(),
                             nn.Unflatten(1, (prev, *sizes[-1]))]
     for i, c in enumerate(reversed(chans)):  # each transposed conv doubles the size back exactly
         target = sizes[len(chans) - 1 - i]
         pad = tuple(1 - t % 2 for t in target)
-        dec += [convt(prev, c, 3, stride=2, padding=1, output_padding=pad), nn.ReLU()]
+        dec += [convt(prev, c, 3, stride=2, padding=1, output_padding=pad), act()]
         prev = c
     c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per pixel or step
     dec.append(convt(prev, c_out, 3, stride=1, padding=1))  # the output layer, no activation
@@ -93,15 +104,17 @@ def _conv(cfg, k: int):
 
 def _conv_pool(cfg, k: int):
     c_in, h, w = cfg.input_shape
+    act = activation(cfg)
     cond = cfg.condition_dim
     chans = list(cfg.channels)
     sizes = _sizes((h, w), len(chans))
     enc: list[nn.Module] = []
     prev = c_in + cond
     for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2))
-        # conv, ReLU, pool as the tutorial, with ReLU moved after the pool: ReLU is monotonic, so
-        # max(relu(.)) = relu(max(.)) exactly (values and gradients), and it touches 4x fewer values
-        enc += [nn.Conv2d(prev, c, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True), nn.ReLU()]
+        # conv, ReLU, pool as the tutorial, with the activation moved after the pool: every one of
+        # config.ACTIVATIONS is monotonic, so max(f(.)) = f(max(.)) exactly (values and gradients), and it
+        # touches 4x fewer values
+        enc += [nn.Conv2d(prev, c, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True), act()]
         prev = c
     latent_shape = (prev, *sizes[-1])
     if k != 1:  # a probabilistic latent map: a 1x1 conv head emits k maps per latent channel
@@ -110,7 +123,7 @@ def _conv_pool(cfg, k: int):
     prev += cond
     for i, c in enumerate(reversed(chans)):  # conv at the latent's size, then (upsample, conv) pairs
         conv = nn.Conv2d(prev, c, 3, padding=1) if i == 0 else UpsampleConv2d(prev, c, sizes[len(chans) - i])
-        dec += [conv, nn.ReLU()]
+        dec += [conv, act()]
         prev = c
     c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per pixel
     dec.append(UpsampleConv2d(prev, c_out, sizes[0]))  # the output layer, no activation
@@ -125,12 +138,13 @@ def _mlp(cfg, k: int):
     cond = cfg.condition_dim
     d_in = d + cond * (math.prod(shape[1:]) if len(shape) == 3 else 1)  # condition channels or features
     hidden = list(cfg.hidden)
-    enc = [nn.Flatten()] + _dense([d_in, *hidden]) + [nn.Linear(hidden[-1] if hidden else d_in,
+    act = activation(cfg)
+    enc = [nn.Flatten()] + _dense([d_in, *hidden], act) + [nn.Linear(hidden[-1] if hidden else d_in,
                                                                 k * cfg.latent_dim)]
     rev = hidden[::-1]
     z_in = cfg.latent_dim + cond
     raw = likelihood_of(cfg).raw_shape(shape)  # the likelihood's parameters per dimension
-    dec = _dense([z_in, *rev]) + [nn.Linear(rev[-1] if rev else z_in, math.prod(raw)), nn.Unflatten(1, raw)]
+    dec = _dense([z_in, *rev], act) + [nn.Linear(rev[-1] if rev else z_in, math.prod(raw)), nn.Unflatten(1, raw)]
     return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
 
 

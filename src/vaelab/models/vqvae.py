@@ -24,7 +24,7 @@ from vaelab.errors import VaelabError
 from vaelab.losses import Likelihood, Shaping, flat, likelihood_of, pixel_metrics, recon_nll
 from vaelab.models.base import Autoencoder, Capabilities, ModelOutput, ModelSettings, PointMass
 from vaelab.models import resnet
-from vaelab.models.nets import _init_like_keras, build_networks
+from vaelab.models.nets import _init_like_keras, activation, build_networks
 from vaelab.models.quantizer import VectorQuantizer, usage_metrics
 from vaelab.models.registry import register
 
@@ -101,11 +101,12 @@ class CodePosterior(PointMass):
 
 
 class ResidualBlock(nn.Module):
-    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))), the paper's residual block (with half the channels inside)."""
+    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))), the paper's residual block (with half the channels inside; `act` in
+    place of ReLU with the config's activation)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, act: type[nn.Module] = nn.ReLU):
         super().__init__()
-        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels // 2 or 1, 3, padding=1), nn.ReLU(),
+        self.net = nn.Sequential(act(), nn.Conv2d(channels, channels // 2 or 1, 3, padding=1), act(),
                                  nn.Conv2d(channels // 2 or 1, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,23 +119,24 @@ def conv_networks(config, blocks: int = 2) -> tuple[nn.Module, nn.Module, tuple[
     the decoder mirrors it with transposed convs that restore the exact input size (odd sizes too)."""
     c_in, h, w = config.input_shape
     chans, d = list(config.channels), config.latent_dim
+    act = activation(config)
     sizes = [(h, w)]
     for _ in chans:
         sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
     enc: list[nn.Module] = []
     prev = c_in
     for c in chans:  # (B, prev, H, W) -> (B, c, ceil(H/2), ceil(W/2))
-        enc += [nn.Conv2d(prev, c, 3, stride=2, padding=1), nn.ReLU()]
+        enc += [nn.Conv2d(prev, c, 3, stride=2, padding=1), act()]
         prev = c
-    enc += [nn.Conv2d(prev, prev, 3, padding=1)] + [ResidualBlock(prev) for _ in range(blocks)]
-    enc += [nn.ReLU(), nn.Conv2d(prev, d, 1)]  # (B, D, h, w): z_e, unbounded, for the quantizer
+    enc += [nn.Conv2d(prev, prev, 3, padding=1)] + [ResidualBlock(prev, act) for _ in range(blocks)]
+    enc += [act(), nn.Conv2d(prev, d, 1)]  # (B, D, h, w): z_e, unbounded, for the quantizer
 
-    dec: list[nn.Module] = [nn.Conv2d(d, prev, 3, padding=1)] + [ResidualBlock(prev) for _ in range(blocks)]
-    dec.append(nn.ReLU())
+    dec: list[nn.Module] = [nn.Conv2d(d, prev, 3, padding=1)] + [ResidualBlock(prev, act) for _ in range(blocks)]
+    dec.append(act())
     for i, c in enumerate(reversed(chans)):  # each transposed conv doubles the size back exactly
         target = sizes[len(chans) - 1 - i]
         pad = (1 - target[0] % 2, 1 - target[1] % 2)
-        dec += [nn.ConvTranspose2d(prev, c, 3, stride=2, padding=1, output_padding=pad), nn.ReLU()]
+        dec += [nn.ConvTranspose2d(prev, c, 3, stride=2, padding=1, output_padding=pad), act()]
         prev = c
     c_out = likelihood_of(config).raw_shape(config.input_shape)[0]  # the likelihood's parameters per pixel
     dec.append(nn.Conv2d(prev, c_out, 3, padding=1))  # the output layer: logits, means, ..., no activation
