@@ -140,7 +140,7 @@ def _mlp(cfg, k: int):
     hidden = list(cfg.hidden)
     act = activation(cfg)
     enc = [nn.Flatten()] + _dense([d_in, *hidden], act) + [nn.Linear(hidden[-1] if hidden else d_in,
-                                                                k * cfg.latent_dim)]
+                                                                     k * cfg.latent_dim)]
     rev = hidden[::-1]
     z_in = cfg.latent_dim + cond
     raw = likelihood_of(cfg).raw_shape(shape)  # the likelihood's parameters per dimension
