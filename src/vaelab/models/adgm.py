@@ -141,7 +141,7 @@ class PairNet(nn.Module):
     cost of one image-sized product per sample rather than K. Inputs may carry leading draw dims (n, ...)."""
 
     def __init__(self, sample_dims: list[int], pair_dims: list[int], k: int, hidden: list[int], out: int,
-                 act: type[nn.Module] = nn.ReLU):
+                 act: type[nn.Module]):
         super().__init__()
         sizes = [*hidden, out]
         first = sizes[0]

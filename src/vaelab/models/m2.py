@@ -139,8 +139,8 @@ class PairEncoder(nn.Module):
     once per sample and the class's column of W_y (an embedding of y) added per pair: a hidden label's K pairs
     cost one image-sized product, not K (on MNIST with 500 hidden units that is most of the encoder's work)."""
 
-    def __init__(self, d: int, k: int, hidden: list[int], out: int, x_net: nn.Module | None = None,
-                 act: type[nn.Module] = nn.ReLU):
+    def __init__(self, d: int, k: int, hidden: list[int], out: int, act: type[nn.Module],
+                 x_net: nn.Module | None = None):
         super().__init__()
         sizes = [*hidden, out]
         # W_x x + b, or with arch resnet a residual trunk ending in that linear map (models/resnet.py)
@@ -175,16 +175,16 @@ class M2(CVAE):
         d, k, latent = math.prod(shape), config.condition_dim, config.latent_dim
         hidden = list(config.hidden)
         self.latent_shape = (latent,)
+        act = activation(config)
         if self.arch == "resnet":  # residual conv networks (models/resnet.py), initialised as PyTorch's defaults
             self.classifier = resnet.encoder(config, k)
             first = hidden[0] if hidden else 2 * latent  # the trunk's features, W_x x + b (see PairEncoder)
-            self.encoder = PairEncoder(d, k, hidden, 2 * latent, x_net=resnet.encoder(config, first, hidden=()))
+            self.encoder = PairEncoder(d, k, hidden, 2 * latent, act, x_net=resnet.encoder(config, first, hidden=()))
             self.decoder = resnet.decoder(config, latent + k)
             return
-        act = activation(config)
         self.classifier = nn.Sequential(nn.Flatten(), *_dense([d, *hidden], act),
                                         nn.Linear(hidden[-1] if hidden else d, k))
-        self.encoder = PairEncoder(d, k, hidden, 2 * latent, act=act)  # mean and log-variance
+        self.encoder = PairEncoder(d, k, hidden, 2 * latent, act)  # mean and log-variance
         rev = hidden[::-1]
         raw = likelihood_of(config).raw_shape(shape)  # the likelihood's parameters per dimension
         self.decoder = nn.Sequential(*_dense([latent + k, *rev], act),

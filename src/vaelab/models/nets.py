@@ -44,7 +44,7 @@ def activation(config) -> type[nn.Module]:
     return ACTIVATION_LAYERS[config.activation]
 
 
-def _dense(sizes: list[int], act: type[nn.Module] = nn.ReLU) -> list[nn.Module]:
+def _dense(sizes: list[int], act: type[nn.Module]) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), act()]

@@ -104,7 +104,7 @@ class ResidualBlock(nn.Module):
     """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))), the paper's residual block (with half the channels inside; `act` in
     place of ReLU with the config's activation)."""
 
-    def __init__(self, channels: int, act: type[nn.Module] = nn.ReLU):
+    def __init__(self, channels: int, act: type[nn.Module]):
         super().__init__()
         self.net = nn.Sequential(act(), nn.Conv2d(channels, channels // 2 or 1, 3, padding=1), act(),
                                  nn.Conv2d(channels // 2 or 1, channels, 1))
