@@ -437,8 +437,8 @@ PRESETS: dict[str, Preset] = {
             "120 epochs, batch 128. Chosen on a validation split of the training images (benchmarks/m2.py "
             "--validation, 100 labels, seed 0): uniform M1 batches 6.5% against 9.5% mixed, alpha 10 against 1, "
             "M2's error still falling after 40 epochs and flat from about 100, a tenth of each batch labelled "
-            "4.34% against a quarter's 5.47% (a twentieth and a half, each stopped early, stood above 17%); "
-            "MNIST test error: see docs/results.md#m1m2-adgm.",
+            "4.34% against a quarter's 5.47% (a twentieth, after a longer M1, and a half, each stopped early, "
+            "stood above 17%); MNIST test error: see docs/results.md#m1m2-adgm.",
             ModelConfig(model="m1m2", arch="mlp", hidden=(600, 600), latent_dim=50, likelihood="bernoulli",
                         m2_hidden=(500,), m2_latent=50, alpha=10.0, m1_epochs=20),
             TrainConfig(epochs=120, batch_size=128, lr=1e-3, lr_schedule="cosine", lr_min=1e-5, labelled_share=0.1),
