@@ -25,6 +25,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_path):
     a, b, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "merged.json"
     first = _bench("--models", "vae", *TINY, "--out", str(a))

@@ -17,6 +17,7 @@ DATA = Path(os.environ.get("VAELAB_TEST_DATA") or REPO.parent / "shared" / "data
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST files not in {DATA}")
 def test_the_gpu_script_runs_every_section_on_a_cpu(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--out", str(tmp_path), "--device", "cpu",

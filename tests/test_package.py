@@ -97,6 +97,7 @@ def test_the_sdist_holds_what_builds_and_tests_the_package(dist):
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
 
 
+@pytest.mark.long
 def test_the_wheel_installs_into_a_fresh_environment_and_runs_the_first_command(dist, tmp_path):
     wheel, _ = dist
     venv = tmp_path / "venv"

@@ -75,6 +75,7 @@ def test_each_round_compares_with_the_plain_loop_and_pythae_of_that_round(speed,
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_pythae_run_trains_the_plain_loops_layers(speed, tmp_path):
     """An epoch of the seed VAE through pythae 0.1.2's TrainingPipeline (needs `pip install --no-deps
     pythae==0.1.2`): its per-epoch clock and its test loss, the same objective as the plain loop's."""
