@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """Put the files that hold a test marked `long` first, then the others by test count, most first.
 
     pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands the files to its workers in this order. Its own
