@@ -115,6 +115,40 @@ def test_the_stages_train_m1_alone_then_m2_on_the_frozen_m1():
         assert model(x, labels).m2 is not None
 
 
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_m2s_stage_skips_m1s_decoder_and_trains_what_the_full_forward_would(n_samples):
+    """In M2's stage of training the frozen M1 only encodes (its decoding would feed constants): the codes, M2's
+    terms and M2's gradients equal those of the full forward (the model never given an epoch) at the same seed,
+    and the loss is the full loss less M1's constant part."""
+    model = _tiny(m1_epochs=1).train()
+    x, labels = _batch()
+    decoded = []
+    hook = model.m1.decoder.register_forward_hook(lambda *a: decoded.append(1))
+    runs = {}
+    for stage in ("m2", None):  # M2's stage; both models at once (the reference)
+        model.stage = stage
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        out = model(x, labels, n_samples=n_samples)
+        terms = model.loss(x, out)
+        terms["loss"].sum().backward()
+        runs[stage] = (out, terms, {n: p.grad.clone() for n, p in model.m2.named_parameters()})
+        assert len(decoded) == (0 if stage else 1)
+    hook.remove()
+    (out, terms, grads), (ref_out, ref_terms, ref_grads) = runs["m2"], runs[None]
+    assert out.m1.recon.numel() == 0 and out.recon.numel() == 0
+    assert torch.equal(out.m1.z, ref_out.m1.z) and torch.equal(out.z, ref_out.z)
+    assert set(terms) == {"loss", "m2_recon", "m2_kl", "entropy", "classifier_nll", "error"}
+    for name in terms:
+        if name != "loss":
+            assert torch.equal(terms[name], ref_terms[name]), name
+    if n_samples == 1:  # the full loss is M1's -ELBO plus M2's objective
+        m1_part = ref_terms["recon"] + ref_terms["kl"]
+        assert torch.allclose(terms["loss"] + m1_part, ref_terms["loss"], rtol=0, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.allclose(grads[n], ref_grads[n], rtol=0, atol=1e-12) for n in grads)
+
+
 def test_m1_epochs_must_leave_epochs_to_m2_and_settings_are_checked():
     digits = load_dataset("digits")
     model = build_model(model="m1m2", condition_dim=10, hidden=(16,), latent_dim=4, m2_hidden=(8,), m2_latent=2,

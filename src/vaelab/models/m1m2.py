@@ -10,7 +10,8 @@ The classifier of the whole model is M2's q(y|z1) on M1's code.
 With `m1_epochs` > 0 (the preset m1m2, as the paper) training runs in two stages in the one training loop, picked
 by the epoch (`start_epoch`), so a run resumes in either: the first `m1_epochs` epochs train M1 alone (M1's
 negative ELBO); the rest train M2 on codes of the frozen M1 (M1 runs without gradients; its weights stay as
-stage 1 left them). With m1_epochs 0 (and outside the loop, a model never given an epoch) both train at once:
+stage 1 left them; only its encoder runs, since its decoding would feed only M1's terms, constants there, so
+the loss and the logged training terms of that stage are M2's). With m1_epochs 0 (and outside the loop, a model never given an epoch) both train at once:
 M1 on its ELBO, M2 on M1's codes, detached (M2's objective never reaches M1).
 The stages' other choices: `m1_batches` (M1's stage on the mixed batches of M2's or on uniform ones), `lr_span`
 (one learning-rate schedule over the run, or one per stage as two models trained one after the other) and
@@ -30,7 +31,6 @@ mode (a sampled code in training). The model's latent (`encode`, `embed`, `sampl
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +53,8 @@ ACTIVE_STD = 0.1  # an active dimension: its mean under q(z1|x) varies over the 
 
 @dataclass
 class M1M2Output(ModelOutput):
-    """The record of `M1M2.forward`. recon: M1's decoding of the images (K, B, ... with K samples); z and posterior:
+    """The record of `M1M2.forward`. recon: M1's decoding of the images (K, B, ... with K samples), empty in M2's
+    stage of training (the frozen M1 is not decoded; so is m1.recon); z and posterior:
     M2's z2 and q(z2|z1,y) over its (code, class) pairs, as in M2Output ((K, B, L2) with K samples and every label
     given), or M1's z1 and q(z1|x) while M1 trains alone; m1: M1's record (z = the codes z1 drawn from q(z1|x));
     m2: M2's record of those codes (None while M1 trains alone)."""
@@ -120,33 +121,33 @@ class M1M2Settings(ModelSettings):
 def m1m2_loss(x, out: M1M2Output, *, likelihood: Likelihood | str = "bernoulli", sigma: float = 1.0,
               beta: float = 1.0, alpha: float = 0.1, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The objective of M1+M2, per sample: M1's negative ELBO (vae_loss), plus M2's semi-supervised objective
-    (m2_loss) on the code z1 when M2 ran. In the second stage M1 runs without gradients, so its part of "loss"
-    is a constant: what trains is M2's part. Terms: M1's recon, kl, bce, mse; M2's m2_recon (-log p(z1|y,z2)),
+    (m2_loss) on the code z1 when M2 ran. Terms: M1's recon, kl, bce, mse; M2's m2_recon (-log p(z1|y,z2)),
     m2_kl, entropy, classifier_nll, error; elbo: the stacked model's bound (see the module's docstring), or
-    M1's own where M2 did not run. With K codes per image (out.m1.z is (K, B, L1)) M1's terms are its IWAE
-    terms, M2's the means over the K codes, `elbo` the mean of the K stacked bounds and `iwae` their
-    importance-weighted bound."""
+    M1's own where M2 did not run. In M2's stage of training M1 is frozen and not decoded (out.m1.recon is
+    empty): its terms would be constants, so "loss" is M2's objective alone and M1's terms and `elbo` are left
+    out. With K codes per image (out.m1.z is (K, B, L1)) M1's terms are its IWAE terms, M2's the means over the
+    K codes, `elbo` the mean of the K stacked bounds and `iwae` their importance-weighted bound."""
     target = x if target is None else target
-    m1 = vae_loss(x, out.m1, likelihood=likelihood, sigma=sigma, target=target)
+    decoded = out.m1.recon.numel() > 0
+    m1 = vae_loss(x, out.m1, likelihood=likelihood, sigma=sigma, target=target) if decoded else {}
     if out.m2 is None:
         return m1
     z1, q1 = out.m1.z, out.m1.posterior
-    k = z1.shape[0] if out.m1.recon.dim() == target.dim() + 1 else None  # K codes per image, or one
+    k = z1.shape[0] if z1.dim() == q1.mean.dim() + 1 else None  # K codes per image, or one
     codes = z1.flatten(-len(q1.mean.shape[1:]))  # (B, L1) / (K, B, L1)
     m2 = m2_loss(codes.flatten(0, 1) if k else codes, out.m2, likelihood=CODE_LIKELIHOOD, beta=beta, alpha=alpha)
     per_image = (lambda t: t.view(k, -1).mean(0)) if k else (lambda t: t)  # noqa: E731  the K codes' mean
+    m2_terms = {"m2_recon": m2["recon"], "m2_kl": m2["kl"], "entropy": m2["entropy"],
+                "classifier_nll": m2["classifier_nll"], "error": m2["error"]}
+    if not decoded:
+        return {name: per_image(t) for name, t in {"loss": m2["loss"], **m2_terms}.items()}
     log_q1 = log_normal_diag(codes, q1.mean.flatten(1), q1.logvar.flatten(1))  # (B,) / (K, B)
     recon1 = recon_nll_samples(target, out.m1.recon, likelihood, sigma) if k else m1["recon"]
     log_w = -recon1 - log_q1 + (m2["elbo"].view(k, -1) if k else m2["elbo"])  # the stacked bound of each code
-    terms = {**m1, "loss": m1["loss"] + per_image(m2["loss"]), "elbo": log_w.mean(0) if k else log_w,
-             "m2_recon": m2["recon"], "m2_kl": m2["kl"], "entropy": m2["entropy"],
-             "classifier_nll": m2["classifier_nll"], "error": m2["error"]}
+    terms = {**m1, "loss": m1["loss"] + per_image(m2["loss"]), "elbo": log_w.mean(0) if k else log_w, **m2_terms}
     if k:
         terms["iwae"] = iwae_bound(log_w)
-    return {name: per_image(t) if name in M2_TERMS and k else t for name, t in terms.items()}
-
-
-M2_TERMS = ("m2_recon", "m2_kl", "entropy", "classifier_nll", "error")
+    return {name: per_image(t) if name in m2_terms and k else t for name, t in terms.items()}
 
 
 @register("m1m2", description="Kingma et al. 2014's M1+M2: a VAE (M1) of the images, and the semi-supervised M2 "
@@ -216,7 +217,12 @@ class M1M2(Autoencoder):
             out = self.m1(x, n_samples=n_samples)
             return M1M2Output(out.recon, out.z, out.posterior, m1=out)
         frozen = self.training and self.stage == "m2"
-        with torch.no_grad() if frozen else contextlib.nullcontext():
+        if frozen:  # M1 without gradients: its code, drawn as its forward draws it; its decoding would only
+            with torch.no_grad():  # feed M1's terms, constants in this stage (m1m2_loss leaves them out)
+                q1 = self.m1.encode(x)
+                z1 = q1.sample() if n_samples == 1 else q1.sample(n=n_samples)
+            out = ModelOutput(recon=z1.new_empty(0), z=z1, posterior=q1)
+        else:
             out = self.m1(x, n_samples=n_samples)
         codes = out.z.flatten(-len(self.m1.latent_shape)).detach()  # (B, L1) / (K, B, L1): M2's data
         if frozen and self.code_mask is not None and not self.code_mask.any():
