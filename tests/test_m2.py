@@ -94,6 +94,43 @@ def test_the_enumerated_objective_equals_a_loop_over_classes(n_samples):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("n_samples", [1, 3], ids=["elbo", "iwae3"])
+def test_the_labelled_weight_scales_only_the_labelled_samples_bound(n_samples):
+    """labelled_weight w: a labelled sample's loss is w * L(x, y) + alpha * (-log q(y|x)), a hidden label's U(x) is
+    unchanged; w = 1 is the objective itself, bit for bit."""
+    model = _tiny()
+    x, labels = _batch()
+    out = model(x, labels, n_samples=n_samples)
+    plain, weighted = m2_loss(x, out, alpha=0.7), m2_loss(x, out, alpha=0.7, labelled_weight=0.25)
+    assert torch.equal(m2_loss(x, out, alpha=0.7, labelled_weight=1.0)["loss"], plain["loss"])
+    classifier = 0.7 * plain["classifier_nll"] / 2  # the reported term is scaled by B / labelled = 2
+    expected = torch.where(labels >= 0, 0.25 * (plain["loss"] - classifier) + classifier, plain["loss"])
+    torch.testing.assert_close(weighted["loss"], expected, rtol=0, atol=1e-12)
+    for name in ("elbo", "recon", "kl", "entropy", "classifier_nll", "error"):  # what it reports is unweighted
+        assert torch.equal(weighted[name], plain[name]), name
+
+
+@pytest.mark.parametrize("name, extra", [("m2", {}), ("adgm", {"aux_dim": 2}), ("sdgm", {"aux_dim": 2}),
+                                         ("m1m2", {"m2_hidden": (6,), "m2_latent": 2})])
+def test_every_semi_supervised_model_weighs_its_labelled_bound_as_the_loop_asks(name, extra):
+    """The Shaping's labelled_bound reaches each model's objective: hidden-label samples' losses unchanged, a
+    labelled sample's lower by (1 - w) times its own -ELBO of the labelled pair (M2's, on M1's code in m1m2)."""
+    from vaelab.losses import Shaping
+
+    torch.manual_seed(0)
+    model = build_model(model=name, input_shape=(1, 4, 4), condition_dim=K, hidden=(8,), latent_dim=2, beta=1.0,
+                        **extra).double()
+    x, labels = _batch()
+    torch.manual_seed(3)
+    out = model(x, labels)
+    plain, weighted = model.loss(x, out), model.loss(x, out, shaping=Shaping(labelled_bound=0.25))
+    own = plain["m2_recon"] + plain["m2_kl"] + math.log(K) if name == "m1m2" else -plain["elbo"]
+    hidden = labels < 0
+    assert torch.equal(weighted["loss"][hidden], plain["loss"][hidden])
+    torch.testing.assert_close(weighted["loss"][~hidden], plain["loss"][~hidden] - 0.75 * own[~hidden],
+                               rtol=0, atol=1e-12)
+
+
 def test_the_reported_terms_of_a_mixed_batch():
     model = _tiny()
     x, labels = _batch()
@@ -211,6 +248,9 @@ def test_mixed_batches_visit_every_unlabelled_sample_once_and_cycle_the_labelled
     # steps * n_labelled draws of weight w equal alpha * N per labelled mean (up to the last batch's share)
     w = mb.classifier_weight(0.1)
     assert w * (280 / 29) * 3 == pytest.approx(0.1 * 300)
+    # the weight of a labelled sample's bound with labelled_bound="paper": an epoch's 30 visits (10 steps of 3)
+    # weigh as the 20 labelled samples once each
+    assert mb.steps * mb.n_labelled == 30 and mb.labelled_bound_weight() == 20 / 30
 
 
 def test_labels_need_a_semi_supervised_model_and_labelled_data():
@@ -250,6 +290,34 @@ def test_the_training_loop_hides_all_but_the_kept_labels(monkeypatch, share, per
     assert all(5 * passes <= v <= 5 * (passes + 1) for v in per_class.values())
     with pytest.raises(ConfigError, match=r"labelled_share=1 must be a number between 0 and 1, both excluded"):
         TrainConfig(labels=50, labelled_share=1).validate()
+
+
+def test_labelled_bound_paper_gives_the_loss_the_weight_that_counts_each_labelled_bound_once_an_epoch():
+    """labelled_bound="paper": the loop's Shaping carries MixedBatches' weight, and the model's loss applies it
+    (the loss of a step equals the objective with that labelled_weight); refused without labels, and by a
+    model whose loss has no labelled bound."""
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model(model="m2", condition_dim=10, hidden=(16,), latent_dim=4, input_shape=digits.train.sample_shape)
+    seen, loss = [], model.loss
+    model.loss = lambda x, out, **kw: seen.append((x, out, kw["shaping"])) or loss(x, out, **kw)  # what the loop passes
+    fit(model, digits.train, None, epochs=1, batch_size=64, labels=50, seed=4, progress=False, precision="fp32",
+        labelled_share=0.1, labelled_bound="paper")
+    # 1,567 unlabelled images, 58 a batch: 28 steps of 6 labelled, 168 visits of the 50 labelled images
+    assert len(seen) == 28
+    x, out, shaping = seen[-1]
+    assert shaping.labelled_bound == 50 / 168
+    terms = model.loss(x, out, shaping=shaping)
+    expected = m2_loss(x, out, alpha=shaping.classifier_weight(0.1), labelled_weight=50 / 168)
+    assert torch.equal(terms["loss"], expected["loss"])
+    with pytest.raises(ConfigError, match=r"labelled_bound='paper' weighs the labelled samples among hidden-label "
+                                          r"ones, but labels=0 keeps every label; set labels=N"):
+        TrainConfig(labelled_bound="paper").validate()
+    with pytest.raises(ConfigError, match=r"labelled_bound='epoch' is unknown; choose one of \['batch', 'paper'\]"):
+        TrainConfig(labels=50, labelled_bound="epoch").validate()
+    vae = build_model(model="vae", input_shape=(64,))
+    assert vae.training_problems(TrainConfig(labels=50, labelled_bound="paper")) == [
+        "labelled_bound='paper' does not apply to model 'vae': its loss (vae_loss) does not use it; drop it"]
 
 
 # ------------------------------------------------------------------------------------------ real training

@@ -39,6 +39,9 @@ LR_SCHEDULES = ("constant", "cosine")
 # costs no more per epoch than a tenth (a labelled sample is one (x, y) pair, an unlabelled one K pairs) and, on MNIST
 # with 100 labels, learned the classes a little faster in short runs (test error 20.5% vs 22.7% after 1,500 steps)
 LABELLED_SHARE = 0.25
+# semi-supervised: the weight of a labelled sample's -ELBO at each visit (data/semisupervised.py): 1 (batch), or
+# what makes an epoch count each labelled sample's bound once, as Kingma et al.'s objective (paper)
+LABELLED_BOUNDS = ("batch", "paper")
 
 # Checks of a ModelConfig that need the model registry (is the model known, are its settings valid). The models
 # layer installs them when it is imported (vaelab.models), so this module never imports a model: layers point one
@@ -239,6 +242,7 @@ class TrainConfig:
     iw_samples: int = 1  # importance samples of the IWAE bound; 1 = the ELBO
     labels: int = 0  # semi-supervised (m2): keep this many labels, balanced over the classes; 0 = keep all
     labelled_share: float = LABELLED_SHARE  # semi-supervised: the least share of labelled samples in a batch
+    labelled_bound: str = "batch"  # semi-supervised: the weight of a labelled sample's -ELBO (LABELLED_BOUNDS)
     # fp32 | bf16 (mixed precision: bf16 autocast forward, fp32 weights and losses) | auto: bf16 where the device
     # computes it natively and a measured training step is faster in it, else fp32 (training/loop.py)
     precision: str = "auto"
@@ -291,6 +295,12 @@ class TrainConfig:
         if not (is_pos(self.labelled_share) and self.labelled_share < 1):
             out.append(f"labelled_share={self.labelled_share!r} must be a number between 0 and 1, both excluded (the "
                        "least share of labelled samples in a semi-supervised batch; e.g. 0.25, a quarter)")
+        if self.labelled_bound not in LABELLED_BOUNDS:
+            out.append(f"labelled_bound={self.labelled_bound!r} is unknown; choose one of {list(LABELLED_BOUNDS)} (the "
+                       "weight of a labelled sample's -ELBO in a semi-supervised batch)")
+        elif self.labelled_bound != "batch" and self.labels == 0:
+            out.append(f"labelled_bound={self.labelled_bound!r} weighs the labelled samples among hidden-label ones, "
+                       "but labels=0 keeps every label; set labels=N (--labels N) or drop it")
         if self.precision not in PRECISIONS:
             out.append(f"precision={self.precision!r} is unknown; choose one of {list(PRECISIONS)} (bf16 = "
                        "mixed precision, faster on CPUs with AVX-512 BF16 / AMX and on recent GPUs; auto = bf16 "

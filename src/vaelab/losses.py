@@ -519,6 +519,8 @@ class Shaping:
         this batch mix of labelled and hidden-label samples (data/semisupervised.py); identity without hidden
         labels.
     dataset_size: samples in the training set (estimators that need it, such as minibatch-weighted sampling).
+    labelled_bound: the weight of a labelled sample's -ELBO among hidden-label ones (TrainConfig.labelled_bound;
+        1 = every visit counts fully).
     """
 
     kl_scale: float = 1.0
@@ -526,6 +528,7 @@ class Shaping:
     free_bits: float = 0.0
     label_weight: Callable[[float], float] | None = None
     dataset_size: int = 0
+    labelled_bound: float = 1.0
 
     def classifier_weight(self, alpha: float) -> float:
         return alpha if self.label_weight is None else self.label_weight(alpha)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from vaelab.cli.common import (Interrupted, add_trust_code, fmt_number, fmt_value, int_list, print_table, print_terms,
                                print_written, sub, write_evaluation)
-from vaelab.config import (ACTIVATIONS, ARCHS, KL_SCHEDULES, LIKELIHOODS, LR_SCHEDULES, NOISES, PRESETS, ModelConfig,
-                           TrainConfig)
+from vaelab.config import (ACTIVATIONS, ARCHS, KL_SCHEDULES, LABELLED_BOUNDS, LIKELIHOODS, LR_SCHEDULES, NOISES,
+                           PRESETS, ModelConfig, TrainConfig)
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.labels import class_names
 
@@ -98,9 +98,14 @@ FIELD_HELP = {
     "labelled_share": "with --labels N: the least share of every batch taken from the N labelled samples, cycled "
                       "through in a fresh order each pass (the rest: each unlabelled sample once an epoch); the "
                       "labelled set's own share of the data when that is larger",
+    "labelled_bound": "with --labels N: the weight of a labelled sample's -ELBO in the loss: batch (1 at every "
+                      "visit, so the few labelled samples, cycled through every batch, weigh as often as they are "
+                      "shown) or paper (scaled so that an epoch counts each one's bound once, as Kingma et al.'s "
+                      "objective, the sum of L(x,y) over the labelled set plus U(x) over the rest); the classifier's "
+                      "weight is alpha either way",
 }
 FIELD_CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "likelihood": LIKELIHOODS, "noise": NOISES,
-                 "kl_schedule": KL_SCHEDULES, "lr_schedule": LR_SCHEDULES}
+                 "kl_schedule": KL_SCHEDULES, "lr_schedule": LR_SCHEDULES, "labelled_bound": LABELLED_BOUNDS}
 # model settings a resumed run may change: they bound values, they shape no weight
 RESUMABLE_MODEL_FIELDS = ("logvar_min", "logvar_max")
 NOT_FLAGS = {"input_shape", "settings", "networks"}  # set from the data or in Python; own settings get flags below

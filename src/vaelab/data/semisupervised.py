@@ -113,6 +113,13 @@ class MixedBatches:
         n_u, n = len(self.unlabelled), len(self.labels)
         return alpha * (n / n_u) * (self.n_unlabelled / self.n_labelled)
 
+    def labelled_bound_weight(self) -> float:
+        """The per-sample weight of a labelled sample's -ELBO L(x, y) that makes an epoch count the labelled set's
+        bounds once, as Kingma et al.'s sum_l L(x, y) + sum_u U(x): an epoch visits labelled samples
+        steps * n_labelled times, so the weight is N_l / (steps * n_labelled) (100 of MNIST's 60,000 labelled, 13
+        of a batch of 128: 100 / (521 * 13) = 0.0148)."""
+        return len(self.labelled) / (self.steps * self.n_labelled)
+
 
 def mixed_batches(model, train, labels: int, seed: int, batch_size: int,
                   share: float = LABELLED_SHARE) -> MixedBatches | None:

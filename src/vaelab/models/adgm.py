@@ -78,18 +78,20 @@ class ADGMSettings(M2Settings):
 
 
 def adgm_loss(x, out: ADGMOutput, *, likelihood: Likelihood | str = "bernoulli", sigma: float = 1.0,
-              beta: float = 1.0, alpha: float = 0.1, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              beta: float = 1.0, alpha: float = 0.1, labelled_weight: float = 1.0,
+              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The semi-supervised bounds of the ADGM / SDGM (Maaløe et al. 2016, eqs. 13-16; see the module's
     docstring), per sample, from one draw of a and of z per pair (n draws: their mean, an n-sample Monte Carlo
     estimate of the same bound):
 
-        labelled (x, y):   L(x, y, a) + alpha * (-log q(y|a,x))
+        labelled (x, y):   w * L(x, y, a) + alpha * (-log q(y|a,x))
         hidden label:      sum_y q(y|a,x) L(x, y, a) - H(q(y|a,x))
         L(x, y, a) = recon + beta * (KL(q(z|a,y,x) || p(z)) + log q(a|x) - log p(a|...)) - log p(y)
 
-    The KL of z is in closed form given a; a's term is the one-draw estimate. `alpha` and `beta` reach it as
-    in m2_loss (the loop's Shaping). Terms (B,) as m2_loss's (loss, elbo, recon, kl (of z), bce, mse, entropy,
-    classifier_nll, error), plus kl_a; entropy and classifier_nll at the drawn a, error at the mean of q(a|x).
+    The KL of z is in closed form given a; a's term is the one-draw estimate. `alpha`, `beta` and w =
+    `labelled_weight` reach it as in m2_loss (the loop's Shaping). Terms (B,) as m2_loss's (loss, elbo, recon,
+    kl (of z), bce, mse, entropy, classifier_nll, error), plus kl_a; entropy and classifier_nll at the drawn a,
+    error at the mean of q(a|x).
     """
     target = x if target is None else target
     labels, row, cls = out.labels, out.pair_row, out.pair_label  # (B,) with -1 = hidden; (P,), (P,)
@@ -129,7 +131,10 @@ def adgm_loss(x, out: ADGMOutput, *, likelihood: Likelihood | str = "bernoulli",
              for key, v in pixels.items()}  # the first draw's, q-weighted over the classes
     kl, ka = per_sample(kl_z), per_sample(kl_a)
     rec = per_sample(recon)
-    return {"loss": rec + beta * (kl + ka) - log_py - h + alpha * nll_y, "recon": rec, "kl": kl, "kl_a": ka,
+    bound = rec + beta * (kl + ka) - log_py  # L(x, y, a) of a labelled sample; its q-weighted sum of a hidden one
+    if labelled_weight != 1.0:
+        bound = torch.where(hidden, bound, labelled_weight * bound)
+    return {"loss": bound - h + alpha * nll_y, "recon": rec, "kl": kl, "kl_a": ka,
             "elbo": -(rec + kl + ka) + log_py + h, "bce": first["bce"], "mse": first["mse"],
             "entropy": entropy.mean(0), "classifier_nll": nll_y.detach() * scale, "error": wrong.to(kl.dtype) * scale}
 
@@ -177,7 +182,7 @@ class ADGM(M2):
     Settings = ADGMSettings
     capabilities = Capabilities(stochastic=True, samples=True, conditional=True, semi_supervised=True)
     objective = staticmethod(adgm_loss)
-    loss_options = frozenset({"kl_schedule"})  # no importance-weighted bound: iw_samples is refused
+    loss_options = frozenset({"kl_schedule", "labelled_bound"})  # no importance-weighted bound: iw_samples is refused
     term_meanings = {"kl_a": "the auxiliary variable's term of the bound, log q(a|x) - log p(a|...) at the drawn "
                              "a (one-draw estimate; its mean is a KL), nats; kl is z's"}
     archs = ("auto", "mlp")

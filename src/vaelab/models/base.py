@@ -223,7 +223,8 @@ class Autoencoder(nn.Module):
                        f"iw_samples={train.iw_samples} does not apply to model {name!r}: its loss "
                        f"({self.objective.__name__}) has no importance-weighted form; train the ELBO (iw_samples=1)")
         for option, value, off in (("kl_schedule", train.kl_schedule, "constant"), ("capacity", train.capacity, 0.0),
-                                   ("free_bits", train.free_bits, 0.0)):
+                                   ("free_bits", train.free_bits, 0.0),
+                                   ("labelled_bound", train.labelled_bound, "batch")):
             if value == off:
                 continue
             if option not in self.loss_options:

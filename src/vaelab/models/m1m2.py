@@ -11,8 +11,9 @@ With `m1_epochs` > 0 (the preset m1m2, as the paper) training runs in two stages
 by the epoch (`start_epoch`), so a run resumes in either: the first `m1_epochs` epochs train M1 alone (M1's
 negative ELBO); the rest train M2 on codes of the frozen M1 (M1 runs without gradients; its weights stay as
 stage 1 left them; only its encoder runs, since its decoding would feed only M1's terms, constants there, so
-the loss and the logged training terms of that stage are M2's). With m1_epochs 0 (and outside the loop, a model never given an epoch) both train at once:
-M1 on its ELBO, M2 on M1's codes, detached (M2's objective never reaches M1).
+the loss and the logged training terms of that stage are M2's). With m1_epochs 0 (and outside the loop, a
+model never given an epoch) both train at once: M1 on its ELBO, M2 on M1's codes, detached (M2's objective
+never reaches M1).
 The stages' other choices: `m1_batches` (M1's stage on the mixed batches of M2's or on uniform ones), `lr_span`
 (one learning-rate schedule over the run, or one per stage as two models trained one after the other) and
 `code_dims`: "active" feeds M2's inference networks (q(y|z1), q(z2|z1,y)) only the dimensions of the code that M1
@@ -119,7 +120,8 @@ class M1M2Settings(ModelSettings):
 
 
 def m1m2_loss(x, out: M1M2Output, *, likelihood: Likelihood | str = "bernoulli", sigma: float = 1.0,
-              beta: float = 1.0, alpha: float = 0.1, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              beta: float = 1.0, alpha: float = 0.1, labelled_weight: float = 1.0,
+              target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The objective of M1+M2, per sample: M1's negative ELBO (vae_loss), plus M2's semi-supervised objective
     (m2_loss) on the code z1 when M2 ran. Terms: M1's recon, kl, bce, mse; M2's m2_recon (-log p(z1|y,z2)),
     m2_kl, entropy, classifier_nll, error; elbo: the stacked model's bound (see the module's docstring), or
@@ -135,7 +137,8 @@ def m1m2_loss(x, out: M1M2Output, *, likelihood: Likelihood | str = "bernoulli",
     z1, q1 = out.m1.z, out.m1.posterior
     k = z1.shape[0] if z1.dim() == q1.mean.dim() + 1 else None  # K codes per image, or one
     codes = z1.flatten(-len(q1.mean.shape[1:]))  # (B, L1) / (K, B, L1)
-    m2 = m2_loss(codes.flatten(0, 1) if k else codes, out.m2, likelihood=CODE_LIKELIHOOD, beta=beta, alpha=alpha)
+    m2 = m2_loss(codes.flatten(0, 1) if k else codes, out.m2, likelihood=CODE_LIKELIHOOD, beta=beta, alpha=alpha,
+                 labelled_weight=labelled_weight)
     per_image = (lambda t: t.view(k, -1).mean(0)) if k else (lambda t: t)  # noqa: E731  the K codes' mean
     m2_terms = {"m2_recon": m2["recon"], "m2_kl": m2["kl"], "entropy": m2["entropy"],
                 "classifier_nll": m2["classifier_nll"], "error": m2["error"]}
@@ -156,6 +159,7 @@ class M1M2(Autoencoder):
     Settings = M1M2Settings
     capabilities = Capabilities(stochastic=True, samples=True, conditional=True, semi_supervised=True)
     objective = staticmethod(m1m2_loss)
+    loss_options = frozenset({"labelled_bound"})  # M2's, on the codes
     term_meanings = {"m2_recon": "M2's -log p(z1|y,z2) of M1's code, nats",
                      "m2_kl": "M2's KL of q(z2|z1,y) to N(0, I), nats"}
     archs = tuple(a for a in VAE.archs if a != "conv-pool")
@@ -201,7 +205,7 @@ class M1M2(Autoencoder):
 
     def loss_weights(self, shaping: Shaping) -> dict:
         return {"likelihood": self.likelihood, "sigma": self.config.gaussian_sigma, "beta": self.settings.beta,
-                "alpha": shaping.classifier_weight(self.settings.alpha)}
+                "alpha": shaping.classifier_weight(self.settings.alpha), "labelled_weight": shaping.labelled_bound}
 
     @property
     def num_classes(self) -> int:

@@ -74,20 +74,22 @@ class M2Settings(ModelSettings):
 
 
 def m2_loss(x, out: M2Output, *, likelihood: Likelihood | str = "bernoulli",
-            sigma: float = 1.0, beta: float = 1.0, alpha: float = 0.1,
+            sigma: float = 1.0, beta: float = 1.0, alpha: float = 0.1, labelled_weight: float = 1.0,
             target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The semi-supervised objective of M2 (Kingma et al. 2014, https://arxiv.org/abs/1406.5298, eqs. 6-9),
     per sample, with -ELBO(x, y) = L(x, y) = recon + KL - log p(y) and p(y) uniform over the K classes:
 
-        labelled (x, y):   L(x, y) + alpha * (-log q(y|x))
+        labelled (x, y):   w * L(x, y) + alpha * (-log q(y|x))
         hidden label:      U(x) = sum_y q(y|x) L(x, y) - H(q(y|x))
 
     `out` (M2Output) holds the decoding of every (sample, class) pair these need: a labelled sample's
     once with its label, a hidden-label sample's once per class, with `pair_row` naming each pair's sample and
     `pair_label` its class. The sum over classes is then one weighted scatter-add over the pairs (index_add),
     not a loop over classes. `alpha` is the per-sample weight; the training loop derives it from the config's
-    alpha in the paper's units (data/semisupervised.py, through the loop's Shaping). `beta` weights the KL as in vae_loss; with K > 1
-    posterior samples per pair the IWAE bound replaces each pair's ELBO.
+    alpha in the paper's units (data/semisupervised.py, through the loop's Shaping). w = `labelled_weight`
+    weighs a labelled sample's own bound: 1, or with TrainConfig.labelled_bound="paper" what makes an epoch count
+    each labelled sample once (the loop's Shaping). `beta` weights the KL as in vae_loss; with K > 1 posterior
+    samples per pair the IWAE bound replaces each pair's ELBO.
 
     Terms (B,): loss; elbo (the bound on log p(x, y), or on log p(x) for a hidden label); recon, kl, bce, mse
     (q-weighted over the classes for a hidden label); entropy of q(y|x); classifier_nll (-log q(y|x)) and error
@@ -126,7 +128,10 @@ def m2_loss(x, out: M2Output, *, likelihood: Likelihood | str = "bernoulli",
     scale = b / (~hidden).sum().clamp(min=1)  # reported terms: a batch's mean = its labelled samples' mean
     wrong = (out.class_logits.argmax(1) != labels) & ~hidden
     pixels = pixel_metrics(xt, first, likelihood)
-    return {"loss": per_sample(objective) - log_py - h + alpha * nll_y, "recon": per_sample(recon),
+    bound = per_sample(objective) - log_py  # L(x, y) of a labelled sample; sum_y q(y|x) L(x, y) of a hidden one
+    if labelled_weight != 1.0:
+        bound = torch.where(hidden, bound, labelled_weight * bound)
+    return {"loss": bound - h + alpha * nll_y, "recon": per_sample(recon),
             "kl": per_sample(kl), "elbo": -per_sample(recon + kl) + log_py + h, "bce": per_sample(pixels["bce"]),
             "mse": per_sample(pixels["mse"]), "entropy": entropy, "classifier_nll": nll_y.detach() * scale,
             "error": wrong.to(kl.dtype) * scale}
@@ -163,7 +168,8 @@ class M2(CVAE):
     Settings = M2Settings
     capabilities = Capabilities(stochastic=True, samples=True, conditional=True, semi_supervised=True)
     objective = staticmethod(m2_loss)
-    loss_options = frozenset({"kl_schedule", "iw_samples"})
+    loss_options = frozenset({"kl_schedule", "iw_samples", "labelled_bound"})
+    iwae_options = frozenset({"labelled_bound"})  # the weight applies to a labelled sample's IWAE bound alike
     archs = ("auto", "mlp", "resnet")
     default_arch = "mlp"
     custom_networks = False  # builds its own networks (a classifier and a pair encoder)
@@ -194,7 +200,8 @@ class M2(CVAE):
 
     def loss_weights(self, shaping: Shaping) -> dict:
         return {"likelihood": self.likelihood, "sigma": self.config.gaussian_sigma,
-                "beta": self.settings.beta * shaping.kl_scale, "alpha": shaping.classifier_weight(self.settings.alpha)}
+                "beta": self.settings.beta * shaping.kl_scale, "alpha": shaping.classifier_weight(self.settings.alpha),
+                "labelled_weight": shaping.labelled_bound}
 
     @property
     def num_classes(self) -> int:

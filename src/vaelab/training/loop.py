@@ -67,7 +67,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def shaping_at(cfg: TrainConfig, step: int, steps_per_epoch: int, dataset_size: int, semi=None) -> Shaping:
     """What the loop adds to the model's loss at optimizer step `step`: the KL schedule's factor on β, the
     capacity target, free bits; with hidden labels (`semi`, data.semisupervised.MixedBatches) the map from the
-    classifier weight to its per-sample weight for the batch mix. The model's loss takes what it honours."""
+    classifier weight to its per-sample weight for the batch mix, and the labelled samples' weight on their
+    -ELBO (cfg.labelled_bound). The model's loss takes what it honours."""
     epochs = lambda e: round(e * steps_per_epoch)  # noqa: E731  (schedules are set in epochs, run in steps)
     capacity = None
     if cfg.capacity:
@@ -75,7 +76,9 @@ def shaping_at(cfg: TrainConfig, step: int, steps_per_epoch: int, dataset_size: 
     return Shaping(kl_scale=beta_at(step, beta=1.0, schedule=cfg.kl_schedule, warmup_steps=epochs(cfg.kl_warmup),
                                     cycle_steps=epochs(cfg.kl_warmup)),
                    capacity=capacity, free_bits=cfg.free_bits,
-                   label_weight=None if semi is None else semi.classifier_weight, dataset_size=dataset_size)
+                   label_weight=None if semi is None else semi.classifier_weight, dataset_size=dataset_size,
+                   labelled_bound=semi.labelled_bound_weight() if semi is not None and cfg.labelled_bound == "paper"
+                   else 1.0)
 
 
 def fit(model, train, val=None, config: TrainConfig | None = None, *, out=None, resume: bool = False,
