@@ -55,7 +55,7 @@ ACTIVE_STD = 0.1  # an active dimension: its mean under q(z1|x) varies over the 
 @dataclass
 class M1M2Output(ModelOutput):
     """The record of `M1M2.forward`. recon: M1's decoding of the images (K, B, ... with K samples), empty in M2's
-    stage of training (the frozen M1 is not decoded; so is m1.recon); z and posterior:
+    stage of training, where the frozen M1 is not decoded (m1.recon too); z and posterior:
     M2's z2 and q(z2|z1,y) over its (code, class) pairs, as in M2Output ((K, B, L2) with K samples and every label
     given), or M1's z1 and q(z1|x) while M1 trains alone; m1: M1's record (z = the codes z1 drawn from q(z1|x));
     m2: M2's record of those codes (None while M1 trains alone)."""
