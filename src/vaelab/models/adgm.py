@@ -37,7 +37,7 @@ from vaelab.errors import VaelabError
 from vaelab.losses import (Likelihood, kl_standard_normal_dims, likelihood_of, log_normal_diag, pixel_metrics,
                            recon_nll_samples)
 from vaelab.models.base import Capabilities, DiagonalGaussian
-from vaelab.models.m2 import M2, M2Output, M2Settings
+from vaelab.models.m2 import M2, M2Output, M2Settings, weigh_labelled
 from vaelab.models.nets import _dense, _init_like_keras, activation
 from vaelab.models.registry import register
 
@@ -132,8 +132,7 @@ def adgm_loss(x, out: ADGMOutput, *, likelihood: Likelihood | str = "bernoulli",
     kl, ka = per_sample(kl_z), per_sample(kl_a)
     rec = per_sample(recon)
     bound = rec + beta * (kl + ka) - log_py  # L(x, y, a) of a labelled sample; its q-weighted sum of a hidden one
-    if labelled_weight != 1.0:
-        bound = torch.where(hidden, bound, labelled_weight * bound)
+    bound = weigh_labelled(bound, hidden, labelled_weight)
     return {"loss": bound - h + alpha * nll_y, "recon": rec, "kl": kl, "kl_a": ka,
             "elbo": -(rec + kl + ka) + log_py + h, "bce": first["bce"], "mse": first["mse"],
             "entropy": entropy.mean(0), "classifier_nll": nll_y.detach() * scale, "error": wrong.to(kl.dtype) * scale}

@@ -73,6 +73,12 @@ class M2Settings(ModelSettings):
         return out
 
 
+def weigh_labelled(bound: torch.Tensor, hidden: torch.Tensor, weight: float) -> torch.Tensor:
+    """Each sample's -ELBO term (B,), the labelled samples' (hidden False) times `weight` (the loop's
+    Shaping.labelled_bound); unchanged, the same tensor, for weight 1."""
+    return bound if weight == 1.0 else torch.where(hidden, bound, weight * bound)
+
+
 def m2_loss(x, out: M2Output, *, likelihood: Likelihood | str = "bernoulli",
             sigma: float = 1.0, beta: float = 1.0, alpha: float = 0.1, labelled_weight: float = 1.0,
             target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -129,8 +135,7 @@ def m2_loss(x, out: M2Output, *, likelihood: Likelihood | str = "bernoulli",
     wrong = (out.class_logits.argmax(1) != labels) & ~hidden
     pixels = pixel_metrics(xt, first, likelihood)
     bound = per_sample(objective) - log_py  # L(x, y) of a labelled sample; sum_y q(y|x) L(x, y) of a hidden one
-    if labelled_weight != 1.0:
-        bound = torch.where(hidden, bound, labelled_weight * bound)
+    bound = weigh_labelled(bound, hidden, labelled_weight)
     return {"loss": bound - h + alpha * nll_y, "recon": per_sample(recon),
             "kl": per_sample(kl), "elbo": -per_sample(recon + kl) + log_py + h, "bce": per_sample(pixels["bce"]),
             "mse": per_sample(pixels["mse"]), "entropy": entropy, "classifier_nll": nll_y.detach() * scale,
