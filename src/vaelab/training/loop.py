@@ -215,8 +215,9 @@ class _Run:
                 # resumed with the precision auto chose (the command line resumes with config.json's): keep the record
                 self.run_info = {"precision_auto": self.kept_precision, **(self.run_info or {})}
             return
-        if self.kept_precision:
-            chosen, why = self.kept_precision["chose"], self.kept_precision["why"] + " (chosen when the run began)"
+        when = ""
+        if self.kept_precision:  # its reason kept as written when the run began, however often it resumes
+            chosen, why, when = self.kept_precision["chose"], self.kept_precision["why"], " (chosen when the run began)"
             measured = self.kept_precision.get("step_ms")
         else:
             chosen, why = choose_precision(self.dist.device)
@@ -230,7 +231,7 @@ class _Run:
         self.cfg = self.cfg.replace(precision=chosen)
         self.run_info = {**(self.run_info or {}),
                          "precision_auto": {"chose": chosen, "why": why, **({"step_ms": measured} if measured else {})}}
-        self.precision_note = f"vaelab: --precision auto: {chosen} ({why})"
+        self.precision_note = f"vaelab: --precision auto: {chosen} ({why}){when}"
 
     def _step_times(self) -> tuple[dict[str, float], str]:
         """The step times "auto" chooses by, and when they were measured ("" = now): this process's measurement
