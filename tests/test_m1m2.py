@@ -22,7 +22,7 @@ from vaelab.errors import ConfigError, VaelabError
 from vaelab.evaluation import evaluate
 from vaelab.evaluation.nll import log_likelihood
 from vaelab.losses import recon_nll
-from vaelab.models import build_model, from_pretrained
+from vaelab.models import build_model, from_pretrained, with_settings
 from vaelab.models.m1m2 import CODE_LIKELIHOOD, M1M2
 from vaelab.models.m2 import m2_loss
 from vaelab.training import fit
@@ -272,6 +272,53 @@ def test_code_dims_active_feeds_m2s_inference_networks_the_dimensions_m1_uses():
         _tiny(code_dims="active")
 
 
+def _code_posterior_by_hand(model: M1M2, code, seen, samples: int) -> torch.Tensor:
+    """log p(y) + log (1/S) sum_s p(z1|y,z2_s) p(z2_s) / q(z2_s|seen z1,y) per class: the encoder reads `seen`,
+    the learned Gaussian scores the whole `code`, its density written out; the noise drawn as posterior_logits
+    draws it, (S, B, L2) per class."""
+    m2, columns = model.m2, []
+    for y in range(K):
+        c = torch.full((len(code),), y)
+        post = m2.encode(seen, c)
+        eps = torch.randn(samples, *post.mean.shape, dtype=code.dtype)
+        z = post.mean + post.std * eps
+        mean, log_scale = torch.stack([m2.decode_raw(z[s], c) for s in range(samples)]).chunk(2, dim=2)
+        log_p = (-0.5 * ((code - mean) / log_scale.exp()) ** 2 - log_scale - 0.5 * math.log(2 * math.pi)).sum(2)
+        log_pz = (-0.5 * z ** 2 - 0.5 * math.log(2 * math.pi)).sum(2)
+        log_qz = (-0.5 * eps ** 2 - 0.5 * post.logvar - 0.5 * math.log(2 * math.pi)).sum(2)
+        columns.append(torch.logsumexp(log_p + log_pz - log_qz, 0) - math.log(samples) - math.log(K))
+    return torch.stack(columns, 1)
+
+
+@pytest.mark.parametrize("code_dims", ["all", "active"])
+def test_posterior_samples_classify_by_m2s_posterior_at_the_mean_code(code_dims):
+    model = _tiny(m1_epochs=1, code_dims=code_dims, posterior_samples=3).eval()
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    if code_dims == "active":
+        model.code_mask.copy_(mask)
+    x, labels = _batch()
+    code = model.m1.encode(x).mean
+    seen = code * mask if code_dims == "active" else code
+    torch.manual_seed(2)
+    expected = _code_posterior_by_hand(model, code, seen, 3)
+    torch.manual_seed(2)
+    torch.testing.assert_close(model.classify(x), torch.softmax(expected, 1))
+    torch.manual_seed(4)
+    out = model(x, labels)  # eval: M1's draw, M2's pairs' draw, then the posterior at the mean code
+    torch.manual_seed(4)
+    z1 = model.m1(x).z
+    model.m2(z1 * mask if code_dims == "active" else z1, labels)
+    torch.testing.assert_close(out.m2.class_logits, _code_posterior_by_hand(model, code, seen, 3))
+    torch.manual_seed(6)
+    guess = model.classify(x).argmax(1)
+    torch.manual_seed(6)
+    assert torch.equal(model.reconstruct(x), model.reconstruct(x, guess))  # a hidden label: the posterior's class
+    model.train(), model.start_epoch(1)  # training reads q(y|z1) at the drawn code
+    torch.manual_seed(4)
+    out = model(x, labels)
+    assert torch.equal(out.m2.class_logits, model.m2.classifier(model._seen(out.m1.z)))
+
+
 def test_a_bad_label_tensor_is_a_clear_error():
     model = _tiny()
     x, _ = _batch()
@@ -406,6 +453,7 @@ def test_the_preset_is_the_papers_architecture():
     assert [m.out_features for m in model.m1.encoder if isinstance(m, torch.nn.Linear)] == [600, 600, 100]
     assert model.m2.config.input_shape == (50,) and model.m2.config.likelihood == "gaussian-learned"
     assert model.latent_shape == (50,) and model.settings.m1_epochs < preset.train.epochs
+    assert model.settings.posterior_samples == 20 and model.m2.settings.posterior_samples == 0  # M1M2 asks M2
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -436,6 +484,32 @@ def test_cli_evaluate_reports_the_classifier_and_the_likelihood(m1m2_run, tmp_pa
     metrics = json.loads((tmp_path / "e.json").read_text())
     assert 0 <= metrics["error"] <= 1 and metrics["accuracy"] == pytest.approx(1 - metrics["error"])
     assert metrics["m1_latent_dims"] == 8 and metrics["latent_dims"] == 4 and math.isfinite(metrics["nll"])
+
+
+def test_cli_evaluate_classifies_by_the_posterior_or_by_q_as_asked(m1m2_run, tmp_path):
+    cfg = json.loads((m1m2_run / "config.json").read_text())
+    assert cfg["model"]["settings"]["posterior_samples"] == 20  # the preset's
+    model, test = from_pretrained(m1m2_run), load_dataset("digits").test
+    for k in (0, 5):
+        vaelab("evaluate", m1m2_run, "--posterior-samples", k, "--out", tmp_path / f"e{k}.json", check=0)
+        metrics = json.loads((tmp_path / f"e{k}.json").read_text())
+        judged = with_settings(model, posterior_samples=k)
+        assert judged.settings.posterior_samples == k and not judged.training
+        assert metrics["posterior_samples"] == k and metrics["error"] == evaluate(judged, test)["error"]
+    assert json.loads((m1m2_run / "config.json").read_text()) == cfg  # the run itself is left as it was
+    assert_clean_error(vaelab("evaluate", m1m2_run, "--posterior-samples", -2, "--out", tmp_path / "x.json"),
+                       "--posterior-samples -2 must be >= 0 (0 classifies by q(y|x); K >= 1 by the model's "
+                       "posterior from K importance samples per class, e.g. 20)")
+    assert not (tmp_path / "x.json").exists()
+    vae_run = tmp_path / "vae"
+    vaelab("train", "--model", "vae", "--epochs", 1, "--hidden", 16, "--latent-dim", 2, "--out", vae_run, *FAST,
+           check=0)
+    assert_clean_error(vaelab("evaluate", vae_run, "--posterior-samples", 5),
+                       "--posterior-samples applies to the models that classify by a posterior (m2, m1m2); this "
+                       "run's model is 'vae': drop the flag")
+    with pytest.raises(ConfigError, match=r"m2_latent=3 changes the weights of model 'm1m2', so a trained model "
+                                          r"cannot take it: train anew with it"):
+        with_settings(model, m2_latent=3)
 
 
 def test_cli_sample_draws_images_through_m1(m1m2_run, tmp_path):

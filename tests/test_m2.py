@@ -181,6 +181,70 @@ def test_encoding_without_a_label_uses_the_classifier():
     torch.testing.assert_close(model.encode(x, y).mean, model.encode(x, guess).mean)  # vectors as well
 
 
+def _posterior_by_hand(model: M2, x, samples: int) -> torch.Tensor:
+    """log p(y) + log (1/S) sum_s p(x|y,z_s) p(z_s) / q(z_s|x,y) for each class, with Bernoulli pixels and the
+    Gaussians written out, drawing the noise as posterior_logits does: (S, B, L) per class, class by class."""
+    columns = []
+    for y in range(K):
+        c = torch.full((len(x),), y)
+        post = model.encode(x, c)
+        eps = torch.randn(samples, *post.mean.shape, dtype=x.dtype)
+        z = post.mean + post.std * eps  # (S, B, L)
+        logits = torch.stack([model.decode_raw(z[s], c) for s in range(samples)]).flatten(2)
+        log_px = -torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, x.flatten(1).expand_as(logits), reduction="none").sum(2)
+        log_pz = (-0.5 * z ** 2 - 0.5 * math.log(2 * math.pi)).sum(2)
+        log_qz = (-0.5 * eps ** 2 - 0.5 * post.logvar - 0.5 * math.log(2 * math.pi)).sum(2)
+        columns.append(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(samples) - math.log(K))
+    return torch.stack(columns, 1)
+
+
+@pytest.mark.parametrize("samples", [1, 4])
+def test_posterior_logits_are_bayes_rule_on_the_importance_sampled_likelihood(samples):
+    model = _tiny(posterior_samples=samples).eval()
+    x, labels = _batch()
+    torch.manual_seed(3)
+    logits = model.posterior_logits(x, samples)
+    torch.manual_seed(3)
+    torch.testing.assert_close(logits, _posterior_by_hand(model, x, samples))
+    assert logits.shape == (4, K)
+    # what the trained model classifies by: classify, and the eval forward's logits (after its pairs' one draw)
+    torch.manual_seed(3)
+    torch.testing.assert_close(model.classify(x), torch.softmax(logits, 1))
+    torch.manual_seed(5)
+    out = model(x, labels)
+    torch.manual_seed(5)
+    model._gaussian(model.encoder(x, out.pair_row, out.pair_label)).sample()
+    torch.testing.assert_close(out.class_logits, _posterior_by_hand(model, x, samples))
+    terms = m2_loss(x, out, alpha=0.1)
+    wrong = (out.class_logits.argmax(1) != labels)[labels >= 0].double()
+    assert terms["error"][labels >= 0].tolist() == (wrong * 2).tolist()  # scaled by B / labelled = 2
+    # a hidden label's encoding takes the class the posterior finds most probable
+    torch.manual_seed(7)
+    guess = model.classify(x).argmax(1)
+    torch.manual_seed(7)
+    torch.testing.assert_close(model.encode(x).mean, model.encode(x, guess).mean)
+    # training reads q(y|x): the classifier's logits, with or without the setting
+    model.train()
+    torch.testing.assert_close(model(x, labels).class_logits, model.classifier(x))
+    plain = _tiny().eval()
+    torch.testing.assert_close(plain(x, labels).class_logits, plain.classifier(x))
+    torch.testing.assert_close(plain.classify(x), torch.softmax(plain.classifier(x), 1))
+
+
+@pytest.mark.parametrize("name", ["m2", "m1m2"])
+def test_posterior_samples_is_checked(name):
+    for bad in (-1, 2.5, "20"):
+        with pytest.raises(ConfigError, match=rf"posterior_samples={bad!r} must be an integer >= 0 \(0 classifies "
+                                              r"by q\(y\|x\); K >= 1 by the model's posterior"):
+            build_model(model=name, input_shape=(1, 4, 4), condition_dim=K, posterior_samples=bad)
+    assert build_model(model=name, input_shape=(1, 4, 4), condition_dim=K,
+                       posterior_samples=5).settings.posterior_samples == 5
+    with pytest.raises(ConfigError, match=r"posterior_samples=5 is not a setting of model 'adgm'; its settings are "
+                                          r"\['beta', 'alpha', 'aux_dim'\]"):
+        build_model(model="adgm", input_shape=(1, 4, 4), condition_dim=K, posterior_samples=5, aux_dim=2)
+
+
 def test_sampling_draws_the_class_from_the_prior_or_takes_one():
     model = _tiny().float()
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731

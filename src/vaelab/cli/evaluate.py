@@ -36,6 +36,9 @@ def add_evaluate_parser(subs) -> argparse.ArgumentParser:
     p.add_argument("--nll-samples", type=int, default=0, metavar="K",
                    help="add the importance-sampled negative log-likelihood with K samples per image (`nll`, "
                         "nats, with its standard error; the literature's MNIST protocol uses 5000) [default 0 = off]")
+    p.add_argument("--posterior-samples", type=int, default=None, metavar="K",
+                   help="m2, m1m2: classify by the model's own posterior p(y|x) from K importance samples per "
+                        "class (0: by the classifier q(y|x)) for this evaluation [default: as the run was set]")
     p.add_argument("--binarize", choices=("run", "dynamic", "none"), default="run",
                    help="binarize the split with a fixed seed (dynamic; the NLL protocol of the literature), or "
                         "not (none); run = as the run was trained [default run]")
@@ -64,10 +67,14 @@ def cmd_evaluate(args) -> int:
         raise ConfigError(f"--nll-samples {args.nll_samples} must be >= 0 (0 turns the NLL off)", "evaluate")
     if args.disentanglement:
         _check_disentanglement(args, model, ds, data.name)
+    if args.posterior_samples is not None:
+        model = _classify_by(model, args.posterior_samples, args.trust_code)
     binarize = {"run": bool((cfg.get("train") or {}).get("binarize", False)), "dynamic": True,
                 "none": False}[args.binarize]
     metrics = evaluate(model, ds, batch_size=args.batch_size, binarize=binarize, nll_samples=args.nll_samples,
                        train_data=data.train if args.probes else None)
+    if args.posterior_samples is not None:
+        metrics["posterior_samples"] = args.posterior_samples
     print_terms(metrics, f"{args.split} split of {data.name}, {metrics['n']} samples", model.term_meanings)
     written = []
     if args.disentanglement:
@@ -82,6 +89,21 @@ def cmd_evaluate(args) -> int:
     for path in written:
         print(f"wrote: {path}")
     return 0
+
+
+def _classify_by(model, samples: int, trust_code: bool):
+    """The run's model classifying by its posterior from `samples` importance samples per class (0: by q(y|x))."""
+    from dataclasses import fields
+
+    from vaelab.models import with_settings
+
+    if "posterior_samples" not in {f.name for f in fields(model.Settings)}:
+        raise ConfigError(f"--posterior-samples applies to the models that classify by a posterior (m2, m1m2); "
+                          f"this run's model is {model.config.model!r}: drop the flag", "evaluate")
+    if samples < 0:
+        raise ConfigError(f"--posterior-samples {samples} must be >= 0 (0 classifies by q(y|x); K >= 1 by the "
+                          "model's posterior from K importance samples per class, e.g. 20)", "evaluate")
+    return with_settings(model, trust_code=trust_code, posterior_samples=samples)
 
 
 def _check_disentanglement(args, model, ds, name: str) -> None:

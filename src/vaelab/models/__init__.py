@@ -75,10 +75,25 @@ def from_pretrained(directory, *, trust_code: bool = False) -> Autoencoder:
     return load_pretrained(directory, trust_code=trust_code)
 
 
+def with_settings(model: Autoencoder, *, trust_code: bool = False, **changes) -> Autoencoder:
+    """The trained `model` with some of its settings changed, those that leave its weights as they are (how M2
+    classifies, posterior_samples): built afresh from its config with the changes, given its weights and its mode.
+    A change that is not a setting of the model, or that would change its weights' shapes, is a ConfigError."""
+    config = model.config.replace(settings={**model.config.settings, **changes})
+    other = build_model(config, trust_code=trust_code)
+    try:
+        other.load_state_dict(model.state_dict())
+    except RuntimeError as err:
+        raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in changes.items())} changes the weights of model "
+                          f"{model.config.model!r}, so a trained model cannot take it: train anew with it "
+                          f"({str(err).splitlines()[0]})") from None
+    return other.to(next(model.parameters()).device).train(model.training)
+
+
 def list_models() -> list[ModelSpec]:
     """The registered models (built-in and entry-point plugins), sorted by name."""
     return [MODELS[k] for k in sorted(MODELS)]
 
 
 __all__ = ["MODELS", "ModelSpec", "register", "Autoencoder", "Capabilities", "DiagonalGaussian", "ModelSettings",
-           "PointMass", "ModelOutput", "build_model", "from_pretrained", "list_models"]
+           "PointMass", "ModelOutput", "build_model", "from_pretrained", "list_models", "with_settings"]

@@ -37,7 +37,7 @@ from vaelab.errors import VaelabError
 from vaelab.losses import (Likelihood, kl_standard_normal_dims, likelihood_of, log_normal_diag, pixel_metrics,
                            recon_nll_samples)
 from vaelab.models.base import Capabilities, DiagonalGaussian
-from vaelab.models.m2 import M2, M2Output, M2Settings, weigh_labelled
+from vaelab.models.m2 import M2, M2Output, SemiSupervisedSettings, weigh_labelled
 from vaelab.models.nets import _dense, _init_like_keras, activation
 from vaelab.models.registry import register
 
@@ -63,7 +63,7 @@ class ADGMOutput(M2Output):
 
 
 @dataclass(frozen=True)
-class ADGMSettings(M2Settings):
+class ADGMSettings(SemiSupervisedSettings):
     beta: float = field(default=1.0, metadata={"help": "weight of the KL terms of z and of a (a warm-up "
                                                        "schedule scales both)"})
     aux_dim: int = field(default=100, metadata={"help": "size of the auxiliary variable a (ADGM / SDGM; "

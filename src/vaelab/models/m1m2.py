@@ -41,7 +41,7 @@ from vaelab.errors import VaelabError
 from vaelab.losses import Likelihood, LearnedGaussian, Shaping, iwae_bound, log_normal_diag, recon_nll_samples
 from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
 from vaelab.models.collective import all_sum
-from vaelab.models.m2 import M2, M2Output, m2_loss
+from vaelab.models.m2 import M2, M2Output, m2_loss, posterior_samples_problems
 from vaelab.models.registry import register
 from vaelab.models.vae import VAE, vae_loss
 
@@ -91,6 +91,10 @@ class M1M2Settings(ModelSettings):
     lr_span: str = field(default="run", metadata={"choices": LR_SPANS,
         "help": "the span of the learning-rate schedule (--lr-schedule) with m1_epochs > 0: the whole run, or "
                 "each stage afresh (M1's epochs, then M2's, as two models trained one after the other)"})
+    posterior_samples: int = field(default=0, metadata={
+        "help": "how the trained model classifies an image, at the mean z1 of q(z1|x) (classify, the validation "
+                "and evaluation error): 0 by M2's classifier q(y|z1); K >= 1 by M2's own posterior p(y|z1), "
+                "proportional to p(y) p(z1|y), each log p(z1|y) importance-sampled from K draws of q(z2|z1,y)"})
 
     def problems(self, config) -> list[str]:
         out = []
@@ -116,7 +120,7 @@ class M1M2Settings(ModelSettings):
         if not is_int(self.m1_epochs) or self.m1_epochs < 0:
             out.append(f"m1_epochs={self.m1_epochs!r} must be an integer >= 0 (the epochs M1 trains alone first; 0 "
                        "trains both together)")
-        return out
+        return out + posterior_samples_problems(self.posterior_samples)
 
 
 def m1m2_loss(x, out: M1M2Output, *, likelihood: Likelihood | str = "bernoulli", sigma: float = 1.0,
@@ -235,7 +239,7 @@ class M1M2(Autoencoder):
         seen = self._seen(codes)  # what M2's inference networks read; its p(z1|y,z2) models all of `codes`
         m2 = self.m2(seen.flatten(0, 1) if k else seen, labels.repeat(k) if k else labels)
         if not self.training:  # classify the code's mean, not a draw
-            logits = self.m2.classifier(self._seen(out.posterior.mean.flatten(1)))
+            logits = self._class_logits(out.posterior.mean.flatten(1))
             m2.class_logits = logits.repeat(k, 1) if k else logits
         z = m2.z.unflatten(0, (k, -1)) if k and len(m2.z) == len(codes.flatten(0, 1)) else m2.z
         return M1M2Output(out.recon, z, m2.posterior, m1=out, m2=m2)
@@ -265,10 +269,25 @@ class M1M2(Autoencoder):
     def _code(self, x: torch.Tensor) -> torch.Tensor:
         return self._seen(self.m1.encode(x).mean.flatten(1))  # (B, L1) the mean of q(z1|x), as M2 reads it
 
+    def _class_logits(self, code: torch.Tensor) -> torch.Tensor:
+        """The logits the model classifies by at M1's mean codes (B, L1): M2's q(y|z1), or with posterior_samples
+        M2's posterior p(y|z1) (M2.posterior_logits: its encoder reads the code as `_seen`, p(z1|y,z2) all of it)."""
+        return self.m2.class_logits(self._seen(code), self.settings.posterior_samples, target=code)
+
+    def _classes(self, x: torch.Tensor, condition) -> torch.Tensor:
+        """`condition` with every hidden label (-1; None: all) replaced by the class `classify` finds most probable;
+        (B, K) vectors as given."""
+        if condition is not None and torch.as_tensor(condition).is_floating_point():
+            return condition
+        c = self.m2._labels(condition, len(x))
+        if (c < 0).any():
+            c = torch.where(c < 0, self._class_logits(self.m1.encode(x).mean.flatten(1)).argmax(1), c)
+        return c
+
     def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
-        """q(z2 | z1, y) at the mean code z1 of x, y the given labels (or the classifier's most probable class
-        where a label is hidden or none is given)."""
-        return self.m2.encode(self._code(x), condition)
+        """q(z2 | z1, y) at the mean code z1 of x, y the given labels (or the most probable class, as `classify`
+        judges it, where a label is hidden or none is given)."""
+        return self.m2.encode(self._code(x), self._classes(x, condition))
 
     def posteriors(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> dict[str, DiagonalGaussian]:
         return {"": self.encode(x, condition), "m1": self.m1.encode(x)}
@@ -280,9 +299,8 @@ class M1M2(Autoencoder):
 
     def reconstruct_raw(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """M1's decoder output through M2 at the posterior means, with the given labels or, where none is given,
-        the classifier's most probable class."""
-        if condition is None:
-            condition = self.m2.classifier(self._code(x)).argmax(1)
+        the most probable class, as `classify` judges it."""
+        condition = self._classes(x, condition)
         return self.decode_raw(self.encode(x, condition).mean, condition)
 
     def condition_vector(self, condition) -> torch.Tensor:
@@ -291,8 +309,9 @@ class M1M2(Autoencoder):
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """q(y|z1) at the mean code of each input: the class probabilities, (B, K)."""
-        return self.m2.classify(self._code(x.to(self._device())))
+        """The class probabilities at the mean code of each input, (B, K): q(y|z1), or with posterior_samples
+        M2's posterior p(y|z1)."""
+        return torch.softmax(self._class_logits(self.m1.encode(x.to(self._device())).mean.flatten(1)), dim=1)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None,

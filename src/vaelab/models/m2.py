@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.config import is_nonneg
+from vaelab.config import is_int, is_nonneg
 from vaelab.errors import VaelabError
 from vaelab.losses import (Likelihood, Shaping, iwae_bound, likelihood_of, log_importance_weights, pixel_metrics,
                            recon_nll, recon_nll_samples)
@@ -57,7 +57,8 @@ class M2Output(ModelOutput):
 
 
 @dataclass(frozen=True)
-class M2Settings(ModelSettings):
+class SemiSupervisedSettings(ModelSettings):
+    """The objective's weights, shared with the auxiliary models (models/adgm.py)."""
     beta: float = field(default=1.0, metadata={"help": "weight of the KL term of z"})
     alpha: float = field(default=0.1, metadata={
         "help": "weight of the classifier's -log q(y|x) on labelled images, in Kingma et al.'s units (the term "
@@ -71,6 +72,24 @@ class M2Settings(ModelSettings):
             out.append(f"alpha={self.alpha!r} must be a finite number >= 0 (the classifier's weight in M2; "
                        "Kingma et al. use 0.1)")
         return out
+
+
+@dataclass(frozen=True)
+class M2Settings(SemiSupervisedSettings):
+    posterior_samples: int = field(default=0, metadata={
+        "help": "how the trained model classifies (classify, the validation and evaluation error): 0 by the "
+                "classifier q(y|x); K >= 1 by the model's own posterior p(y|x), proportional to p(y) p(x|y), "
+                "each log p(x|y) importance-sampled from K draws of q(z|x,y) (K decodings per input and class)"})
+
+    def problems(self, config) -> list[str]:
+        return super().problems(config) + posterior_samples_problems(self.posterior_samples)
+
+
+def posterior_samples_problems(value) -> list[str]:
+    if is_int(value) and value >= 0:
+        return []
+    return [f"posterior_samples={value!r} must be an integer >= 0 (0 classifies by q(y|x); K >= 1 by the model's "
+            "posterior, from K importance samples per class, e.g. 20)"]
 
 
 def weigh_labelled(bound: torch.Tensor, hidden: torch.Tensor, weight: float) -> torch.Tensor:
@@ -226,15 +245,42 @@ class M2(CVAE):
         pair_row = torch.cat([known, unknown.repeat(k)])
         pair_label = torch.cat([labels[known], torch.arange(k, device=x.device).repeat_interleave(len(unknown))])
         post = self._gaussian(self.encoder(x, pair_row, pair_label))  # q(z|x,y) of every pair, (P, L)
-        if n_samples == 1:
-            z = post.sample()  # (P, L)
-            recon = self.decode_raw(z, pair_label)
-        else:  # K importance samples per pair (the IWAE bound)
-            z = post.sample(n=n_samples)  # (n, P, L)
-            recon = self.decode_raw(z.flatten(0, 1), pair_label.repeat(n_samples))
-            recon = recon.unflatten(0, (n_samples, len(pair_row)))
+        z, recon = self._sample_and_decode(post, pair_label, n_samples)
+        if not self.training and self.settings.posterior_samples:  # the trained model classifies by its posterior
+            logits = self.posterior_logits(x, self.settings.posterior_samples)
         return M2Output(recon=recon, z=z, posterior=post, class_logits=logits, labels=labels, pair_row=pair_row,
                         pair_label=pair_label)
+
+    def _sample_and_decode(self, post: DiagonalGaussian, pair_label: torch.Tensor, n_samples: int):
+        """z ~ q(z|x,y) and p(x|y,z)'s raw output for each pair: (P, L) and (P, ...), or (n, P, ...) with n > 1."""
+        if n_samples == 1:
+            z = post.sample()  # (P, L)
+            return z, self.decode_raw(z, pair_label)
+        z = post.sample(n=n_samples)  # (n, P, L): n importance samples per pair (the IWAE bound)
+        recon = self.decode_raw(z.flatten(0, 1), pair_label.repeat(n_samples))
+        return z, recon.unflatten(0, (n_samples, len(pair_label)))
+
+    def posterior_logits(self, x: torch.Tensor, samples: int, target: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(y) plus the importance-weighted bound on log p(x|y) from `samples` draws of q(z|x,y), for every
+        class: (B, K). Their softmax is the model's own posterior p(y|x) (Bayes' rule on its generative model,
+        exact as `samples` grows), where q(y|x) is the network trained toward it. `target` (default x) is what
+        p(x|y,z) scores, where the encoder reads another view of it (M1+M2's code with code_dims="active")."""
+        target = x if target is None else target
+        b, k = len(x), self.num_classes
+        rows = torch.arange(b, device=x.device).repeat(k)
+        classes = torch.arange(k, device=x.device).repeat_interleave(b)  # class-major pairs, (K * B,)
+        post = self._gaussian(self.encoder(x, rows, classes))
+        bounds = []
+        for y in range(k):  # one class at a time: `samples` x B decodings in memory
+            part = slice(y * b, (y + 1) * b)
+            q = DiagonalGaussian(post.mean[part], post.logvar[part])
+            z, recon = self._sample_and_decode(q, classes[part], samples)
+            if samples == 1:
+                z, recon = z[None], recon[None]
+            log_w = log_importance_weights(target, recon, z, q.mean, q.logvar, self.likelihood,
+                                           self.config.gaussian_sigma)
+            bounds.append(iwae_bound(log_w))
+        return torch.stack(bounds, 1) - math.log(k)
 
     def _labels(self, condition, n: int) -> torch.Tensor:
         """(n,) class indices, -1 where hidden, from None (all hidden) or a 1-D integer tensor."""
@@ -254,13 +300,13 @@ class M2(CVAE):
 
     def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z | x, y) with y the given labels (or (B, K) vectors); a hidden label (-1) or no condition takes
-        the classifier's most probable class."""
+        the most probable class, as `classify` judges it."""
         if condition is not None and torch.as_tensor(condition).is_floating_point():
             c = self.condition_vector(condition)  # (B, K) vectors
         else:
             c = self._labels(condition, len(x))
             if (c < 0).any():
-                c = torch.where(c < 0, self.classifier(x).argmax(1), c)
+                c = torch.where(c < 0, self.class_logits(x, self.settings.posterior_samples).argmax(1), c)
         return self._gaussian(self.encoder(x, torch.arange(len(x), device=x.device), c))
 
     def condition_vector(self, condition) -> torch.Tensor:
@@ -272,8 +318,14 @@ class M2(CVAE):
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """q(y|x): the class probabilities of each input, (B, K)."""
-        return torch.softmax(self.classifier(x.to(self._device())), dim=1)
+        """The class probabilities of each input, (B, K): q(y|x), or with posterior_samples K the model's
+        posterior p(y|x) from K importance samples per class (posterior_logits)."""
+        return torch.softmax(self.class_logits(x.to(self._device()), self.settings.posterior_samples), dim=1)
+
+    def class_logits(self, x: torch.Tensor, samples: int, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits a trained model classifies by, (B, K): q(y|x)'s with samples 0, else its posterior's from
+        `samples` importance samples per class (posterior_logits; `target` as there)."""
+        return self.posterior_logits(x, samples, target) if samples else self.classifier(x)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None,
