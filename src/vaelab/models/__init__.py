@@ -87,7 +87,8 @@ def with_settings(model: Autoencoder, *, trust_code: bool = False, **changes) ->
         raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in changes.items())} changes the weights of model "
                           f"{model.config.model!r}, so a trained model cannot take it: train anew with it "
                           f"({str(err).splitlines()[0]})") from None
-    return other.to(next(model.parameters()).device).train(model.training)
+    first = next(model.parameters())
+    return other.to(device=first.device, dtype=first.dtype).train(model.training)
 
 
 def list_models() -> list[ModelSpec]:

@@ -26,8 +26,9 @@ Evaluation (eval mode) runs both: the terms of M1 (recon, kl, bce, mse of the im
 sampled code (m2_recon, m2_kl, entropy, classifier_nll, error), and `elbo`, the bound of the stacked model
 p(x|z1) p(z1|y,z2) p(y) p(z2) on log p(x, y) (log p(x) for a hidden label):
 E[log p(x|z1) - log q(z1|x)] plus M2's bound on log p(z1, y). The classifier judges the mean of q(z1|x) in eval
-mode (a sampled code in training). The model's latent (`encode`, `embed`, `sample`, `decode`) is M2's z2;
-`decode(z2, y)` is M1's decoding of the mean of p(z1|y,z2), so samples and analogies are images.
+mode (a sampled code in training): M2's q(y|z1), or with `posterior_samples` K M2's posterior p(y|z1). The model's
+latent (`encode`, `embed`, `sample`, `decode`) is M2's z2; `decode(z2, y)` is M1's decoding of the mean of
+p(z1|y,z2), so samples and analogies are images.
 """
 
 from __future__ import annotations

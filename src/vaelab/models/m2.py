@@ -8,7 +8,9 @@ a sample whose label is hidden sums the ELBO over every class, weighted by q(y|x
 pulled toward the classes under which the decoder explains an image best.
 
 Labels are class indices, -1 where a label is hidden; `forward(x)` without labels treats every label as hidden.
-`encode`, `embed` and `reconstruct` without a label use the classifier's most probable class. The networks are
+`encode`, `embed` and `reconstruct` without a label use the most probable class. A trained model classifies by
+q(y|x), or with `posterior_samples` K by its generative model's own posterior p(y|x) ∝ p(y) p(x|y), each
+log p(x|y) importance-sampled (`posterior_logits`); training never reads that setting. The networks are
 MLPs with `hidden` layers (the config's `activation`, ReLU by default): the classifier, the encoder on [x, one-hot
 y] and the decoder on [z, one-hot y], as in the paper and Pyro's SS-VAE example; with arch resnet, the residual
 conv networks of models/resnet.py for the classifier, the encoder's image part and the decoder.
