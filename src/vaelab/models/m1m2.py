@@ -267,28 +267,29 @@ class M1M2(Autoencoder):
 
     # -------------------------------------------------------------------------------------------- using
 
-    def _code(self, x: torch.Tensor) -> torch.Tensor:
-        return self._seen(self.m1.encode(x).mean.flatten(1))  # (B, L1) the mean of q(z1|x), as M2 reads it
+    def _mean_code(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m1.encode(x).mean.flatten(1)  # (B, L1) the mean of q(z1|x)
 
     def _class_logits(self, code: torch.Tensor) -> torch.Tensor:
         """The logits the model classifies by at M1's mean codes (B, L1): M2's q(y|z1), or with posterior_samples
         M2's posterior p(y|z1) (M2.posterior_logits: its encoder reads the code as `_seen`, p(z1|y,z2) all of it)."""
         return self.m2.class_logits(self._seen(code), self.settings.posterior_samples, target=code)
 
-    def _classes(self, x: torch.Tensor, condition) -> torch.Tensor:
-        """`condition` with every hidden label (-1; None: all) replaced by the class `classify` finds most probable;
-        (B, K) vectors as given."""
+    def _classes(self, code: torch.Tensor, condition) -> torch.Tensor:
+        """`condition` with every hidden label (-1; None: all) replaced by the class `classify` finds most probable
+        at the mean codes `code`; (B, K) vectors as given."""
         if condition is not None and torch.as_tensor(condition).is_floating_point():
             return condition
-        c = self.m2._labels(condition, len(x))
+        c = self.m2._labels(condition, len(code))
         if (c < 0).any():
-            c = torch.where(c < 0, self._class_logits(self.m1.encode(x).mean.flatten(1)).argmax(1), c)
+            c = torch.where(c < 0, self._class_logits(code).argmax(1), c)
         return c
 
     def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z2 | z1, y) at the mean code z1 of x, y the given labels (or the most probable class, as `classify`
         judges it, where a label is hidden or none is given)."""
-        return self.m2.encode(self._code(x), self._classes(x, condition))
+        code = self._mean_code(x)
+        return self.m2.encode(self._seen(code), self._classes(code, condition))
 
     def posteriors(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> dict[str, DiagonalGaussian]:
         return {"": self.encode(x, condition), "m1": self.m1.encode(x)}
@@ -301,8 +302,9 @@ class M1M2(Autoencoder):
     def reconstruct_raw(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """M1's decoder output through M2 at the posterior means, with the given labels or, where none is given,
         the most probable class, as `classify` judges it."""
-        condition = self._classes(x, condition)
-        return self.decode_raw(self.encode(x, condition).mean, condition)
+        code = self._mean_code(x)
+        condition = self._classes(code, condition)
+        return self.decode_raw(self.m2.encode(self._seen(code), condition).mean, condition)
 
     def condition_vector(self, condition) -> torch.Tensor:
         """(B,) class indices -> one-hot (B, K); (B, K) vectors pass through (M2's condition)."""
@@ -312,7 +314,7 @@ class M1M2(Autoencoder):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """The class probabilities at the mean code of each input, (B, K): q(y|z1), or with posterior_samples
         M2's posterior p(y|z1)."""
-        return torch.softmax(self._class_logits(self.m1.encode(x.to(self._device())).mean.flatten(1)), dim=1)
+        return torch.softmax(self._class_logits(self._mean_code(x.to(self._device()))), dim=1)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None,
