@@ -308,11 +308,18 @@ def test_posterior_samples_classify_by_m2s_posterior_at_the_mean_code(code_dims)
     torch.manual_seed(4)
     z1 = model.m1(x).z
     model.m2(z1 * mask if code_dims == "active" else z1, labels)
-    torch.testing.assert_close(out.m2.class_logits, _code_posterior_by_hand(model, code, seen, 3))
+    posterior = out.m2.class_logits
+    torch.testing.assert_close(posterior, _code_posterior_by_hand(model, code, seen, 3))
     torch.manual_seed(6)
     guess = model.classify(x).argmax(1)
     torch.manual_seed(6)
     assert torch.equal(model.reconstruct(x), model.reconstruct(x, guess))  # a hidden label: the posterior's class
+    model.start_epoch(0)  # validation in M1's stage, where M2 is untrained, reads q(y|z1) at the mean code
+    out = model(x, labels)
+    assert torch.equal(out.m2.class_logits, model.m2.classifier(seen))
+    model.start_epoch(1)  # and in M2's stage by the posterior, as after training
+    torch.manual_seed(4)
+    assert torch.equal(model(x, labels).m2.class_logits, posterior)
     model.train(), model.start_epoch(1)  # training reads q(y|z1) at the drawn code
     torch.manual_seed(4)
     out = model(x, labels)
