@@ -17,7 +17,7 @@ from vaelab.data import load_dataset
 from vaelab.data.semisupervised import select_labels
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.evaluation import evaluate
-from vaelab.models import build_model, from_pretrained
+from vaelab.models import build_model, from_pretrained, with_settings
 from vaelab.models.adgm import ADGM, adgm_loss
 from vaelab.training import fit
 
@@ -49,6 +49,13 @@ def _gaussian(h) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, logvar
 
 
+def _pair_net(net, *inputs) -> torch.Tensor:
+    """A PairNet on one sample: its first layer as one matrix on the concatenated inputs, W [x; a; z; y] + b."""
+    weights = [lin.weight for lin in (*net.sample, *net.pair)] + ([net.y.weight.t()] if net.y is not None else [])
+    bias = next(lin.bias for lin in (*net.sample, *net.pair) if lin.bias is not None)
+    return net.rest(torch.cat(weights, 1) @ torch.cat(inputs) + bias)
+
+
 def _by_hand(model: ADGM, x, labels, out, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, elbo) of Maaløe et al.'s eqs. 13-16 with Python loops over draws, samples and classes: one sample,
     one class at a time through the model's networks, each first layer as one linear map of the concatenated
@@ -62,11 +69,7 @@ def _by_hand(model: ADGM, x, labels, out, alpha: float, beta: float) -> tuple[to
     eps_a = ((a_all - out.aux.mean) / out.aux.std).detach()  # (n, B, A)
     eps_z = ((z_all - mean_z) / std_z).detach()  # (n, P, L)
 
-    def linear(net, *inputs):  # a PairNet's first layer as one matrix on [inputs]: W [x; a; z; y] + b
-        weights = [lin.weight for lin in (*net.sample, *net.pair)] + ([net.y.weight.t()] if net.y is not None else [])
-        bias = next(lin.bias for lin in (*net.sample, *net.pair) if lin.bias is not None)
-        return net.rest(torch.cat(weights, 1) @ torch.cat(inputs) + bias)
-
+    linear = _pair_net
     losses, elbos = [], []
     for i in range(len(x)):
         xi = x[i].flatten()
@@ -170,6 +173,69 @@ def test_use_without_a_label_takes_the_classifiers_class_at_the_mean_of_a(name):
     torch.testing.assert_close(model.classify(x), torch.softmax(model(x).predict_logits, 1))
 
 
+def _posterior_by_hand(model: ADGM, x, samples: int) -> torch.Tensor:
+    """log p(y) + log (1/S) sum_s p(x|y,z_s[,a_s]) p(z_s) p(a_s|...) / (q(a_s|x) q(z_s|a_s,y,x)) for each sample
+    and class, by loops over samples, classes and draws with Bernoulli pixels and the Gaussians written out; the
+    noise drawn as posterior_logits draws it: a's (S, B, A), then z's (S, B, L) class by class."""
+    skip, b = model.skip, len(x)
+    eps_a = torch.randn(samples, b, 3, dtype=x.dtype)
+    eps_z = [torch.randn(samples, b, 2, dtype=x.dtype) for _ in range(K)]
+    logits = torch.zeros(b, K, dtype=x.dtype)
+    for i in range(b):
+        xi = x[i].flatten()
+        mu_a, lv_a = _gaussian(model.aux_encoder(xi[None])[0])
+        for y in range(K):
+            onehot = F.one_hot(torch.tensor(y), K).double()
+            log_w = []
+            for s in range(samples):
+                a = mu_a + (0.5 * lv_a).exp() * eps_a[s, i]
+                mu_z, lv_z = _gaussian(_pair_net(model.encoder, xi, a, onehot))
+                z = mu_z + (0.5 * lv_z).exp() * eps_z[y][s, i]
+                mu_pa, lv_pa = _gaussian(_pair_net(model.aux_decoder, *([z, onehot] if skip else [xi, z, onehot])))
+                decoded = model.decoder(torch.cat([z, onehot, a] if skip else [z, onehot])[None])[0]
+                log_px = -F.binary_cross_entropy_with_logits(decoded, x[i], reduction="sum")
+                zero = torch.zeros_like(z)
+                log_w.append(log_px + _log_normal(z, zero, zero) + _log_normal(a, mu_pa, lv_pa)
+                             - _log_normal(a, mu_a, lv_a) - _log_normal(z, mu_z, lv_z))
+            logits[i, y] = torch.logsumexp(torch.stack(log_w), 0) - math.log(samples) - math.log(K)
+    return logits
+
+
+@pytest.mark.parametrize("samples", [1, 4])
+@pytest.mark.parametrize("name", MODELS)
+def test_posterior_logits_are_bayes_rule_on_the_importance_sampled_likelihood(name, samples):
+    model = _tiny(name, posterior_samples=samples).eval()
+    plain = with_settings(model, posterior_samples=0)
+    x, labels = _batch()
+    torch.manual_seed(3)
+    logits = model.posterior_logits(x, samples)
+    torch.manual_seed(3)
+    torch.testing.assert_close(logits, _posterior_by_hand(model, x, samples))
+    assert logits.shape == (4, K)
+    # what the trained model classifies by: classify, and the eval forward's predict_logits after its own draws
+    torch.manual_seed(3)
+    torch.testing.assert_close(model.classify(x), torch.softmax(logits, 1))
+    torch.manual_seed(5)
+    out = model(x, labels)
+    torch.manual_seed(5)
+    ref = plain(x, labels)  # the same draws of a and z: the setting changes no bound
+    assert torch.equal(out.z, ref.z) and torch.equal(out.class_logits, ref.class_logits)
+    torch.testing.assert_close(out.predict_logits, _posterior_by_hand(model, x, samples))
+    wrong = (out.predict_logits.argmax(1) != labels)[labels >= 0].double()
+    assert adgm_loss(x, out)["error"][labels >= 0].tolist() == (wrong * 2).tolist()  # scaled by B / labelled = 2
+    # a hidden label's encoding and reconstruction take the class the posterior finds most probable
+    torch.manual_seed(7)
+    guess = model.classify(x).argmax(1)
+    torch.manual_seed(7)
+    torch.testing.assert_close(model.encode(x).mean, model.encode(x, guess).mean)
+    torch.manual_seed(7)
+    torch.testing.assert_close(model.reconstruct(x), model.reconstruct(x, guess))
+    # training reads q(y|a,x) at the mean of q(a|x); without the setting, so does use
+    model.train()
+    torch.testing.assert_close(torch.softmax(model(x, labels).predict_logits, 1), plain.classify(x))
+    torch.testing.assert_close(plain(x, labels).predict_logits, plain.class_logits(x, 0))
+
+
 # ------------------------------------------------------------------------------------------ errors, saving
 
 
@@ -259,6 +325,12 @@ def test_cli_evaluate_and_sample_an_adgm_run(adgm_run, tmp_path):
     assert "accuracy" in proc.stdout and "kl_a" in proc.stdout
     metrics = json.loads((tmp_path / "e.json").read_text())
     assert 0 <= metrics["error"] <= 1 and metrics["accuracy"] == pytest.approx(1 - metrics["error"])
+    vaelab("evaluate", adgm_run, "--posterior-samples", 3, "--out", tmp_path / "p.json", check=0)
+    judged = with_settings(from_pretrained(adgm_run), posterior_samples=3)  # re-judged by the posterior
+    by_posterior = json.loads((tmp_path / "p.json").read_text())
+    assert by_posterior["posterior_samples"] == 3
+    assert by_posterior["error"] == evaluate(judged, load_dataset("digits").test)["error"]
+    assert by_posterior["elbo"] == metrics["elbo"]  # the bound is the same; only the classifier changed
     proc = vaelab("sample", adgm_run, "--n", 6, "--out", tmp_path / "s.png", check=0)
     assert str(tmp_path / "s-analogies.png") in proc.stdout
     w, h = assert_png(tmp_path / "s.png")

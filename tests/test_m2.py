@@ -232,7 +232,7 @@ def test_posterior_logits_are_bayes_rule_on_the_importance_sampled_likelihood(sa
     torch.testing.assert_close(plain.classify(x), torch.softmax(plain.classifier(x), 1))
 
 
-@pytest.mark.parametrize("name", ["m2", "m1m2"])
+@pytest.mark.parametrize("name", ["m2", "m1m2", "adgm", "sdgm"])
 def test_posterior_samples_is_checked(name):
     for bad in (-1, 2.5, "20"):
         with pytest.raises(ConfigError, match=rf"posterior_samples={bad!r} must be an integer >= 0 \(0 classifies "
@@ -240,9 +240,9 @@ def test_posterior_samples_is_checked(name):
             build_model(model=name, input_shape=(1, 4, 4), condition_dim=K, posterior_samples=bad)
     assert build_model(model=name, input_shape=(1, 4, 4), condition_dim=K,
                        posterior_samples=5).settings.posterior_samples == 5
-    with pytest.raises(ConfigError, match=r"posterior_samples=5 is not a setting of model 'adgm'; its settings are "
-                                          r"\['beta', 'alpha', 'aux_dim'\]"):
-        build_model(model="adgm", input_shape=(1, 4, 4), condition_dim=K, posterior_samples=5, aux_dim=2)
+    with pytest.raises(ConfigError, match=r"posterior_samples=5 is not a setting of model 'cvae'; its settings are "
+                                          r"\['beta'"):
+        build_model(model="cvae", input_shape=(1, 4, 4), condition_dim=K, posterior_samples=5)
 
 
 def test_sampling_draws_the_class_from_the_prior_or_takes_one():

@@ -493,12 +493,15 @@ def log_normal_elementwise(z: torch.Tensor, mean: torch.Tensor | float = 0.0,
 
 
 def log_importance_weights(x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
-                           logvar: torch.Tensor, likelihood: str | Likelihood, sigma: float = 1.0) -> torch.Tensor:
+                           logvar: torch.Tensor, likelihood: str | Likelihood, sigma: float = 1.0,
+                           event_dims: int | None = None) -> torch.Tensor:
     """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for K samples: recon (K, B, ...), z (K, B, ...)
-    -> (K, B). The building block of the IWAE bound and of the importance-sampled log-likelihood."""
+    -> (K, B). The building block of the IWAE bound and of the importance-sampled log-likelihood. q's mean and
+    logvar are (B, *latent), or (K, B, *latent) with `event_dims` = the latent's dims where q differs by draw."""
+    dims = mean.dim() - 1 if event_dims is None else event_dims
     log_px_z = -recon_nll_samples(x, recon, likelihood, sigma)
-    log_pz = log_normal_diag(z, event_dims=mean.dim() - 1)
-    log_qz = log_normal_diag(z, mean, logvar)
+    log_pz = log_normal_diag(z, event_dims=dims)
+    log_qz = log_normal_diag(z, mean, logvar, event_dims=dims)
     return log_px_z + log_pz - log_qz
 
 

@@ -37,8 +37,9 @@ def add_evaluate_parser(subs) -> argparse.ArgumentParser:
                    help="add the importance-sampled negative log-likelihood with K samples per image (`nll`, "
                         "nats, with its standard error; the literature's MNIST protocol uses 5000) [default 0 = off]")
     p.add_argument("--posterior-samples", type=int, default=None, metavar="K",
-                   help="m2, m1m2: classify by the model's own posterior p(y|x) from K importance samples per "
-                        "class (0: by the classifier q(y|x)) for this evaluation [default: as the run was set]")
+                   help="semi-supervised models: classify by the model's own posterior p(y|x) from K importance "
+                        "samples per class (0: by the classifier q(y|x)) for this evaluation [default: as the run "
+                        "was set]")
     p.add_argument("--binarize", choices=("run", "dynamic", "none"), default="run",
                    help="binarize the split with a fixed seed (dynamic; the NLL protocol of the literature), or "
                         "not (none); run = as the run was trained [default run]")
@@ -96,9 +97,14 @@ def _classify_by(model, samples: int, trust_code: bool):
     from dataclasses import fields
 
     from vaelab.models import with_settings
+    from vaelab.models.registry import MODELS
 
-    if "posterior_samples" not in {f.name for f in fields(model.Settings)}:
-        raise ConfigError(f"--posterior-samples applies to the models that classify by a posterior (m2, m1m2); "
+    def has_setting(cls) -> bool:
+        return "posterior_samples" in {f.name for f in fields(cls.Settings)}
+
+    if not has_setting(type(model)):
+        able = ", ".join(name for name in MODELS if has_setting(MODELS[name].cls))
+        raise ConfigError(f"--posterior-samples applies to the models that classify by a posterior ({able}); "
                           f"this run's model is {model.config.model!r}: drop the flag", "evaluate")
     if samples < 0:
         raise ConfigError(f"--posterior-samples {samples} must be >= 0 (0 classifies by q(y|x); K >= 1 by the "

@@ -19,7 +19,10 @@ sample's a shared by its K pairs. A labelled sample adds alpha * (-log q(y|a,x))
 
 Use (classify, val_error, evaluate's error, encode / embed / reconstruct without a label): q(y|x) is taken as
 q(y|a,x) at a = the mean of q(a|x), one deterministic pass (the paper's classifier draws a; the mean spares
-the noise of one draw, and a test set's error needs no averaging over draws). The networks are MLPs with
+the noise of one draw, and a test set's error needs no averaging over draws). With `posterior_samples` K >= 1
+the trained model classifies instead by its generative model's own posterior p(y|x), proportional to p(y) p(x|y),
+each p(x|y) importance-sampled from K draws of q(a|x) q(z|a,y,x) (`posterior_logits`), as M2 does; training
+always reads q(y|a,x). The networks are MLPs with
 `hidden` layers (the config's `activation`, ReLU by default), each first layer split per input as in M2's
 PairEncoder, so a per-sample input (x, a) costs one product per sample and not one per class.
 """
@@ -34,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.errors import VaelabError
-from vaelab.losses import (Likelihood, kl_standard_normal_dims, likelihood_of, log_normal_diag, pixel_metrics,
-                           recon_nll_samples)
+from vaelab.losses import (Likelihood, iwae_bound, kl_standard_normal_dims, likelihood_of, log_importance_weights,
+                           log_normal_diag, pixel_metrics, recon_nll_samples)
 from vaelab.models.base import Capabilities, DiagonalGaussian
-from vaelab.models.m2 import M2, M2Output, SemiSupervisedSettings, weigh_labelled
+from vaelab.models.m2 import M2, M2Output, M2Settings, weigh_labelled
 from vaelab.models.nets import _dense, _init_like_keras, activation
 from vaelab.models.registry import register
 
@@ -48,12 +51,13 @@ class ADGMOutput(M2Output):
 
     With n draws per sample (forward(..., n_samples=n > 1)) every draw-dependent tensor has a leading (n, ...)
     dim: a, class_logits, recon, z, the pairs' posterior and prior_a. `predict_logits` is q(y|a,x) at the mean
-    of q(a|x), without gradient: what the model's classifier answers (the reported error)."""
+    of q(a|x), without gradient: what the model's classifier answers (the reported error); out of training with
+    posterior_samples K, the posterior's logits (ADGM.posterior_logits)."""
 
     a: torch.Tensor  # (B, A) the draw of a ~ q(a|x) of each sample
     aux: DiagonalGaussian  # q(a|x), (B, A)
     prior_a: DiagonalGaussian  # p(a|x,y,z) (ADGM) or p(a|y,z) (SDGM) of each pair, (P, A)
-    predict_logits: torch.Tensor  # (B, K) q(y|a,x) at a = the mean of q(a|x)
+    predict_logits: torch.Tensor  # (B, K) q(y|a,x) at a = the mean of q(a|x), or the posterior's
 
     def float(self) -> ADGMOutput:
         return ADGMOutput(recon=self.recon.float(), z=self.z.float(), posterior=self.posterior.float(),
@@ -63,7 +67,7 @@ class ADGMOutput(M2Output):
 
 
 @dataclass(frozen=True)
-class ADGMSettings(SemiSupervisedSettings):
+class ADGMSettings(M2Settings):
     beta: float = field(default=1.0, metadata={"help": "weight of the KL terms of z and of a (a warm-up "
                                                        "schedule scales both)"})
     aux_dim: int = field(default=100, metadata={"help": "size of the auxiliary variable a (ADGM / SDGM; "
@@ -220,8 +224,6 @@ class ADGM(M2):
         a = aux.sample() if n_samples == 1 else aux.sample(n=n_samples)  # (B, A) or (n, B, A)
         rows = torch.arange(len(x), device=x.device)
         logits = self.classifier([xf, a], rows)  # (..., B, K) q(y|a,x)
-        with torch.no_grad():
-            predict = self.classifier([xf, aux.mean], rows)  # (B, K) at the mean of q(a|x)
         k, hidden = self.num_classes, labels < 0
         known, unknown = rows[~hidden], rows[hidden]
         # the enumeration over y, vectorized: every hidden-label sample once per class, class-major (K * U,)
@@ -231,6 +233,9 @@ class ADGM(M2):
         z = post.sample()
         prior_a = self._gaussian(self.aux_decoder([] if self.skip else [xf], pair_row, (z,), pair_label), dim=-1)
         recon = self._decode_pairs(z, pair_label, a[..., pair_row, :] if self.skip else None)  # (..., P, ...)
+        with torch.no_grad():  # what `error` judges: q(y|a,x) at the mean of q(a|x); out of training with
+            # posterior_samples K, the posterior (after the draws above, so they are the same either way)
+            predict = self.class_logits(x, 0 if self.training else self.settings.posterior_samples, a=aux.mean)
         return ADGMOutput(recon=recon, z=z, posterior=post, class_logits=logits, labels=labels, pair_row=pair_row,
                           pair_label=pair_label, a=a, aux=aux, prior_a=prior_a, predict_logits=predict)
 
@@ -250,14 +255,48 @@ class ADGM(M2):
 
     # -------------------------------------------------------------------------------------------- using
 
-    def _condition_of(self, xf: torch.Tensor, a: torch.Tensor, condition) -> torch.Tensor:
+    def posterior_logits(self, x: torch.Tensor, samples: int, target: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(y) plus the importance-weighted bound on log p(x|y) for every class, (B, K): `samples` draws of
+        a ~ q(a|x), shared by the classes, and for each class z ~ q(z|a,y,x), weighed by p(x|y,z) p(z) p(a|x,y,z)
+        / (q(a|x) q(z|a,y,x)) (the SDGM's p(x|a,y,z) p(z) p(a|y,z) / ...): p(a|...) integrates to 1, so the
+        weights' mean estimates p(x|y) itself. Their softmax is the model's own posterior p(y|x), as M2's."""
+        target = x if target is None else target
+        xf = x.flatten(1)
+        b, k = len(x), self.num_classes
+        aux = self._gaussian(self.aux_encoder(xf))
+        a = aux.sample(n=samples)  # (S, B, A)
+        log_qa = log_normal_diag(a, aux.mean, aux.logvar, event_dims=1)  # (S, B)
+        rows = torch.arange(b, device=x.device)
+        bounds = []
+        for y in range(k):  # one class at a time: `samples` x B decodings in memory
+            labels = torch.full((b,), y, dtype=torch.long, device=x.device)
+            post = self._gaussian(self.encoder([xf, a], rows, labels=labels), dim=-1)  # (S, B, L)
+            z = post.sample()
+            prior_a = self._gaussian(self.aux_decoder([] if self.skip else [xf], rows, (z,), labels), dim=-1)
+            recon = self._decode_pairs(z, labels, a if self.skip else None)  # (S, B, ...)
+            log_w = log_importance_weights(target, recon, z, post.mean, post.logvar, self.likelihood,
+                                           self.config.gaussian_sigma, event_dims=1)
+            log_pa = log_normal_diag(a, prior_a.mean, prior_a.logvar, event_dims=1)
+            bounds.append(iwae_bound(log_w + log_pa - log_qa))
+        return torch.stack(bounds, 1) - math.log(k)
+
+    def class_logits(self, x: torch.Tensor, samples: int, target: torch.Tensor | None = None,
+                     a: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits the model classifies by, (B, K): q(y|a,x) at a = the mean of q(a|x) (given as `a` where the
+        caller has it) with samples 0, else the posterior's from `samples` importance samples per class."""
+        if samples:
+            return self.posterior_logits(x, samples, target)
+        xf, a = self._a_of(x) if a is None else (x.flatten(1), a)
+        return self.classifier([xf, a], torch.arange(len(xf), device=xf.device))
+
+    def _condition_of(self, x: torch.Tensor, xf: torch.Tensor, a: torch.Tensor, condition) -> torch.Tensor:
         """The class of each input for use: (B, K) vectors as given, (B,) labels as given, and for a hidden label
-        (-1) or no condition the classifier's most probable class at a."""
+        (-1) or no condition the most probable class as `classify` judges it (a: the mean of q(a|x))."""
         if condition is not None and torch.as_tensor(condition).is_floating_point():
             return self.condition_vector(condition)  # (B, K) vectors
         c = self._labels(condition, len(xf))
         if (c < 0).any():
-            c = torch.where(c < 0, self.classifier([xf, a], torch.arange(len(xf), device=xf.device)).argmax(1), c)
+            c = torch.where(c < 0, self.class_logits(x, self.settings.posterior_samples, a=a).argmax(1), c)
         return c
 
     def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
@@ -265,7 +304,7 @@ class ADGM(M2):
         or no condition takes the classifier's most probable class."""
         xf, a = self._a_of(x)
         rows = torch.arange(len(x), device=x.device)
-        return self._gaussian(self.encoder([xf, a], rows, labels=self._condition_of(xf, a, condition)))
+        return self._gaussian(self.encoder([xf, a], rows, labels=self._condition_of(x, xf, a, condition)))
 
     def decode_raw(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """p(x|y,z)'s raw output; the SDGM's p(x|a,y,z) at a = the mean of p(a|y,z)."""
@@ -280,15 +319,17 @@ class ADGM(M2):
         """The decoding of the posterior mean of z at a = the mean of q(a|x), y as in `encode`; the SDGM decodes
         with that a (the one the inference model saw) rather than p(a|y,z)'s."""
         xf, a = self._a_of(x)
-        c = self._condition_of(xf, a, condition)
+        c = self._condition_of(x, xf, a, condition)
         z = self._gaussian(self.encoder([xf, a], torch.arange(len(x), device=x.device), labels=c)).mean
         return self._decode_pairs(z, c, a)
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """q(y|x) as q(y|a,x) at a = the mean of q(a|x): the class probabilities of each input, (B, K)."""
-        xf, a = self._a_of(x.to(self._device()))
-        return torch.softmax(self.classifier([xf, a], torch.arange(len(x), device=xf.device)), dim=1)
+        """The class probabilities of each input, (B, K): q(y|x) as q(y|a,x) at a = the mean of q(a|x), or with
+        posterior_samples K the model's posterior p(y|x) (posterior_logits)."""
+        x = x.to(self._device())
+        xf, a = self._a_of(x)
+        return torch.softmax(self.class_logits(x, self.settings.posterior_samples, a=a), dim=1)
 
     def anomaly_bounds(self, x, eps):
         raise VaelabError(f"model {self.config.model!r} has no anomaly bounds of a plain VAE (its bound samples "

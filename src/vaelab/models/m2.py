@@ -59,12 +59,17 @@ class M2Output(ModelOutput):
 
 
 @dataclass(frozen=True)
-class SemiSupervisedSettings(ModelSettings):
-    """The objective's weights, shared with the auxiliary models (models/adgm.py)."""
+class M2Settings(ModelSettings):
+    """M2's settings, which the auxiliary models (models/adgm.py) extend."""
     beta: float = field(default=1.0, metadata={"help": "weight of the KL term of z"})
     alpha: float = field(default=0.1, metadata={
         "help": "weight of the classifier's -log q(y|x) on labelled images, in Kingma et al.'s units (the term "
                 "alpha * N * mean over the labelled images, N the training set's size; the paper uses 0.1)"})
+    posterior_samples: int = field(default=0, metadata={
+        "help": "how the trained model classifies (classify, the validation and evaluation error): 0 by the "
+                "classifier q(y|x); K >= 1 by the model's own posterior p(y|x), proportional to p(y) p(x|y), "
+                "each log p(x|y) importance-sampled from K draws of the inference model given y (q(z|x,y); the "
+                "ADGM's q(a|x) q(z|a,y,x)), K decodings per input and class"})
 
     def problems(self, config) -> list[str]:
         out = []
@@ -73,18 +78,7 @@ class SemiSupervisedSettings(ModelSettings):
         if not is_nonneg(self.alpha):
             out.append(f"alpha={self.alpha!r} must be a finite number >= 0 (the classifier's weight in M2; "
                        "Kingma et al. use 0.1)")
-        return out
-
-
-@dataclass(frozen=True)
-class M2Settings(SemiSupervisedSettings):
-    posterior_samples: int = field(default=0, metadata={
-        "help": "how the trained model classifies (classify, the validation and evaluation error): 0 by the "
-                "classifier q(y|x); K >= 1 by the model's own posterior p(y|x), proportional to p(y) p(x|y), "
-                "each log p(x|y) importance-sampled from K draws of q(z|x,y) (K decodings per input and class)"})
-
-    def problems(self, config) -> list[str]:
-        return super().problems(config) + posterior_samples_problems(self.posterior_samples)
+        return out + posterior_samples_problems(self.posterior_samples)
 
 
 def posterior_samples_problems(value) -> list[str]:
