@@ -1,11 +1,12 @@
-"""Classify by the model's posterior instead of q(y|x): finished m2 / m1m2 runs re-judged (issue 25).
+"""Classify by the model's posterior instead of q(y|x): finished m2 / m1m2 / adgm runs re-judged (issue 25).
 
     python benchmarks/m2_posterior.py RUN [RUN ...] --validation --samples 0,1,5,20,50 --out FILE.json
     python benchmarks/m2_posterior.py RUN [RUN ...] --samples 0,20 --out m2-posterior-test.json
 
-`posterior_samples` (a setting of m2 and m1m2) changes only how a trained model classifies: with K >= 1 by its
-own posterior p(y|x), proportional to p(y) p(x|y), each log p(x|y) importance-sampled from K draws of q(z|x,y)
-(for M1+M2, M2's p(y|z1) at the mean code); with 0 by the classifier q(y|x). Training never reads it, and the
+`posterior_samples` (a setting of m2, m1m2, adgm and sdgm) changes only how a trained model classifies: with
+K >= 1 by its own posterior p(y|x), proportional to p(y) p(x|y), each log p(x|y) importance-sampled from K draws
+of q(z|x,y) (for M1+M2, M2's p(y|z1) at the mean code; for the ADGM, of q(a|x) q(z|a,y,x)); with 0 by the
+classifier q(y|x). Training never reads it, and the
 loop's validation pass forks the random state, so a run trained with the setting has the weights of the same
 run trained without it. This loads each run, sets posterior_samples to each K in turn
 (vaelab.models.with_settings, as `vaelab evaluate --posterior-samples K`) and computes the error
@@ -66,7 +67,7 @@ def judge(run: Path, held, ks: list[int]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders of m2 or m1m2 trained on MNIST with --labels N")
+    p.add_argument("runs", nargs="+", help="run folders of m2, m1m2, adgm or sdgm trained on MNIST with --labels N")
     p.add_argument("--validation", action="store_true",
                    help="the runs trained on the first 50,000 training images; judge on the last 10,000")
     p.add_argument("--samples", type=_ints, default=[0, 20], help="values of posterior_samples [0,20]")
@@ -78,11 +79,13 @@ def main(argv=None) -> int:
     held = mnist.train.subset(torch.arange(50_000, 60_000)) if args.validation else mnist.test
     rows = [judge(Path(r), held, args.samples) for r in args.runs]
     summary = {}
-    for labels in sorted({r["labels"] for r in rows}):
-        group = [r for r in rows if r["labels"] == labels]
+    models = sorted({r["model"] for r in rows})
+    for model, labels in sorted({(r["model"], r["labels"]) for r in rows}):
+        group = [r for r in rows if (r["model"], r["labels"]) == (model, labels)]
         for k in args.samples:
             values = [100 * r["errors"][k] for r in group]
-            summary[f"{labels} labels, K={k}"] = {
+            name = f"{model}, " if len(models) > 1 else ""  # one model: the key as the committed JSONs have it
+            summary[f"{name}{labels} labels, K={k}"] = {
                 "runs": len(values), "mean_error_pct": round(statistics.mean(values), 3),
                 "std_error_pct": round(statistics.stdev(values), 3) if len(values) > 1 else None}
     for name, s in summary.items():
