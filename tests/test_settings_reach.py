@@ -133,6 +133,12 @@ def where_it_reaches(name: str, field: str, value) -> str | None:
         la, lb = _loss(a, x, cond), _loss(b, x, cond)
     if not torch.equal(la, lb):
         return "loss"
+    if a.capabilities.semi_supervised:  # how a trained model classifies (posterior_samples)
+        torch.manual_seed(2)
+        pa = a.classify(x)
+        torch.manual_seed(2)
+        if not torch.equal(pa, b.classify(x)):
+            return "what it classifies by (classify)"
     _train_steps(a, x, cond), _train_steps(b, x, cond)
     found = _state_differs(a, b)
     if found:
