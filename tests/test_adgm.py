@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from test_cli import FAST, assert_clean_error, assert_png, vaelab
+from test_m2 import check_posterior
 from vaelab.data import load_dataset
 from vaelab.data.semisupervised import select_labels
 from vaelab.errors import ConfigError, VaelabError
@@ -207,14 +208,8 @@ def test_posterior_logits_are_bayes_rule_on_the_importance_sampled_likelihood(na
     model = _tiny(name, posterior_samples=samples).eval()
     plain = with_settings(model, posterior_samples=0)
     x, labels = _batch()
-    torch.manual_seed(3)
-    logits = model.posterior_logits(x, samples)
-    torch.manual_seed(3)
-    torch.testing.assert_close(logits, _posterior_by_hand(model, x, samples))
-    assert logits.shape == (4, K)
-    # what the trained model classifies by: classify, and the eval forward's predict_logits after its own draws
-    torch.manual_seed(3)
-    torch.testing.assert_close(model.classify(x), torch.softmax(logits, 1))
+    check_posterior(model, x, _posterior_by_hand, samples)
+    # the eval forward's predict_logits, after its own draws
     torch.manual_seed(5)
     out = model(x, labels)
     torch.manual_seed(5)

@@ -199,18 +199,24 @@ def _posterior_by_hand(model: M2, x, samples: int) -> torch.Tensor:
     return torch.stack(columns, 1)
 
 
+def check_posterior(model, x, by_hand, samples: int) -> None:
+    """posterior_logits equal `by_hand`(model, x, samples) drawing the same noise, and classify is their softmax:
+    what the trained model classifies by."""
+    torch.manual_seed(3)
+    logits = model.posterior_logits(x, samples)
+    torch.manual_seed(3)
+    torch.testing.assert_close(logits, by_hand(model, x, samples))
+    assert logits.shape == (len(x), model.num_classes)
+    torch.manual_seed(3)
+    torch.testing.assert_close(model.classify(x), torch.softmax(logits, 1))
+
+
 @pytest.mark.parametrize("samples", [1, 4])
 def test_posterior_logits_are_bayes_rule_on_the_importance_sampled_likelihood(samples):
     model = _tiny(posterior_samples=samples).eval()
     x, labels = _batch()
-    torch.manual_seed(3)
-    logits = model.posterior_logits(x, samples)
-    torch.manual_seed(3)
-    torch.testing.assert_close(logits, _posterior_by_hand(model, x, samples))
-    assert logits.shape == (4, K)
-    # what the trained model classifies by: classify, and the eval forward's logits (after its pairs' one draw)
-    torch.manual_seed(3)
-    torch.testing.assert_close(model.classify(x), torch.softmax(logits, 1))
+    check_posterior(model, x, _posterior_by_hand, samples)
+    # the eval forward's logits (after its pairs' one draw)
     torch.manual_seed(5)
     out = model(x, labels)
     torch.manual_seed(5)
