@@ -512,8 +512,8 @@ def test_cli_evaluate_classifies_by_the_posterior_or_by_q_as_asked(m1m2_run, tmp
     vaelab("train", "--model", "vae", "--epochs", 1, "--hidden", 16, "--latent-dim", 2, "--out", vae_run, *FAST,
            check=0)
     assert_clean_error(vaelab("evaluate", vae_run, "--posterior-samples", 5),
-                       "--posterior-samples applies to the models that classify by a posterior (m2, adgm, sdgm, m1m2); this "
-                       "run's model is 'vae': drop the flag")
+                       "--posterior-samples applies to the models that classify by a posterior (m2, adgm, sdgm, "
+                       "m1m2); this run's model is 'vae': drop the flag")
     with pytest.raises(ConfigError, match=r"m2_latent=3 changes the weights of model 'm1m2', so a trained model "
                                           r"cannot take it: train anew with it"):
         with_settings(model, m2_latent=3)
