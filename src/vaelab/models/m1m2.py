@@ -241,7 +241,7 @@ class M1M2(Autoencoder):
         m2 = self.m2(seen.flatten(0, 1) if k else seen, labels.repeat(k) if k else labels)
         if not self.training:  # classify the code's mean, not a draw; in M1's stage (M2 untrained) by q(y|z1),
             mean = out.posterior.mean.flatten(1)  # which spares validation the posterior's K decodings per class
-            logits = self.m2.classifier(self._seen(mean)) if self.stage == "m1" else self._class_logits(mean)
+            logits = self.m2.class_logits(self._seen(mean), 0) if self.stage == "m1" else self._class_logits(mean)
             m2.class_logits = logits.repeat(k, 1) if k else logits
         z = m2.z.unflatten(0, (k, -1)) if k and len(m2.z) == len(codes.flatten(0, 1)) else m2.z
         return M1M2Output(out.recon, z, m2.posterior, m1=out, m2=m2)
