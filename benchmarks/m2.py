@@ -5,6 +5,7 @@ model (ADGM), each with its preset's recipe, against the supervised-only baselin
     python benchmarks/m2.py --models m1m2 --labels 100 --seeds 0     # one model, one label draw
     python benchmarks/m2.py --models m1m2 --validation --set alpha=1 --out m1m2-alpha1.json   # choosing a setting
     python benchmarks/m2.py --threads 2 --data-dir ../shared/data
+    python benchmarks/m2.py --merge s0.json s1.json s2.json --out adgm-100.json   # draws run as separate processes
 
 For every model, label count and seed (the seed draws the labelled images, balanced over the classes, and the
 initial weights): the model trained with `vaelab.fit` on the kept labels and the other training images unlabelled,
@@ -174,8 +175,9 @@ def recipe_of(name: str, overrides: dict, epochs: int) -> tuple:
     return model_cfg, train_cfg
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"),
                    help="folder holding MNIST [default $VAELAB_DATA, else ../shared/data]")
     p.add_argument("--labels", type=_ints, default=[100, 1000], help="label counts [default 100,1000]")
@@ -199,7 +201,20 @@ def main(argv=None) -> int:
                         "benchmarks/results/semisupervised-runs]")
     p.add_argument("--out", default=str(RESULTS / "semisupervised.json"),
                    help="JSON file [default benchmarks/results/semisupervised.json]")
-    args = p.parse_args(argv)
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", default=None,
+                   help="instead of running: join the runs of these result files (label draws run in separate "
+                        "processes) into --out")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.merge:
+        try:
+            return merge(args.merge, Path(args.out))
+        except MergeError as e:
+            print(f"m2.py: {e}", file=sys.stderr)
+            return 2
     from vaelab.models import MODELS
 
     models = args.models or [m for m in ("m2", "m1m2", "adgm") if m in MODELS]
@@ -258,6 +273,13 @@ def main(argv=None) -> int:
                 print(f"  test error {100 * r['test_error']:.2f}% in {r['train_s']:.0f} s"
                       + (f" ({r['s_per_epoch']} s/epoch); per epoch (%): {curve}" if curve else ""), flush=True)
     save(runs)
+    print_tables(runs)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def print_tables(runs: list[dict]) -> None:
+    """The runs, one row each, then the summary over seeds."""
     print()
     _table([["labels", "seed", "model", "test error", "epochs", "train s"]]
            + [_row(r) for r in sorted(runs, key=lambda r: (r["labels"], r["seed"], r["model"]))])
@@ -269,7 +291,52 @@ def main(argv=None) -> int:
                      f"{100 * s['std_error']:.2f}", f"{100 * s['max_error']:.2f}%", f"{s['mean_train_s']:.0f}",
                      s.get("published", ""), target])
     _table(rows)
-    print(f"\nwrote {out}")
+
+
+class MergeError(Exception):
+    """A result file that cannot join the others: unreadable, or made with another recipe."""
+
+
+def _read_result(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: cannot read it as a result file of benchmarks/m2.py ({e})") from None
+    missing = [k for k in ("recipe", "runs") if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise MergeError(f"{path}: has no {' or '.join(repr(k) for k in missing)}; expected a result file written "
+                         "by benchmarks/m2.py --out")
+    return data
+
+
+def merge(files: list[Path], out: Path) -> int:
+    """Join the runs of result files written by separate processes (a label draw each, say) into `out`: the files
+    must share the protocol, precision and baseline steps, and each model's recipe wherever two files hold it; a
+    run found twice (the same labels, seed and model) is kept once, the first file's."""
+    recipe, runs, machines = None, [], []
+    for path in files:
+        data = _read_result(path)
+        if recipe is None:
+            recipe = {**data["recipe"], "models": dict(data["recipe"].get("models", {}))}
+        for key in ("protocol", "precision", "baseline_steps"):
+            if data["recipe"].get(key) != recipe.get(key):
+                raise MergeError(f"{path}: its {key} is {data['recipe'].get(key)!r} where {files[0]} has "
+                                 f"{recipe.get(key)!r}; merge only runs made the same way")
+        for name, model in data["recipe"].get("models", {}).items():
+            kept = recipe["models"].setdefault(name, model)
+            if kept != model:
+                fields = sorted(f"{part}.{k}" for part in ("model", "train") for k in
+                                set(kept[part]) | set(model[part]) if kept[part].get(k) != model[part].get(k))
+                raise MergeError(f"{path}: its recipe of {name!r} differs from the first file's in "
+                                 f"{', '.join(fields) or 'its preset'}; merge only runs of one recipe")
+        runs += [r for r in data["runs"] if not any((d["labels"], d["seed"], d["model"]) ==
+                                                    (r["labels"], r["seed"], r["model"]) for d in runs)]
+        if data.get("machine") and data["machine"] not in machines:
+            machines.append(data["machine"])
+    atomic_write_json(out, {"recipe": recipe, "machines": machines, "runs": runs, "summary": summary(runs),
+                            "merged": [str(f) for f in files]})
+    print_tables(runs)
+    print(f"\nwrote {out} ({len(runs)} runs from {len(files)} files)")
     return 0
 
 
