@@ -433,7 +433,7 @@ PRESETS: dict[str, Preset] = {
             "decay to 1e-5, batch 128 (a quarter labelled), 40 epochs, chosen on the same split: 6.92% validation "
             "error after 40, where that run stood at 10.65% after epoch 10 (about 60-130 s an epoch on 50,000 MNIST "
             "images on one CPU thread with --precision bf16, 91 minutes in all; 200 s an epoch in fp32 on a CPU "
-            "without native bf16, where that run erred 7.13%). MNIST test error: see "
+            "without native bf16, where the same recipe erred 7.13%). MNIST test error: see "
             "docs/results.md#m1m2-adgm.",
             ModelConfig(model="adgm", hidden=(500, 500), latent_dim=100, aux_dim=100, likelihood="bernoulli",
                         alpha=10.0, beta=2.0),
