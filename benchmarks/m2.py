@@ -175,6 +175,25 @@ def recipe_of(name: str, overrides: dict, epochs: int) -> tuple:
     return model_cfg, train_cfg
 
 
+def save(out: Path, recipe: dict, runs: list[dict]) -> None:
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__}
+    atomic_write_json(out, {"recipe": recipe, "machine": machine, "runs": runs, "summary": summary(runs)})
+
+
+def finished_runs(out: Path, recipe: dict) -> list[dict]:
+    """The runs `out` holds already that the benchmark continues with: those of the models whose recipe is
+    `recipe`'s, where the protocol, precision and baseline steps are the same; none otherwise."""
+    if not out.is_file():
+        return []
+    old = json.loads(out.read_text())
+    if any(old.get("recipe", {}).get(k) != recipe[k] for k in ("precision", "baseline_steps", "protocol")):
+        return []
+    kept = old["recipe"].get("models", {})
+    return [r for r in old.get("runs", []) if r["model"] == "supervised" or
+            kept.get(r["model"]) == recipe["models"].get(r["model"])]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,25 +250,11 @@ def main(argv=None) -> int:
               "precision": args.precision, "baseline_steps": args.baseline_steps,
               "protocol": "validation: the last 10,000 training images" if args.validation else "test"}
     out = Path(args.out)
-    done = []
-    if out.is_file():  # continue an interrupted benchmark: the runs of models whose recipe is the same
-        old = json.loads(out.read_text())
-        same = {k for k in ("precision", "baseline_steps", "protocol") if old.get("recipe", {}).get(k) == recipe[k]}
-        if len(same) == 3:
-            kept = old["recipe"].get("models", {})
-            done = [r for r in old.get("runs", []) if r["model"] == "supervised" or
-                    kept.get(r["model"]) == recipe["models"].get(r["model"])]
+    done = finished_runs(out, recipe)
     print(f"semi-supervised MNIST ({recipe['protocol']}): models {', '.join(models)}, {args.precision}, "
           f"threads {args.threads or torch.get_num_threads()}"
           f"; labels {args.labels}, seeds {args.seeds}" + (f"; {len(done)} runs already done" if done else ""),
           flush=True)
-
-    def save(runs):
-        atomic_write_json(out, {"recipe": recipe, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                              "threads": torch.get_num_threads(),
-                                                              "torch": torch.__version__},
-                                "runs": runs, "summary": summary(runs)})
-
     runs = list(done)
     tag = "-val" if args.validation else ""
     tag += "".join(f"-{k}{v}" for k, v in sorted(overrides.items())).replace(" ", "")
@@ -268,11 +273,11 @@ def main(argv=None) -> int:
                 print(f"{model}, {labels} labels, seed {seed}", flush=True)
                 r = job()
                 runs.append(r)
-                save(runs)
+                save(out, recipe, runs)
                 curve = ", ".join(f"{100 * e['test_error']:.1f}" for e in r.get("per_epoch", []))
                 print(f"  test error {100 * r['test_error']:.2f}% in {r['train_s']:.0f} s"
                       + (f" ({r['s_per_epoch']} s/epoch); per epoch (%): {curve}" if curve else ""), flush=True)
-    save(runs)
+    save(out, recipe, runs)
     print_tables(runs)
     print(f"\nwrote {out}")
     return 0
