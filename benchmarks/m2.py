@@ -175,6 +175,14 @@ def recipe_of(name: str, overrides: dict, epochs: int) -> tuple:
     return model_cfg, train_cfg
 
 
+PROTOCOL = ("protocol", "precision", "baseline_steps")  # what runs of one result file share beside each recipe
+
+
+def run_key(run: dict) -> tuple:
+    """What names a run within a result file."""
+    return run["labels"], run["seed"], run["model"]
+
+
 def save(out: Path, recipe: dict, runs: list[dict]) -> None:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                "torch": torch.__version__}
@@ -187,7 +195,7 @@ def finished_runs(out: Path, recipe: dict) -> list[dict]:
     if not out.is_file():
         return []
     old = json.loads(out.read_text())
-    if any(old.get("recipe", {}).get(k) != recipe[k] for k in ("precision", "baseline_steps", "protocol")):
+    if any(old.get("recipe", {}).get(k) != recipe[k] for k in PROTOCOL):
         return []
     kept = old["recipe"].get("models", {})
     return [r for r in old.get("runs", []) if r["model"] == "supervised" or
@@ -268,7 +276,7 @@ def main(argv=None) -> int:
             if args.baseline:
                 jobs.append(("supervised", lambda: train_baseline(train, test, labels, seed, args)))
             for model, job in jobs:
-                if any(r["labels"] == labels and r["seed"] == seed and r["model"] == model for r in runs):
+                if any(run_key(r) == (labels, seed, model) for r in runs):
                     continue
                 print(f"{model}, {labels} labels, seed {seed}", flush=True)
                 r = job()
@@ -323,7 +331,7 @@ def merge(files: list[Path], out: Path) -> int:
         data = _read_result(path)
         if recipe is None:
             recipe = {**data["recipe"], "models": dict(data["recipe"].get("models", {}))}
-        for key in ("protocol", "precision", "baseline_steps"):
+        for key in PROTOCOL:
             if data["recipe"].get(key) != recipe.get(key):
                 raise MergeError(f"{path}: its {key} is {data['recipe'].get(key)!r} where {files[0]} has "
                                  f"{recipe.get(key)!r}; merge only runs made the same way")
@@ -334,8 +342,8 @@ def merge(files: list[Path], out: Path) -> int:
                                 set(kept[part]) | set(model[part]) if kept[part].get(k) != model[part].get(k))
                 raise MergeError(f"{path}: its recipe of {name!r} differs from the first file's in "
                                  f"{', '.join(fields) or 'its preset'}; merge only runs of one recipe")
-        runs += [r for r in data["runs"] if not any((d["labels"], d["seed"], d["model"]) ==
-                                                    (r["labels"], r["seed"], r["model"]) for d in runs)]
+        seen = {run_key(d) for d in runs}
+        runs += [r for r in data["runs"] if run_key(r) not in seen]
         if data.get("machine") and data["machine"] not in machines:
             machines.append(data["machine"])
     atomic_write_json(out, {"recipe": recipe, "machines": machines, "runs": runs, "summary": summary(runs),
