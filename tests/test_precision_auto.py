@@ -162,7 +162,7 @@ needs_native_bf16 = pytest.mark.skipif(choose_precision(CPU)[0] == "fp32",
 
 
 @needs_native_bf16
-def test_a_later_run_on_this_machine_chooses_by_the_kept_step_times(digits, tmp_path, step_times):
+def test_a_later_run_on_this_machine_chooses_by_the_kept_step_times(digits, tmp_path, step_times, capsys):
     first = _auto_note(digits, tmp_path / "first")
     table = json.loads(step_times.read_text())
     (key, entry), = table.items()
@@ -174,7 +174,9 @@ def test_a_later_run_on_this_machine_chooses_by_the_kept_step_times(digits, tmp_
     table[key] = {**entry, "fp32": 0.02, "bf16": 0.01}
     step_times.write_text(json.dumps(table))
     loop._MEASURED.clear()
+    capsys.readouterr()
     second = _auto_note(digits, tmp_path / "second")
+    assert f"vaelab: --precision auto: bf16 ({second['why']})\n" in capsys.readouterr().err  # nothing after it
     assert second["chose"] == "bf16" and second["step_ms"] == {"fp32": 20.0, "bf16": 10.0}
     assert second["why"].endswith(f"took 10 ms in bf16 against 20 ms in fp32 (measured on this machine at "
                                   f"{entry['measured']}, kept in {step_times})")

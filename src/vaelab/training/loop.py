@@ -223,10 +223,10 @@ class _Run:
             chosen, why = choose_precision(self.dist.device)
             measured = None
             if chosen == "bf16":
-                step_s, when = self._step_times()
+                step_s, measured_at = self._step_times()
                 chosen, why = pick_measured(step_s, why)
-                if when:
-                    why += f" (measured on this machine at {when}, kept in {step_times_file()})"
+                if measured_at:
+                    why += f" (measured on this machine at {measured_at}, kept in {step_times_file()})"
                 measured = {k: round(1e3 * v, 3) for k, v in step_s.items()}
         self.cfg = self.cfg.replace(precision=chosen)
         self.run_info = {**(self.run_info or {}),
