@@ -326,6 +326,9 @@ def test_cli_evaluate_and_sample_an_adgm_run(adgm_run, tmp_path):
     assert by_posterior["posterior_samples"] == 3
     assert by_posterior["error"] == evaluate(judged, load_dataset("digits").test)["error"]
     assert by_posterior["elbo"] == metrics["elbo"]  # the bound is the same; only the classifier changed
+    state = torch.get_rng_state()
+    again = evaluate(judged, load_dataset("digits").test)  # the posterior's draws come from the evaluation seed
+    assert again["confusion"] == by_posterior["confusion"] and torch.equal(torch.get_rng_state(), state)
     proc = vaelab("sample", adgm_run, "--n", 6, "--out", tmp_path / "s.png", check=0)
     assert str(tmp_path / "s-analogies.png") in proc.stdout
     w, h = assert_png(tmp_path / "s.png")

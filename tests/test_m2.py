@@ -405,6 +405,16 @@ def test_a_short_run_on_digits_learns_the_classes_from_50_labels():
     assert metrics["error"] == pytest.approx((predicted != digits.test.y).double().mean().item())
     assert metrics["accuracy"] == pytest.approx(1 - metrics["error"])
     assert metrics["elbo"] < 0 and math.isfinite(metrics["loss"])
+    # where it errs: the confusion of the same predictions, counted by hand
+    truth = digits.test.y.long()
+    counts = [[int(((truth == t) & (predicted == p)).sum()) for p in range(10)] for t in range(10)]
+    assert metrics["confusion"] == counts and sum(map(sum, counts)) == len(truth)
+    assert metrics["class_error"] == [(sum(counts[c]) - counts[c][c]) / sum(counts[c]) for c in range(10)]
+    off = sorted(((n, t, p) for t, row in enumerate(counts) for p, n in enumerate(row) if t != p and n),
+                 key=lambda c: -c[0])[:3]
+    assert [m["count"] for m in metrics["most_confused"]] == [n for n, _, _ in off]
+    assert all(counts[m["true"]][m["predicted"]] == m["count"] and m["true"] != m["predicted"]
+               for m in metrics["most_confused"])
 
 
 def test_the_ddp_path_trains_m2_with_hidden_labels(tmp_path):
@@ -454,6 +464,14 @@ def test_cli_evaluate_reports_the_classifier(m2_run, tmp_path):
     assert "accuracy" in proc.stdout and "error" in proc.stdout
     metrics = json.loads((tmp_path / "e.json").read_text())
     assert 0 <= metrics["error"] <= 1 and metrics["accuracy"] == pytest.approx(1 - metrics["error"])
+    counts = torch.tensor(metrics["confusion"])
+    assert counts.shape == (10, 10) and int(counts.sum()) == metrics["n"]
+    assert int(counts.sum() - counts.trace()) == round(metrics["error"] * metrics["n"])  # q(y|x) draws nothing
+    worst = metrics["most_confused"][0]
+    assert f"most confused (true -> predicted): {worst['true']} -> {worst['predicted']} {worst['count']} times" \
+        in proc.stdout
+    shares = ["-" if e is None else f"{100 * e:.2f}" for e in metrics["class_error"]]
+    assert "  error per class (%): " + "  ".join(f"{c}: {e}" for c, e in enumerate(shares)) + "\n" in proc.stdout
 
 
 def test_cli_sample_draws_the_class_grid_and_the_analogies(m2_run, tmp_path):

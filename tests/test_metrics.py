@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vaelab.evaluation.metrics import bits_per_dim, latent_health, probe_accuracy, psnr
+from vaelab.data.arrays import ArrayDataset
+from vaelab.errors import DataError
+from vaelab.evaluation.metrics import bits_per_dim, class_confusion, latent_health, probe_accuracy, psnr
 
 
 def test_psnr_by_hand():
@@ -60,3 +62,25 @@ def test_evaluate_report_on_a_trained_model():
     # the importance-sampled likelihood is at least the ELBO (its bound with K = 1), up to noise
     assert r["nll"] <= r["loss"] + 0.5
     assert 0.1 <= r["linear_probe_accuracy"] <= 1 and 0.1 <= r["knn5_accuracy"] <= 1
+
+
+class _ReadsItsAnswer(torch.nn.Module):
+    """A classifier of 4 classes whose every answer is known: the class written in the input's first feature."""
+
+    def classify(self, x):
+        return torch.nn.functional.one_hot(x[:, 0].long(), 4).float()
+
+
+def test_class_confusion_by_hand():
+    predicted = [0, 0, 1, 1, 1, 2, 0, 0, 1]
+    truth = [0, 0, 0, 1, 1, 2, 2, 2, 2]  # no sample of class 3
+    data = ArrayDataset(torch.tensor([[p, 0.5] for p in predicted]), torch.tensor(truth), scale=1.0)
+    out = class_confusion(_ReadsItsAnswer(), data, batch_size=4)
+    assert out["confusion"] == [[2, 1, 0, 0], [0, 2, 0, 0], [2, 1, 1, 0], [0, 0, 0, 0]]
+    assert out["class_error"] == [1 / 3, 0.0, 3 / 4, None]
+    assert out["most_confused"] == [{"true": 2, "predicted": 0, "count": 2}, {"true": 0, "predicted": 1, "count": 1},
+                                    {"true": 2, "predicted": 1, "count": 1}]
+    unlabelled_as_trained = ArrayDataset(torch.zeros(2, 2), torch.tensor([1, 4]), scale=1.0)
+    with pytest.raises(DataError, match=r"^label 4 is outside the model's 4 classes \(0 to 3\): evaluate on data "
+                                        r"labelled as the model was trained$"):
+        class_confusion(_ReadsItsAnswer(), unlabelled_as_trained)

@@ -238,6 +238,12 @@ def print_terms(metrics: dict, what: str, meanings: dict | None = None) -> None:
     print_table(rows)
     if "kl_per_dim" in metrics:
         print("  KL per latent dimension (nats): " + " ".join(f"{v:.3g}" for v in metrics["kl_per_dim"]))
+    if metrics.get("class_error"):
+        print("  error per class (%): " + "  ".join(f"{c}: {'-' if e is None else f'{100 * e:.2f}'}"
+                                                    for c, e in enumerate(metrics["class_error"])))
+    if metrics.get("most_confused"):
+        print("  most confused (true -> predicted): " + ", ".join(
+            f"{m['true']} -> {m['predicted']} {m['count']} times" for m in metrics["most_confused"]))
     if metrics.get("bits_per_dim_convention"):
         print(f"  bits/dim: {metrics['bits_per_dim_convention']}")
     if metrics.get("warning"):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from vaelab.errors import DataError
 from vaelab.losses import kl_standard_normal_dims
 
 
@@ -141,6 +142,35 @@ def probe_accuracy(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray,
     knn = KNeighborsClassifier(n_neighbors=k).fit(z_train, y_train)
     return {"linear_probe_accuracy": float(linear.score(z_test, y_test)),
             f"knn{k}_accuracy": float(knn.score(z_test, y_test))}
+
+
+def class_confusion(model, data, batch_size: int = 1000, seed: int = 0) -> dict:
+    """How a model with a classifier (`classify`) errs on labelled data: `confusion`, the counts with rows the true
+    class and columns the predicted one (the most probable class of model.classify), `class_error`, each class's
+    fraction misclassified (None for a class with no sample), and `most_confused`, the three largest off-diagonal
+    counts as {"true", "predicted", "count"}. A classifier that draws samples (posterior_samples K) draws them
+    from `seed` without touching the caller's random state, so a report is the same every time."""
+    labels, predicted, classes = data.y.long(), [], 0
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)
+        for start in range(0, len(data), batch_size):
+            probs = model.classify(data.batch(torch.arange(start, min(start + batch_size, len(data)))))
+            predicted.append(probs.argmax(1).cpu())
+            classes = probs.shape[1]
+    model.train(was_training)
+    if len(labels) and int(labels.max()) >= classes:
+        raise DataError(f"label {int(labels.max())} is outside the model's {classes} classes (0 to {classes - 1}): "
+                         "evaluate on data labelled as the model was trained")
+    counts = torch.zeros(classes, classes, dtype=torch.long)
+    counts.index_put_((labels, torch.cat(predicted)), torch.ones_like(labels), accumulate=True)
+    rows = counts.tolist()
+    errors = [None if sum(row) == 0 else (sum(row) - row[c]) / sum(row) for c, row in enumerate(rows)]
+    off = counts.clone().fill_diagonal_(0).flatten()
+    top = [i for i in off.argsort(descending=True, stable=True)[:3].tolist() if off[i] > 0]
+    return {"confusion": rows, "class_error": errors,
+            "most_confused": [{"true": i // classes, "predicted": i % classes, "count": int(off[i])} for i in top]}
 
 
 def bits_per_dim(nats: float, dims: int) -> float:

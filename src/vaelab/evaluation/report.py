@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from vaelab.evaluation.metrics import (bits_convention, latent_health, layer_stats, posterior_stats, probe_accuracy,
-                                      psnr, ssim)
+from vaelab.evaluation.metrics import (bits_convention, class_confusion, latent_health, layer_stats, posterior_stats,
+                                      probe_accuracy, psnr, ssim)
 from vaelab.evaluation.nll import importance_nll
 from vaelab.training.validation import EVAL_SEED, loss_terms
 
@@ -26,7 +26,9 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
     - latent health (VAEs, latent=True): `kl_per_dim`, `active_units`, and `warning` on posterior collapse;
       for two stochastic layers (hvae) these are the top layer's, and `bottom_active_units` counts z1's;
     - with labelled data and `train_data` given: `linear_probe_accuracy` and `knn5_accuracy` on the latents;
-    - a model with a classifier (m2) on labelled data: its `accuracy` and `error` (the fraction misclassified);
+    - a model with a classifier (m2) on labelled data: its `accuracy` and `error` (the fraction misclassified),
+      and where it errs: `confusion` (rows the true class, columns the predicted), `class_error` and
+      `most_confused` (metrics.class_confusion);
     - a VQ-VAE's code usage: `perplexity` of the chosen codes, `codes_used` (fraction of the codebook) and
       `dead_codes` (codes no sample chose).
     """
@@ -36,6 +38,7 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
             out.pop("error"), out.pop("classifier_nll", None)  # no labels to judge it by
         else:
             out["accuracy"] = 1.0 - out["error"]
+            out.update(class_confusion(model, data, batch_size, seed))
     out["n"] = len(data)
     dims = math.prod(data.sample_shape)
     convention, offset = bits_convention(model.likelihood, data.batch(torch.arange(min(len(data), 1024))), binarize)
