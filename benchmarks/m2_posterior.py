@@ -2,6 +2,7 @@
 
     python benchmarks/m2_posterior.py RUN [RUN ...] --validation --samples 0,1,5,20,50 --out FILE.json
     python benchmarks/m2_posterior.py RUN [RUN ...] --samples 0,20 --out m2-posterior-test.json
+    python benchmarks/m2_posterior.py RUN [RUN ...] --samples 0 --confusion --out adgm-100-80-epochs-confusion.json
 
 `posterior_samples` (a setting of m2, m1m2, adgm and sdgm) changes only how a trained model classifies: with
 K >= 1 by its own posterior p(y|x), proportional to p(y) p(x|y), each log p(x|y) importance-sampled from K draws
@@ -13,7 +14,9 @@ run trained without it. This loads each run, sets posterior_samples to each K in
 exactly as the training loop's validation pass does (training.validation.loss_terms, its fixed seed, batch
 max(the run's batch size, 256)): what the run would have reported with that setting. The held-out images are
 the MNIST test images, or with --validation the last 10,000 training images (benchmarks/m2.py --validation).
-Also the images each way gets right where the other errs (a paired comparison against K = 0). One thread;
+Also the images each way gets right where the other errs (a paired comparison against K = 0), and with
+--confusion where each K errs (evaluation.metrics.class_confusion, as `vaelab evaluate` reports it: the confusion
+matrix, the error per class, the most confused pairs). One thread;
 about 20 s per K = 20 evaluation of an M1+M2 run on 10,000 images on a quiet core.
 """
 
@@ -34,16 +37,17 @@ import torch  # noqa: E402
 
 from vaelab import from_pretrained  # noqa: E402
 from vaelab.data import load_dataset  # noqa: E402
+from vaelab.evaluation.metrics import class_confusion  # noqa: E402
 from vaelab.models import with_settings  # noqa: E402
 from vaelab.training.checkpoint import atomic_write_json  # noqa: E402
-from vaelab.training.validation import loss_terms  # noqa: E402
+from vaelab.training.validation import EVAL_SEED, loss_terms  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def judge(run: Path, held, ks: list[int]) -> dict:
+def judge(run: Path, held, ks: list[int], confusion: bool = False) -> dict:
     model = from_pretrained(run).eval()
     cfg = json.loads((run / "config.json").read_text())
     batch = max(cfg["train"]["batch_size"], 256)
@@ -52,7 +56,8 @@ def judge(run: Path, held, ks: list[int]) -> dict:
     wrong = {}
     for k in ks:
         t0 = time.perf_counter()
-        terms = loss_terms(with_settings(model, posterior_samples=k), held, batch_size=batch, per_sample=True)
+        judged = with_settings(model, posterior_samples=k)
+        terms = loss_terms(judged, held, batch_size=batch, per_sample=True)
         row["seconds"][k] = round(time.perf_counter() - t0, 1)
         wrong[k] = terms["error"] > 0
         row["errors"][k] = round(float(wrong[k].double().mean()), 5)
@@ -62,6 +67,10 @@ def judge(run: Path, held, ks: list[int]) -> dict:
         print(f"  {run.name:55s} K={k:3d} error {100 * row['errors'][k]:5.2f}%  {row['seconds'][k]:6.1f} s"
               + (f"  (right where q errs {row['versus_q'][k]['right_where_q_errs']}, wrong where q is right "
                  f"{row['versus_q'][k]['wrong_where_q_is_right']})" if k in row["versus_q"] else ""), flush=True)
+        if confusion:
+            where = row.setdefault("confusion", {})[k] = class_confusion(judged, held, batch, EVAL_SEED)
+            print("    most confused (true -> predicted): " + ", ".join(
+                f"{m['true']} -> {m['predicted']} {m['count']}" for m in where["most_confused"]), flush=True)
     return row
 
 
@@ -71,13 +80,15 @@ def main(argv=None) -> int:
     p.add_argument("--validation", action="store_true",
                    help="the runs trained on the first 50,000 training images; judge on the last 10,000")
     p.add_argument("--samples", type=_ints, default=[0, 20], help="values of posterior_samples [0,20]")
+    p.add_argument("--confusion", action="store_true",
+                   help="also each K's confusion matrix, error per class and most confused pairs")
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "m2-posterior.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     mnist = load_dataset("mnist", args.data_dir, download=False)
     held = mnist.train.subset(torch.arange(50_000, 60_000)) if args.validation else mnist.test
-    rows = [judge(Path(r), held, args.samples) for r in args.runs]
+    rows = [judge(Path(r), held, args.samples, args.confusion) for r in args.runs]
     summary = {}
     models = sorted({r["model"] for r in rows})
     for model, labels in sorted({(r["model"], r["labels"]) for r in rows}):

@@ -82,3 +82,31 @@ def test_merge_names_a_file_that_is_no_result(tmp_path):
     assert done.returncode == 2 and done.stderr.strip() == (
         f"m2.py: {other}: has no 'recipe'; expected a result file written by benchmarks/m2.py --out")
     assert not out.exists()
+
+
+def test_posterior_rejudging_reports_where_each_classifier_errs_as_evaluate_does(tmp_path):
+    """benchmarks/m2_posterior.py --confusion on a real (small) m2 run: by q(y|x) and by the posterior with 2
+    samples, the same errors and confusion matrices as `vaelab evaluate` reports at the script's batch size."""
+    import importlib.util
+
+    import torch
+
+    from vaelab import from_pretrained
+    from vaelab.data import load_dataset
+    from vaelab.evaluation import evaluate
+    from vaelab.models import build_model, with_settings
+    from vaelab.training import fit
+
+    spec = importlib.util.spec_from_file_location("m2_posterior", REPO / "benchmarks" / "m2_posterior.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model(model="m2", condition_dim=10, hidden=(32,), latent_dim=4, input_shape=digits.train.sample_shape)
+    fit(model, digits.train, digits.test, epochs=2, batch_size=64, labels=50, progress=False, out=tmp_path / "run")
+    row = script.judge(tmp_path / "run", digits.test, [0, 2], confusion=True)
+    trained = from_pretrained(tmp_path / "run")
+    for k in (0, 2):
+        reported = evaluate(with_settings(trained, posterior_samples=k), digits.test, batch_size=256)
+        assert row["confusion"][k] == {key: reported[key] for key in ("confusion", "class_error", "most_confused")}
+        assert row["errors"][k] == round(reported["error"], 5)
