@@ -19,7 +19,7 @@ from vaelab.config import ModelConfig, TrainConfig
 from vaelab.data import ArrayDataset, load_dataset
 from vaelab.data.semisupervised import MixedBatches, mixed_batches, select_labels
 from vaelab.errors import ConfigError, DataError, VaelabError
-from vaelab.evaluation import evaluate
+from vaelab.evaluation import evaluate, loss_terms
 from vaelab.generation import analogies
 from vaelab.losses import recon_nll
 from vaelab.models import build_model
@@ -179,6 +179,26 @@ def test_encoding_without_a_label_uses_the_classifier():
     h = torch.cat([x.flatten(1), y], 1) @ torch.cat([enc.x.weight, enc.y.weight.t()], 1).t() + enc.x.bias
     torch.testing.assert_close(model.encode(x, guess).mean, enc.rest(h).chunk(2, 1)[0])
     torch.testing.assert_close(model.encode(x, y).mean, model.encode(x, guess).mean)  # vectors as well
+    # reconstructing an unlabelled input decodes with the class it was encoded with
+    assert torch.equal(model.reconstruct(x), model.reconstruct(x, guess))
+    assert torch.equal(model.reconstruct(x, torch.tensor([-1, 0, -1, 1])),
+                       model.reconstruct(x, torch.tensor([guess[0], 0, guess[2], 1])))
+
+
+@pytest.mark.parametrize("name, extra", [("m2", {}), ("adgm", {"aux_dim": 2}), ("sdgm", {"aux_dim": 2}),
+                                         ("m1m2", {"m2_hidden": (6,), "m2_latent": 2})])
+def test_unlabelled_data_is_evaluated_with_every_label_hidden(name, extra):
+    """evaluate on data without labels: the bound of hidden labels (as labels of -1 give it), no classifier
+    error to report, the reconstructions of the classes the classifier picks."""
+    digits = load_dataset("digits").test
+    torch.manual_seed(0)
+    model = build_model(model=name, input_shape=digits.sample_shape, condition_dim=10, hidden=(8,), latent_dim=2,
+                        **extra)
+    unlabelled = ArrayDataset(digits.x, None, digits.scale)
+    hidden = ArrayDataset(digits.x, torch.full((len(digits),), -1), digits.scale)
+    report = evaluate(model, unlabelled)
+    assert report["elbo"] == loss_terms(model, hidden)["elbo"] and math.isfinite(report["psnr"])
+    assert not {"error", "accuracy", "confusion", "classifier_nll"} & set(report)
 
 
 def _posterior_by_hand(model: M2, x, samples: int) -> torch.Tensor:

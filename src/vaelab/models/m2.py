@@ -294,16 +294,26 @@ class M2(CVAE):
 
     # -------------------------------------------------------------------------------------------- using
 
+    def _condition_of(self, x: torch.Tensor, condition) -> torch.Tensor:
+        """The class of each input for use: (B, K) vectors as given, (B,) labels as given, and for a hidden label
+        (-1) or no condition the most probable class, as `classify` judges it."""
+        if condition is not None and torch.as_tensor(condition).is_floating_point():
+            return self.condition_vector(condition)  # (B, K) vectors
+        c = self._labels(condition, len(x))
+        if (c < 0).any():
+            c = torch.where(c < 0, self.class_logits(x, self.settings.posterior_samples).argmax(1), c)
+        return c
+
     def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z | x, y) with y the given labels (or (B, K) vectors); a hidden label (-1) or no condition takes
         the most probable class, as `classify` judges it."""
-        if condition is not None and torch.as_tensor(condition).is_floating_point():
-            c = self.condition_vector(condition)  # (B, K) vectors
-        else:
-            c = self._labels(condition, len(x))
-            if (c < 0).any():
-                c = torch.where(c < 0, self.class_logits(x, self.settings.posterior_samples).argmax(1), c)
-        return self._gaussian(self.encoder(x, torch.arange(len(x), device=x.device), c))
+        return self._gaussian(self.encoder(x, torch.arange(len(x), device=x.device), self._condition_of(x, condition)))
+
+    def reconstruct_raw(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoding of the posterior mean of z, y as in `encode` (an unlabelled input: its most probable
+        class, for both the encoder and the decoder)."""
+        c = self._condition_of(x, condition)
+        return self.decode_raw(self._gaussian(self.encoder(x, torch.arange(len(x), device=x.device), c)).mean, c)
 
     def condition_vector(self, condition) -> torch.Tensor:
         if condition is None:

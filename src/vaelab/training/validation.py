@@ -46,7 +46,8 @@ def loss_terms(model, data, *, batch_size: int = 512, binarize: bool = False, se
                 idx = dist.shard(idx)
             device = next(model.parameters()).device
             x = data.batch(idx, binarize=binarize, generator=gen).to(device)
-            cond = data.labels(idx).to(device) if model.capabilities.conditional else None
+            cond = data.labels(idx) if model.capabilities.conditional else None
+            cond = None if cond is None else cond.to(device)  # unlabelled data: a semi-supervised model hides y
             with autocast(precision, x):
                 out = model(x, cond)
             terms = model.loss(x, out.float())
