@@ -16,7 +16,10 @@ max(the run's batch size, 256)): what the run would have reported with that sett
 the MNIST test images, or with --validation the last 10,000 training images (benchmarks/m2.py --validation).
 Also the images each way gets right where the other errs (a paired comparison against K = 0), and with
 --confusion where each K errs (evaluation.metrics.class_confusion, as `vaelab evaluate` reports it: the confusion
-matrix, the error per class, the most confused pairs). One thread;
+matrix, the error per class, the most confused pairs). With --elbo also each run's ELBO of its training images
+with every label hidden (the bound of hidden labels, what a selection among runs without labels could read) and
+with their true labels (log p(x, y)'s bound, which needs all the labels), to see which of them ranks the runs as
+their errors do. One thread;
 about 20 s per K = 20 evaluation of an M1+M2 run on 10,000 images on a quiet core.
 """
 
@@ -36,7 +39,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 
 from vaelab import from_pretrained  # noqa: E402
-from vaelab.data import load_dataset  # noqa: E402
+from vaelab.data import ArrayDataset, load_dataset  # noqa: E402
 from vaelab.evaluation.metrics import class_confusion  # noqa: E402
 from vaelab.models import with_settings  # noqa: E402
 from vaelab.training.checkpoint import atomic_write_json  # noqa: E402
@@ -47,13 +50,27 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def judge(run: Path, held, ks: list[int], confusion: bool = False) -> dict:
+def training_elbos(model, train, batch: int, binarize: bool) -> dict:
+    """The run's mean ELBO (nats) over its training images (binarized as it trained): labels hidden, and with the
+    true labels."""
+    hidden = ArrayDataset(train.x, None, train.scale, train.classes, train.name)
+    return {key: round(loss_terms(model, data, batch_size=batch, binarize=binarize)["elbo"], 3)
+            for key, data in (("unlabelled", hidden), ("labelled", train))}
+
+
+def judge(run: Path, held, ks: list[int], confusion: bool = False, train=None) -> dict:
     model = from_pretrained(run).eval()
     cfg = json.loads((run / "config.json").read_text())
     batch = max(cfg["train"]["batch_size"], 256)
     row = {"run": str(run), "model": cfg["model"]["model"], "labels": cfg["train"]["labels"],
            "seed": cfg["train"]["seed"], "errors": {}, "seconds": {}, "versus_q": {}}
     wrong = {}
+    if train is not None:
+        t0 = time.perf_counter()
+        row["train_elbo"] = training_elbos(model, train, batch, bool(cfg["train"].get("binarize")))
+        print(f"  {run.name:55s} ELBO of the {len(train)} training images: labels hidden "
+              f"{row['train_elbo']['unlabelled']:.2f}, true labels {row['train_elbo']['labelled']:.2f} nats "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     for k in ks:
         t0 = time.perf_counter()
         judged = with_settings(model, posterior_samples=k)
@@ -82,13 +99,16 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=_ints, default=[0, 20], help="values of posterior_samples [0,20]")
     p.add_argument("--confusion", action="store_true",
                    help="also each K's confusion matrix, error per class and most confused pairs")
+    p.add_argument("--elbo", action="store_true",
+                   help="also each run's ELBO of its training images, labels hidden and with the true labels")
     p.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "m2-posterior.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     mnist = load_dataset("mnist", args.data_dir, download=False)
     held = mnist.train.subset(torch.arange(50_000, 60_000)) if args.validation else mnist.test
-    rows = [judge(Path(r), held, args.samples, args.confusion) for r in args.runs]
+    train = mnist.train.subset(torch.arange(50_000)) if args.validation else mnist.train
+    rows = [judge(Path(r), held, args.samples, args.confusion, train if args.elbo else None) for r in args.runs]
     summary = {}
     models = sorted({r["model"] for r in rows})
     for model, labels in sorted({(r["model"], r["labels"]) for r in rows}):

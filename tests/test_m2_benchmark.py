@@ -86,14 +86,15 @@ def test_merge_names_a_file_that_is_no_result(tmp_path):
 
 def test_posterior_rejudging_reports_where_each_classifier_errs_as_evaluate_does(tmp_path):
     """benchmarks/m2_posterior.py --confusion on a real (small) m2 run: by q(y|x) and by the posterior with 2
-    samples, the same errors and confusion matrices as `vaelab evaluate` reports at the script's batch size."""
+    samples, the same errors and confusion matrices as `vaelab evaluate` reports at the script's batch size; with
+    --elbo the ELBO of the training images with labels hidden and with them."""
     import importlib.util
 
     import torch
 
     from vaelab import from_pretrained
-    from vaelab.data import load_dataset
-    from vaelab.evaluation import evaluate
+    from vaelab.data import ArrayDataset, load_dataset
+    from vaelab.evaluation import evaluate, loss_terms
     from vaelab.models import build_model, with_settings
     from vaelab.training import fit
 
@@ -104,8 +105,11 @@ def test_posterior_rejudging_reports_where_each_classifier_errs_as_evaluate_does
     torch.manual_seed(0)
     model = build_model(model="m2", condition_dim=10, hidden=(32,), latent_dim=4, input_shape=digits.train.sample_shape)
     fit(model, digits.train, digits.test, epochs=2, batch_size=64, labels=50, progress=False, out=tmp_path / "run")
-    row = script.judge(tmp_path / "run", digits.test, [0, 2], confusion=True)
+    row = script.judge(tmp_path / "run", digits.test, [0, 2], confusion=True, train=digits.train)
     trained = from_pretrained(tmp_path / "run")
+    hidden = ArrayDataset(digits.train.x, None, digits.train.scale)  # the same images, every label hidden
+    assert row["train_elbo"] == {"unlabelled": round(loss_terms(trained, hidden, batch_size=256)["elbo"], 3),
+                                 "labelled": round(loss_terms(trained, digits.train, batch_size=256)["elbo"], 3)}
     for k in (0, 2):
         reported = evaluate(with_settings(trained, posterior_samples=k), digits.test, batch_size=256)
         assert row["confusion"][k] == {key: reported[key] for key in ("confusion", "class_error", "most_confused")}
