@@ -85,7 +85,10 @@ def train_model(name, train, test, model_cfg, train_cfg, labels: int, seed: int,
     if resume:
         print(f"  resuming {run_dir}", flush=True)
     t0 = time.perf_counter()
-    history = fit(model, train, test, cfg, out=run_dir, resume=resume)
+    # what `vaelab evaluate RUN` / `vaelab sample RUN` read to find the data, as `vaelab train` records it
+    info = {"data": {"dataset": "mnist", "data_dir": str(Path(args.data_dir).resolve()), "binarize": cfg.binarize},
+            "preset": name}
+    history = fit(model, train, test, cfg, out=run_dir, resume=resume, run_info=info)
     wall = time.perf_counter() - t0
     seconds = sum(r["time_s"] for r in history)  # every epoch's time, those of an interrupted session too
     chosen = json.loads((run_dir / "config.json").read_text()).get("precision_auto") or {}

@@ -114,3 +114,23 @@ def test_posterior_rejudging_reports_where_each_classifier_errs_as_evaluate_does
         reported = evaluate(with_settings(trained, posterior_samples=k), digits.test, batch_size=256)
         assert row["confusion"][k] == {key: reported[key] for key in ("confusion", "class_error", "most_confused")}
         assert row["errors"][k] == round(reported["error"], 5)
+
+
+def test_a_benchmark_run_records_its_data_as_vaelab_train_does(tmp_path):
+    """A run of benchmarks/m2.py names its dataset and data folder in config.json, so `vaelab evaluate RUN`
+    needs no --dataset (trained here on digits, one epoch of a small recipe, to keep it fast)."""
+    import argparse
+    import importlib.util
+
+    from vaelab.data import load_dataset
+
+    spec = importlib.util.spec_from_file_location("m2_bench", REPO / "benchmarks" / "m2.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    digits = load_dataset("digits")
+    model_cfg, train_cfg = script.recipe_of("m2", {"hidden": [16], "latent_dim": 2, "batch_size": 64}, 1)
+    args = argparse.Namespace(threads=1, precision="fp32", data_dir=str(tmp_path / "data"))
+    row = script.train_model("m2", digits.train, digits.test, model_cfg, train_cfg, 50, 0, args, tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["data"] == {"dataset": "mnist", "data_dir": str((tmp_path / "data").resolve()), "binarize": False}
+    assert cfg["preset"] == "m2" and row["epochs"] == 1 and cfg["train"]["labels"] == 50
