@@ -72,8 +72,8 @@ class _ReadsItsAnswer(torch.nn.Module):
 
 
 def test_class_confusion_by_hand():
-    predicted = [0, 0, 1, 1, 1, 2, 0, 0, 1]
-    truth = [0, 0, 0, 1, 1, 2, 2, 2, 2]  # no sample of class 3
+    predicted = [0, 0, 1, 1, 1, 2, 0, 0, 1, 3]
+    truth = [0, 0, 0, 1, 1, 2, 2, 2, 2, -1]  # no sample of class 3; the last one's label hidden, not judged
     data = ArrayDataset(torch.tensor([[p, 0.5] for p in predicted]), torch.tensor(truth), scale=1.0)
     out = class_confusion(_ReadsItsAnswer(), data, batch_size=4)
     assert out["confusion"] == [[2, 1, 0, 0], [0, 2, 0, 0], [2, 1, 1, 0], [0, 0, 0, 0]]

@@ -148,8 +148,9 @@ def class_confusion(model, data, batch_size: int = 1000, seed: int = 0) -> dict:
     """How a model with a classifier (`classify`) errs on labelled data: `confusion`, the counts with rows the true
     class and columns the predicted one (the most probable class of model.classify), `class_error`, each class's
     fraction misclassified (None for a class with no sample), and `most_confused`, the three largest off-diagonal
-    counts as {"true", "predicted", "count"}. A classifier that draws samples (posterior_samples K) draws them
-    from `seed` without touching the caller's random state, so a report is the same every time."""
+    counts as {"true", "predicted", "count"}. A hidden label (-1) is not counted. A classifier that draws samples
+    (posterior_samples K) draws them from `seed` without touching the caller's random state, so a report is the
+    same every time."""
     labels, predicted, classes = data.y.long(), [], 0
     was_training = model.training
     model.eval()
@@ -163,8 +164,9 @@ def class_confusion(model, data, batch_size: int = 1000, seed: int = 0) -> dict:
     if len(labels) and int(labels.max()) >= classes:
         raise DataError(f"label {int(labels.max())} is outside the model's {classes} classes (0 to {classes - 1}): "
                          "evaluate on data labelled as the model was trained")
+    judged = labels >= 0  # a hidden label (-1) is not judged, as the loss's `error` leaves it out
     counts = torch.zeros(classes, classes, dtype=torch.long)
-    counts.index_put_((labels, torch.cat(predicted)), torch.ones_like(labels), accumulate=True)
+    counts.index_put_((labels[judged], torch.cat(predicted)[judged]), torch.ones_like(labels[judged]), accumulate=True)
     rows = counts.tolist()
     errors = [None if sum(row) == 0 else (sum(row) - row[c]) / sum(row) for c, row in enumerate(rows)]
     off = counts.clone().fill_diagonal_(0).flatten()
