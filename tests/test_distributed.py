@@ -87,3 +87,33 @@ def test_the_cli_under_torchrun(tmp_path):
     chosen = cfg["precision_auto"]["chose"]
     assert cfg["train"]["precision"] == chosen in ("fp32", "bf16")
     assert proc.stderr.count("vaelab: --precision auto: ") == 1, proc.stderr
+
+
+LEAVER = """
+import atexit, os, sys
+import torch.distributed as dist
+from vaelab.training.distributed import Dist
+
+dist.init_process_group("gloo")  # the caller's own group, made before vaelab sees it
+
+
+@atexit.register  # registered first, so it runs after vaelab's own exit handler
+def _report():
+    with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.txt"), "w") as f:
+        f.write(str(dist.is_initialized()))
+
+
+d = Dist.from_env()
+assert (d.rank, d.world) == (int(os.environ["RANK"]), 2)
+"""
+
+
+def test_a_group_the_caller_created_is_left_at_exit(tmp_path):
+    """A gloo rank exiting with its connections open can abort (SIGABRT) when its peer closes first: vaelab
+    leaves the group at exit also when the caller created it (it failed CI once as a torchrun worker did)."""
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]

@@ -42,9 +42,7 @@ class Dist:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             tdist.init_process_group(backend=backend)
-            # leave the group before the interpreter tears down: a rank that exits with its gloo connections
-            # open can abort ("terminate called without an active exception") when its peer closes first
-            atexit.register(_leave)
+        _leave_at_exit()
         return cls(rank=rank, world=world, local_rank=local_rank, device=dev)
 
     @property
@@ -91,6 +89,20 @@ class Dist:
         box = [obj]
         tdist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+_LEAVE_REGISTERED = False
+
+
+def _leave_at_exit() -> None:
+    """Leave the group before the interpreter tears down, also a group the caller created itself.
+
+    A rank that exits with its gloo connections open can abort ("terminate called without an active
+    exception") when its peer closes first; registered once per process."""
+    global _LEAVE_REGISTERED
+    if not _LEAVE_REGISTERED:
+        atexit.register(_leave)
+        _LEAVE_REGISTERED = True
 
 
 def _leave() -> None:
