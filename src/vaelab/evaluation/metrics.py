@@ -166,7 +166,8 @@ def class_confusion(model, data, batch_size: int = 1000, seed: int = 0) -> dict:
                          "evaluate on data labelled as the model was trained")
     judged = labels >= 0  # a hidden label (-1) is not judged, as the loss's `error` leaves it out
     counts = torch.zeros(classes, classes, dtype=torch.long)
-    counts.index_put_((labels[judged], torch.cat(predicted)[judged]), torch.ones_like(labels[judged]), accumulate=True)
+    truth, guess = labels[judged], torch.cat(predicted)[judged]
+    counts.index_put_((truth, guess), torch.ones_like(truth), accumulate=True)
     rows = counts.tolist()
     errors = [None if sum(row) == 0 else (sum(row) - row[c]) / sum(row) for c, row in enumerate(rows)]
     off = counts.clone().fill_diagonal_(0).flatten()

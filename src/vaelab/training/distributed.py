@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -91,18 +92,13 @@ class Dist:
         return box[0]
 
 
-_LEAVE_REGISTERED = False
-
-
+@functools.cache  # once per process
 def _leave_at_exit() -> None:
     """Leave the group before the interpreter tears down, also a group the caller created itself.
 
     A rank that exits with its gloo connections open can abort ("terminate called without an active
-    exception") when its peer closes first; registered once per process."""
-    global _LEAVE_REGISTERED
-    if not _LEAVE_REGISTERED:
-        atexit.register(_leave)
-        _LEAVE_REGISTERED = True
+    exception") when its peer closes first."""
+    atexit.register(_leave)
 
 
 def _leave() -> None:
