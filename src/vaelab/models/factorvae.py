@@ -46,8 +46,8 @@ class FactorVAESettings(VAESettings):
     gamma: float = field(default=10.0, metadata={
         "help": "weight of the total-correlation penalty (the paper and Locatello et al. 2019 sweep 10, 20, 30, "
                 "40, 50, 100)"})
-    # the paper's width. 256 units cost a fifteenth of the arithmetic, but on the dSprites benchmark (docs/results.md)
-    # FactorVAE with them did not beat the β = 1 VAE's DCI where the paper's network did; 256 is a setting
+    # the paper's width. 256 units cost a fifteenth of the arithmetic, but on the dSprites benchmark's seeds 0-2
+    # (docs/results.md) they scored a lower DCI (0.051 against 0.079) and FactorVAE score; 256 is a setting
     disc_width: int = field(default=1000, metadata={
         "help": "units in each hidden layer of the discriminator (the paper's 1000)"})
     disc_layers: int = field(default=6, metadata={
