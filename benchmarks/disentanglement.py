@@ -190,12 +190,14 @@ def _same_run(run: dict, model: str, seed: int, settings: dict, recipe: dict) ->
 
 def merge(files: list[Path], out: Path, published: dict) -> int:
     """Join the runs of several result files into `out` (a run found twice is kept once) and print one table for
-    each protocol (the settings a run was made with) among them."""
+    each protocol (the settings a run was made with) among them. A joined run keeps its scores, recipe and protocol
+    and names its `source`, the file that holds its full record (training history, metric report)."""
     runs: list[dict] = []
     for f in files:
         for r in json.loads(f.read_text())["runs"]:
             if not any(_same_run(d, r["model"], r["seed"], r["settings"], r["config"]["model"]) for d in runs):
-                runs.append(r)
+                lean = {k: v for k, v in r.items() if k not in ("history", "report")}
+                runs.append({**lean, "source": r.get("source", str(f))})
     protocols = []
     for r in runs:
         if r["settings"] not in protocols:
