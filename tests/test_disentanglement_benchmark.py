@@ -4,13 +4,16 @@ user cache), real training, real metrics."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--seeds", "0", "--train-images", "256", "--eval-images", "1000", "--dci-train", "200", "--dci-test", "100",
@@ -28,8 +31,12 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.long
 def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_path):
     a, b, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "merged.json"
-    first = _bench("--models", "vae", *TINY, "--out", str(a))
+    first = _bench("--models", "vae", *TINY, "--out", str(a), "--save-dir", str(tmp_path / "models"))
     assert "vae, seed 0 ..." in first.stdout
+    from vaelab import from_pretrained
+
+    saved = from_pretrained(tmp_path / "models" / "vae-s0")  # the trained model, to score again without training
+    assert saved.config.model == "vae" and saved.config.latent_dim == 10
     _bench("--models", "btcvae", *TINY, "--out", str(b))
     again = _bench("--models", "vae", *TINY, "--out", str(a))
     assert "seed 0 ..." not in again.stdout and len(json.loads(a.read_text())["runs"]) == 1
@@ -45,3 +52,36 @@ def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_
         assert row["mig"] == {"mean": run["scores"]["mig"], "std": 0.0}
     assert "train_images 256" in table and "1 x 256 img (4 steps)" in table
     assert [line.split()[0] for line in table.splitlines() if "x 256 img" in line] == ["vae", "btcvae"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("disentanglement_bench", REPO / "benchmarks" / "disentanglement.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_metrics_see_every_factor_value_of_dsprites_in_proportion():
+    """The pool of test images a run is scored on is a seeded random draw from the test split: every shape and
+    scale appears, in about equal shares, and the pool is the same for every run. The split's first 20,000 images
+    (the pool until 2026-12-07, `--eval-pool first`) are squares of the five smallest scales only."""
+    from vaelab.data.arrays import ArrayDataset, split
+    from vaelab.data.dsprites import FACTOR_SIZES, NUM_IMAGES, factor_indices
+
+    script = _script()
+    # the dSprites test split's image indices, by the rule load_dsprites follows (seed 0, a tenth to test)
+    stand_in = ArrayDataset(torch.zeros(NUM_IMAGES, 1, dtype=torch.uint8), None, 1.0, name="dsprites")
+    test_idx = split(stand_in, 0.1, 0).source_index[1]
+    assert len(test_idx) == 73728
+    pool = script.eval_pool(len(test_idx), 20000)
+    assert torch.equal(pool, script.eval_pool(len(test_idx), 20000)) and len(pool.unique()) == 20000
+    assert torch.equal(pool, pool.sort().values) and int(pool.max()) < len(test_idx)
+    factors = factor_indices(test_idx[pool].numpy())  # (20000, 5): shape, scale, orientation, pos_x, pos_y
+    for j, size in enumerate(FACTOR_SIZES):
+        counts = np.bincount(factors[:, j], minlength=size)
+        assert counts.min() > 0.8 * 20000 / size and counts.max() < 1.2 * 20000 / size, (j, counts)
+    first = factor_indices(test_idx[script.eval_pool(len(test_idx), 20000, "first")].numpy())
+    assert set(first[:, 0].tolist()) == {0} and set(first[:, 1].tolist()) == {0, 1, 2, 3, 4}
+    assert script.eval_pool(100, 500).tolist() == list(range(100))  # a pool as large as the split is the split
+    with pytest.raises(ValueError, match="eval pool rule 'last' is unknown"):
+        script.eval_pool(100, 10, "last")
