@@ -127,16 +127,20 @@ def eval_pool(n_test: int, n: int, rule: str = "random") -> torch.Tensor:
         return torch.arange(n)
     if rule != "random":
         raise ValueError(f"eval pool rule {rule!r} is unknown; choose one of {EVAL_POOLS}")
-    return torch.randperm(n_test, generator=torch.Generator().manual_seed(EVAL_POOL_SEED))[:n].sort().values
+    return seeded_draw(n_test, n, EVAL_POOL_SEED)
+
+
+def seeded_draw(total: int, n: int, seed: int) -> torch.Tensor:
+    """`n` of range(total) drawn without replacement by a generator seeded with `seed`, sorted."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 def run_one(data, name: str, seed: int, args) -> dict:
     mc = model_config(name)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False,
                      precision=args.precision, threads=args.threads)
-    gen = torch.Generator().manual_seed(seed)
     n = min(args.train_images, len(data.train))
-    train = data.train.subset(torch.randperm(len(data.train), generator=gen)[:n].sort().values)
+    train = data.train.subset(seeded_draw(len(data.train), n, seed))
     test = data.test.subset(eval_pool(len(data.test), args.eval_images, args.eval_pool))
     torch.manual_seed(seed)
     model = build_model(mc, input_shape=data.train.sample_shape)
