@@ -25,6 +25,12 @@ Two processes side by side (one thread each, each its own --out), joined afterwa
     python benchmarks/disentanglement.py --models vae,btcvae,dipvae-i --threads 1 --out a.json &
     python benchmarks/disentanglement.py --models beta-vae,factorvae-d1000,dipvae-ii --threads 1 --out b.json
     python benchmarks/disentanglement.py --merge a.json b.json      # -> benchmarks/results/disentanglement.json
+
+A run trained with `--save-dir DIR` can be scored again under other scoring settings (the test pool, DCI's sizes)
+without training it again; it keeps its training record and takes the new scores, as a run of its own protocol:
+
+    python benchmarks/disentanglement.py --rescore a.json --saved-models DIR --dci-train 10000 --dci-test 5000 \
+        --out a-dci10k.json
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from vaelab.config import ModelConfig, TrainConfig  # noqa: E402
 from vaelab.data import load_dataset  # noqa: E402
 from vaelab.evaluation.disentanglement import DISENTANGLEMENT_LIB, DCIProtocol, disentanglement_report  # noqa: E402
 from vaelab.io import atomic_write_json  # noqa: E402
-from vaelab.models import build_model  # noqa: E402
+from vaelab.models import build_model, from_pretrained  # noqa: E402
 from vaelab.models.pretrained import save_pretrained  # noqa: E402
 from vaelab.training import fit  # noqa: E402
 
@@ -149,17 +155,73 @@ def run_one(data, name: str, seed: int, args) -> dict:
     train_s = time.perf_counter() - t0
     if args.save_dir is not None:
         save_pretrained(model, args.save_dir / f"{name}-s{seed}", extra={"train": tc.to_dict()})
-    protocols = dataclasses.replace(DISENTANGLEMENT_LIB, dci=DCIProtocol(num_train=args.dci_train,
-                                                                         num_test=args.dci_test))
     t0 = time.perf_counter()
-    report = disentanglement_report(model, test, codes="mean", seed=seed, protocols=protocols,
-                                    metrics=("mig", "dci", "factor_vae", "sap"))
+    report = score(model, test, seed, args)
     scores = _flat_scores(report)
     scores["recon"] = history[-1]["val_recon"]
     return {"model": name, "seed": seed, "scores": scores, "train_s": round(train_s, 1),
             "eval_s": round(time.perf_counter() - t0, 1), "train_images": n, "epochs": args.epochs,
             "steps": history[-1]["step"], "history": history, "report": report,
             "config": {"model": mc.to_dict(), "train": tc.to_dict()}}
+
+
+def score(model, test, seed: int, args) -> dict:
+    """The disentanglement report of a trained model on the test pool: the metrics of the table, seeded by the
+    run's seed, with disentanglement_lib's protocol and this invocation's DCI sizes."""
+    protocols = dataclasses.replace(DISENTANGLEMENT_LIB, dci=DCIProtocol(num_train=args.dci_train,
+                                                                         num_test=args.dci_test))
+    return disentanglement_report(model, test, codes="mean", seed=seed, protocols=protocols,
+                                  metrics=("mig", "dci", "factor_vae", "sap"))
+
+
+# the settings that only decide how a trained model is scored: --rescore may change them
+SCORING = ("eval_images", "eval_pool", "dci_train", "dci_test")
+
+
+def rescore(files: list[Path], models_dir: Path, names: list[str], args, out: Path, published: dict) -> int:
+    """Score the runs of `files` (of `names` and --seeds) again under this invocation's scoring settings
+    (SCORING), each model loaded from models_dir/MODEL-sSEED where --save-dir kept it: a run keeps its training
+    record (history, seconds, steps, recon: the last validation of training) and takes the new report, scores
+    and settings, and names the file it came from. Finished runs in `out` are skipped, as in training."""
+    done = json.loads(out.read_text())["runs"] if out.is_file() else []
+    data = load_dataset("dsprites")
+    test = data.test.subset(eval_pool(len(data.test), args.eval_images, args.eval_pool))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for f in files:
+        for run in json.loads(f.read_text())["runs"]:
+            name, seed = run["model"], run["seed"]
+            settings = {**run["settings"], **{k: getattr(args, k) for k in SCORING}}
+            if name not in names or seed not in args.seeds or any(
+                    _same_run(d, name, seed, settings, run["config"]["model"]) for d in done):
+                continue
+            model = _saved_model(models_dir / f"{name}-s{seed}", run)
+            print(f"{name}, seed {seed}: scoring again ...", flush=True)
+            t0 = time.perf_counter()
+            report = score(model, test, seed, args)
+            scores = {**_flat_scores(report), "recon": run["scores"]["recon"]}
+            print("  " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None), flush=True)
+            done.append({**run, "scores": scores, "report": report, "eval_s": round(time.perf_counter() - t0, 1),
+                         "settings": settings, "rescored_from": str(f)})
+            atomic_write_json(out, {"runs": done, "summary": summary(done, published),
+                                    "torch": torch.__version__, "cpus": os.cpu_count()})
+    for settings in dict.fromkeys(json.dumps(r["settings"], sort_keys=True) for r in done):
+        print_table(summary([r for r in done if json.dumps(r["settings"], sort_keys=True) == settings], published))
+    return 0
+
+
+def _saved_model(path: Path, run: dict):
+    """The model --save-dir kept at `path`, checked to be the run's recipe."""
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"error: no saved model at {path} for run {run['model']} seed {run['seed']}: --rescore "
+                         "loads the models a training run kept with --save-dir DIR; pass that DIR as --saved-models")
+    model = from_pretrained(path)
+    recipe = ModelConfig.from_dict(run["config"]["model"]).to_dict()
+    if recipe != {**model.config.to_dict(), "input_shape": recipe["input_shape"]}:  # the built model knows its input
+        raise SystemExit(f"error: the model saved at {path} is not the recipe of run {run['model']} seed "
+                         f"{run['seed']} (its config.json differs from the run's); pass the --saved-models DIR "
+                         "that run saved to")
+    return model
 
 
 def _flat_scores(report: dict) -> dict:
@@ -264,6 +326,12 @@ def main(argv=None) -> int:
                         "fp32 (faster on a CPU without native bf16; the runs scored on the first test images)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "disentanglement.json"))
+    p.add_argument("--rescore", nargs="+", type=Path, metavar="JSON", default=None,
+                   help="instead of training: score the runs of these result files again under this invocation's "
+                        f"scoring settings ({', '.join('--' + k.replace('_', '-') for k in SCORING)}), each model "
+                        "loaded from --saved-models, into --out")
+    p.add_argument("--saved-models", type=Path, default=None,
+                   help="with --rescore: the DIR those runs saved their models to with --save-dir")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", default=None,
                    help="instead of running: merge the runs of these result files (models run in separate processes "
                         "side by side, each with --threads 1 and its own --out) into --out, and print their table")
@@ -276,9 +344,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.merge:
         return merge(args.merge, out, published)
+    if args.rescore:
+        if args.saved_models is None:
+            p.error("--rescore needs --saved-models DIR, the directory its runs saved their models to (--save-dir)")
+        return rescore(args.rescore, args.saved_models, names, args, out, published)
     done = json.loads(out.read_text())["runs"] if out.is_file() else []
     data = load_dataset("dsprites")
-    settings = {k: v for k, v in vars(args).items() if k not in ("models", "seeds", "out", "merge", "save_dir")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("models", "seeds", "out", "merge", "save_dir", "rescore", "saved_models")}
     for name in names:
         for seed in args.seeds:
             if any(_same_run(r, name, seed, settings, model_config(name).to_dict()) for r in done):

@@ -20,10 +20,10 @@ TINY = ["--seeds", "0", "--train-images", "256", "--eval-images", "1000", "--dci
         "--threads", "1"]
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
+def _bench(*args: str, rc: int = 0) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "disentanglement.py"), *args],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == rc, done.stderr
     return done
 
 
@@ -52,6 +52,30 @@ def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_
         assert row["mig"] == {"mean": run["scores"]["mig"], "std": 0.0}
     assert "train_images 256" in table and "1 x 256 img (4 steps)" in table
     assert [line.split()[0] for line in table.splitlines() if "x 256 img" in line] == ["vae", "btcvae"]
+
+    # scoring the saved model again: under the same settings, the same report; under other DCI sizes a run of
+    # its own protocol, its training record and the metrics DCI does not enter unchanged
+    same, other = tmp_path / "same.json", tmp_path / "other.json"
+    models = ["--saved-models", str(tmp_path / "models")]
+    _bench("--rescore", str(a), *models, "--models", "vae", *TINY, "--out", str(same))
+    trained = json.loads(a.read_text())["runs"][0]
+    (again,) = json.loads(same.read_text())["runs"]
+    assert again["scores"] == trained["scores"] and again["report"] == trained["report"]
+    assert again["settings"] == trained["settings"] and again["rescored_from"] == str(a)
+    _bench("--rescore", str(a), *models, "--models", "vae", *TINY, "--dci-train", "300", "--out", str(other))
+    (moved,) = json.loads(other.read_text())["runs"]
+    assert moved["settings"] == {**trained["settings"], "dci_train": 300}
+    assert moved["history"] == trained["history"] and moved["train_s"] == trained["train_s"]
+    for k in ("mig", "sap", "factor_vae_score", "recon"):
+        assert moved["scores"][k] == trained["scores"][k]
+    assert moved["report"]["metrics"]["dci"]["protocol"]["num_train"] == 300
+    # a saved model that is missing, or not the run's recipe, is an error that says what to pass
+    missing = _bench("--rescore", str(a), "--saved-models", str(tmp_path), "--models", "vae", *TINY,
+                     "--out", str(tmp_path / "x.json"), rc=1)
+    assert f"no saved model at {tmp_path / 'vae-s0'} for run vae seed 0" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "x.json").exists()
+    assert "--rescore needs --saved-models DIR" in _bench("--rescore", str(a), "--out", str(tmp_path / "x.json"),
+                                                          rc=2).stderr
 
 
 def _script():
