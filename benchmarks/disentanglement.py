@@ -176,6 +176,8 @@ def score(model, test, seed: int, args) -> dict:
 
 # the settings that only decide how a trained model is scored: --rescore may change them
 SCORING = ("eval_images", "eval_pool", "dci_train", "dci_test")
+# the arguments that are not a run's settings (its protocol): what it trains, where results and models go
+NOT_SETTINGS = ("models", "seeds", "out", "merge", "save_dir", "rescore", "saved_models")
 
 
 def rescore(files: list[Path], models_dir: Path, names: list[str], args, out: Path, published: dict) -> int:
@@ -205,8 +207,7 @@ def rescore(files: list[Path], models_dir: Path, names: list[str], args, out: Pa
                          "settings": settings, "rescored_from": str(f)})
             atomic_write_json(out, {"runs": done, "summary": summary(done, published),
                                     "torch": torch.__version__, "cpus": os.cpu_count()})
-    for settings in dict.fromkeys(json.dumps(r["settings"], sort_keys=True) for r in done):
-        print_table(summary([r for r in done if json.dumps(r["settings"], sort_keys=True) == settings], published))
+    print_protocol_tables(protocol_tables(done, published))
     return 0
 
 
@@ -287,18 +288,27 @@ def merge(files: list[Path], out: Path, published: dict) -> int:
             if not any(_same_run(d, r["model"], r["seed"], r["settings"], r["config"]["model"]) for d in runs):
                 lean = {k: v for k, v in r.items() if k not in ("history", "report")}
                 runs.append({**lean, "source": r.get("source", str(f))})
+    tables = protocol_tables(runs, published)
+    atomic_write_json(out, {"runs": runs, "summaries": tables, "merged": [str(f) for f in files],
+                            "torch": torch.__version__, "cpus": os.cpu_count()})
+    print_protocol_tables(tables)
+    return 0
+
+
+def protocol_tables(runs: list[dict], published: dict) -> list[dict]:
+    """One summary for each protocol (the settings a run was made with) among `runs`, in order of appearance."""
     protocols = []
     for r in runs:
         if r["settings"] not in protocols:
             protocols.append(r["settings"])
-    tables = [{"settings": settings, "summary": summary([r for r in runs if r["settings"] == settings], published)}
-              for settings in protocols]
-    atomic_write_json(out, {"runs": runs, "summaries": tables, "merged": [str(f) for f in files],
-                            "torch": torch.__version__, "cpus": os.cpu_count()})
+    return [{"settings": settings, "summary": summary([r for r in runs if r["settings"] == settings], published)}
+            for settings in protocols]
+
+
+def print_protocol_tables(tables: list[dict]) -> None:
     for table in tables:
         print(", ".join(f"{k} {v}" for k, v in table["settings"].items()), flush=True)
         print_table(table["summary"])
-    return 0
 
 
 def main(argv=None) -> int:
@@ -350,8 +360,7 @@ def main(argv=None) -> int:
         return rescore(args.rescore, args.saved_models, names, args, out, published)
     done = json.loads(out.read_text())["runs"] if out.is_file() else []
     data = load_dataset("dsprites")
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("models", "seeds", "out", "merge", "save_dir", "rescore", "saved_models")}
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     for name in names:
         for seed in args.seeds:
             if any(_same_run(r, name, seed, settings, model_config(name).to_dict()) for r in done):

@@ -69,7 +69,7 @@ def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_
     for k in ("mig", "sap", "factor_vae_score", "recon"):
         assert moved["scores"][k] == trained["scores"][k]
     assert moved["report"]["metrics"]["dci"]["protocol"]["num_train"] == 300
-    # a saved model that is missing, or not the run's recipe, is an error that says what to pass
+    # a missing saved model, and --rescore without --saved-models, are errors that say what to pass
     missing = _bench("--rescore", str(a), "--saved-models", str(tmp_path), "--models", "vae", *TINY,
                      "--out", str(tmp_path / "x.json"), rc=1)
     assert f"no saved model at {tmp_path / 'vae-s0'} for run vae seed 0" in missing.stderr
