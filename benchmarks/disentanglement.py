@@ -54,7 +54,7 @@ from vaelab.data import load_dataset  # noqa: E402
 from vaelab.evaluation.disentanglement import DISENTANGLEMENT_LIB, DCIProtocol, disentanglement_report  # noqa: E402
 from vaelab.io import atomic_write_json  # noqa: E402
 from vaelab.models import build_model, from_pretrained  # noqa: E402
-from vaelab.models.pretrained import save_pretrained  # noqa: E402
+from vaelab.models.pretrained import complete_settings, save_pretrained  # noqa: E402
 from vaelab.training import fit  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -217,8 +217,10 @@ def _saved_model(path: Path, run: dict):
         raise SystemExit(f"error: no saved model at {path} for run {run['model']} seed {run['seed']}: --rescore "
                          "loads the models a training run kept with --save-dir DIR; pass that DIR as --saved-models")
     model = from_pretrained(path)
-    recipe = ModelConfig.from_dict(run["config"]["model"]).to_dict()
-    if recipe != {**model.config.to_dict(), "input_shape": recipe["input_shape"]}:  # the built model knows its input
+    recipe = ModelConfig.from_dict(run["config"]["model"])
+    if recipe.model == model.config.model:  # the saved config spells out every setting and knows its input shape
+        recipe = complete_settings(type(model), recipe.replace(input_shape=model.config.input_shape))
+    if recipe != model.config:
         raise SystemExit(f"error: the model saved at {path} is not the recipe of run {run['model']} seed "
                          f"{run['seed']} (its config.json differs from the run's); pass the --saved-models DIR "
                          "that run saved to")

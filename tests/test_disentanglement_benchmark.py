@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_
 
     saved = from_pretrained(tmp_path / "models" / "vae-s0")  # the trained model, to score again without training
     assert saved.config.model == "vae" and saved.config.latent_dim == 10
-    _bench("--models", "btcvae", *TINY, "--out", str(b))
+    _bench("--models", "btcvae", *TINY, "--out", str(b), "--save-dir", str(tmp_path / "models"))
     again = _bench("--models", "vae", *TINY, "--out", str(a))
     assert "seed 0 ..." not in again.stdout and len(json.loads(a.read_text())["runs"]) == 1
     table = _bench("--merge", str(a), str(b), str(a), "--out", str(merged)).stdout
@@ -62,6 +63,11 @@ def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_
     (again,) = json.loads(same.read_text())["runs"]
     assert again["scores"] == trained["scores"] and again["report"] == trained["report"]
     assert again["settings"] == trained["settings"] and again["rescored_from"] == str(a)
+    # a recipe naming some settings (beta) matches the saved config that spells out all of them
+    _bench("--rescore", str(b), *models, "--models", "btcvae", *TINY, "--out", str(same))
+    trained_tc = json.loads(b.read_text())["runs"][0]
+    assert trained_tc["config"]["model"]["settings"] == {"beta": 6.0}
+    assert json.loads(same.read_text())["runs"][1]["report"] == trained_tc["report"]
     _bench("--rescore", str(a), *models, "--models", "vae", *TINY, "--dci-train", "300", "--out", str(other))
     (moved,) = json.loads(other.read_text())["runs"]
     assert moved["settings"] == {**trained["settings"], "dci_train": 300}
@@ -74,6 +80,12 @@ def test_two_processes_merge_into_one_table_and_a_rerun_skips_finished_runs(tmp_
                      "--out", str(tmp_path / "x.json"), rc=1)
     assert f"no saved model at {tmp_path / 'vae-s0'} for run vae seed 0" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "x.json").exists()
+    shutil.copytree(tmp_path / "models" / "vae-s0", tmp_path / "other" / "btcvae-s0")  # another model's files
+    wrong = _bench("--rescore", str(b), "--saved-models", str(tmp_path / "other"), "--models", "btcvae", *TINY,
+                   "--out", str(tmp_path / "x.json"), rc=1)
+    assert (f"the model saved at {tmp_path / 'other' / 'btcvae-s0'} is not the recipe of run btcvae seed 0"
+            in wrong.stderr)
+    assert "Traceback" not in wrong.stderr and not (tmp_path / "x.json").exists()
     assert "--rescore needs --saved-models DIR" in _bench("--rescore", str(a), "--out", str(tmp_path / "x.json"),
                                                           rc=2).stderr
 
