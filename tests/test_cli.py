@@ -396,3 +396,18 @@ def test_evaluate_with_the_likelihood_and_probes(run, tmp_path):
     for key in ("nll", "nll_se", "linear_probe_accuracy", "knn5_accuracy", "active_units"):
         assert f'"{key}"' in flat, key
     assert "nll" in proc.stdout
+    assert metrics["nll_precision"] == "fp32"  # the default: the likelihood stays fp32 unless asked
+
+
+def test_evaluate_decodes_the_likelihood_in_bf16_when_asked(run, tmp_path):
+    fp32, bf16 = tmp_path / "fp32.json", tmp_path / "bf16.json"
+    vaelab("evaluate", run, "--nll-samples", 20, "--binarize", "dynamic", "--out", fp32, check=0)
+    vaelab("evaluate", run, "--nll-samples", 20, "--binarize", "dynamic", "--nll-precision", "bf16", "--out", bf16,
+           check=0)
+    a, b = json.loads(fp32.read_text()), json.loads(bf16.read_text())
+    assert (a["nll_precision"], b["nll_precision"]) == ("fp32", "bf16")
+    assert b["nll"] != a["nll"] and b["nll"] == pytest.approx(a["nll"], abs=0.05)  # the same images and samples
+    assert b["loss"] == a["loss"]  # only the likelihood's decodings change precision
+    bad = vaelab("evaluate", run, "--nll-samples", 2, "--nll-precision", "fp16", check=2)
+    assert "argument --nll-precision: invalid choice: 'fp16' (choose from" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
+from vaelab.cli import evaluate as evaluate_cli
 from vaelab.data import ArrayDataset
-from vaelab.evaluation.nll import _chunk_size, _decoder_width, importance_nll, log_likelihood
+from vaelab.errors import VaelabError
+from vaelab.evaluation.nll import NLL_PRECISIONS, _chunk_size, _decoder_width, importance_nll, log_likelihood
 from vaelab.models import build_model
 
 D, L, S = 6, 2, 0.5
@@ -90,3 +92,61 @@ def test_dataset_report():
     assert out["nll"] == pytest.approx(float(-truth.mean()), abs=1e-3)
     assert out["nll_bits_per_dim"] == pytest.approx(out["nll"] / (D * math.log(2)))
     assert out["nll_se"] == pytest.approx(float((-truth).std() / math.sqrt(20)), abs=1e-3)
+
+
+def test_bf16_decodings_shift_the_estimate_by_their_rounding_only():
+    # precision="bf16" decodes under bf16 autocast (8-bit mantissa: the linear decoder's means move by about 2^-9
+    # of their size); the encoder, the likelihood's sums and the log-sum-exp stay fp32, so the exact posterior's
+    # estimate stays within that rounding of the closed form, and the fp32 estimate is untouched by the option
+    model, x, truth = _ppca(posterior_scale=1.0)
+    model, x = model.float(), x.float()
+    fp32 = log_likelihood(model, x, n_samples=8, generator=torch.Generator().manual_seed(4))
+    bf16 = log_likelihood(model, x, n_samples=8, generator=torch.Generator().manual_seed(4), precision="bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32
+    torch.testing.assert_close(fp32.double(), truth, atol=1e-4, rtol=0)
+    gap = (bf16.double() - truth).abs()
+    assert 1e-4 < float(gap.max()) < 0.1  # bf16 ran (it differs) and its shift is rounding-sized
+    assert float((bf16.double() - truth).mean().abs()) < 0.02  # no systematic shift over the 20 points
+
+
+def test_nll_precision_is_checked_and_recorded():
+    model, x, _ = _ppca(posterior_scale=1.0)
+    data = ArrayDataset(x.float(), scale=1.0)
+    with pytest.raises(VaelabError, match=r"precision='fp16' is not a precision of the likelihood; choose one of "
+                                          r"fp32, bf16"):
+        importance_nll(model.float(), data, n_samples=2, precision="fp16")
+    out = importance_nll(model.float(), data, n_samples=2, precision="bf16")
+    assert out["nll_precision"] == "bf16" and out["n"] == 20
+    assert importance_nll(model.float(), data, n_samples=2)["nll_precision"] == "fp32"
+    assert NLL_PRECISIONS == evaluate_cli.NLL_PRECISIONS  # the CLI's copy (kept torch-free for --help)
+
+
+def test_per_sample_values_are_the_reports():
+    model, x, truth = _ppca(posterior_scale=1.0)
+    data = ArrayDataset(x.float(), scale=1.0)
+    out = importance_nll(model.float(), data, n_samples=3, batch_size=7, per_sample=True)
+    each = out["nll_per_sample"]
+    assert each.shape == (20,) and each.dtype == torch.float64
+    torch.testing.assert_close(each, -truth, atol=1e-4, rtol=0)  # the exact posterior: each sample's own -log p(x)
+    assert float(each.mean()) == out["nll"] and float(each.std() / math.sqrt(20)) == pytest.approx(out["nll_se"])
+    assert "nll_per_sample" not in importance_nll(model.float(), data, n_samples=3, batch_size=7)
+
+
+@pytest.mark.parametrize("name", ["vae", "hvae", "cvae", "m1m2"])
+def test_bf16_decodings_in_every_importance_sampler(name):
+    # the models with importance samplers of their own (two stochastic layers; M1's codes scored by M2) and the
+    # conditional VAE: their bf16 estimates come back in fp32, near the fp32 ones (untrained nets on digits)
+    from vaelab.data import load_dataset
+
+    data = load_dataset("digits").test
+    idx = torch.arange(16)
+    x, y = data.batch(idx), data.labels(idx)
+    torch.manual_seed(0)
+    kw = {"condition_dim": 10} if name in ("cvae", "m1m2") else {}
+    model = build_model(model=name, input_shape=data.sample_shape, **kw).eval()
+    cond = y if kw else None
+    fp32 = log_likelihood(model, x, 20, torch.Generator().manual_seed(0), condition=cond)
+    bf16 = log_likelihood(model, x, 20, torch.Generator().manual_seed(0), condition=cond, precision="bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32 and bf16.shape == (16,)
+    gap = float((fp32 - bf16).abs().max())
+    assert 0 < gap < 0.25, gap

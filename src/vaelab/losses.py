@@ -439,7 +439,10 @@ def likelihood_of(config) -> Likelihood:
 
 def recon_nll(x: torch.Tensor, recon: torch.Tensor, likelihood: str | Likelihood,
               sigma: float = 1.0) -> torch.Tensor:
-    """-log p(x | recon) summed over dims, (B,): recon is the decoder's raw output."""
+    """-log p(x | recon) summed over dims, (B,): recon is the decoder's raw output, scored in x's precision
+    (a bf16 decoding from an autocast region is widened first, so the likelihood's sums stay fp32)."""
+    if recon.is_floating_point() and recon.dtype != x.dtype and x.is_floating_point():
+        recon = recon.to(x.dtype)
     return make_likelihood(likelihood, sigma).nll(x, recon)
 
 

@@ -13,13 +13,14 @@ from vaelab.training.validation import EVAL_SEED, loss_terms
 
 
 def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed: int = EVAL_SEED,
-             nll_samples: int = 0, train_data=None, latent: bool = True) -> dict:
+             nll_samples: int = 0, nll_precision: str = "fp32", train_data=None, latent: bool = True) -> dict:
     """The test-split report, one flat dict of numbers (JSON-ready).
 
     - loss terms, mean per sample: `loss` (the training objective; for a VAE the negative ELBO in nats =
       the tutorial's 784*BCE + KL on MNIST), `recon` (reconstruction NLL, nats), `kl`, `elbo`, and the
       per-pixel means `bce`, `mse`; `psnr` (dB) and `ssim` of the posterior-mean reconstruction (images);
-    - `nll`, `nll_se`, `nll_bits_per_dim` with nll_samples = K > 0: the importance-sampled -log p(x);
+    - `nll`, `nll_se`, `nll_bits_per_dim` with nll_samples = K > 0: the importance-sampled -log p(x), its K
+      decodings in `nll_precision` (fp32, or bf16 when asked: evaluation/nll.py);
     - `elbo_bits_per_dim`, `nll_bits_per_dim` and `bits_per_dim` (the NLL's with K > 0, else the ELBO's): bits
       per sub-pixel as the literature reports them, `bits_per_dim_convention` says how (metrics.bits_convention:
       exact for the discretized likelihoods on 8-bit data, + ln 256 per dim for a density of 8-bit pixels);
@@ -58,7 +59,8 @@ def evaluate(model, data, *, batch_size: int = 512, binarize: bool = False, seed
         out["psnr"] = float(torch.cat(values).clamp(max=100.0).mean())
         out["ssim"] = float(torch.cat(similarity).mean())
     if nll_samples:
-        out.update(importance_nll(model, data, n_samples=nll_samples, binarize=binarize, seed=seed))
+        out.update(importance_nll(model, data, n_samples=nll_samples, binarize=binarize, seed=seed,
+                                  precision=nll_precision))
         out["nll_bits_per_dim"] = (out["nll"] + dims * offset) * to_bits
     best = out.get("nll_bits_per_dim", out.get("elbo_bits_per_dim"))
     if best is not None:

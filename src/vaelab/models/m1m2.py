@@ -39,7 +39,8 @@ import torch
 
 from vaelab.config import is_int, is_nonneg
 from vaelab.errors import VaelabError
-from vaelab.losses import Likelihood, LearnedGaussian, Shaping, iwae_bound, log_normal_diag, recon_nll_samples
+from vaelab.losses import (Likelihood, LearnedGaussian, Shaping, iwae_bound, log_normal_diag, recon_nll,
+                           recon_nll_samples)
 from vaelab.models.base import Autoencoder, Capabilities, DiagonalGaussian, ModelOutput, ModelSettings
 from vaelab.models.collective import all_sum
 from vaelab.models.m2 import M2, M2Output, m2_loss, posterior_samples_problems
@@ -347,9 +348,9 @@ class M1M2(Autoencoder):
             y = labels.repeat(k)
             q2 = self.m2.encode(self._seen(z1.flatten(0, 1)), y)
             z2 = q2.mean + q2.std * eps[..., l1:].flatten(0, 1)  # (K*B, L2)
-            log_p_z1 = -CODE_LIKELIHOOD.nll(z1.flatten(0, 1), self.m2.decode_raw(z2, y))
-            log_p_x = -self.likelihood.nll(x.repeat(k, *[1] * (x.dim() - 1)),
-                                           self.m1.decode_raw(z1.flatten(0, 1).view(k * b, *self.m1.latent_shape)))
+            log_p_z1 = -recon_nll(z1.flatten(0, 1), self.m2.decode_raw(z2, y), CODE_LIKELIHOOD)
+            decoded = self.m1.decode_raw(z1.flatten(0, 1).view(k * b, *self.m1.latent_shape))
+            log_p_x = -recon_nll(x.repeat(k, *[1] * (x.dim() - 1)), decoded, self.likelihood)
             log_w = (log_p_x + log_p_z1 + log_normal_diag(z2, event_dims=1) - log_normal_diag(z2, q2.mean, q2.logvar)
                      ).view(k, b)
             return log_w - log_normal_diag(z1, q1.mean.flatten(1), q1.logvar.flatten(1))
