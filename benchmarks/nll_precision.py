@@ -93,16 +93,18 @@ def main(argv=None) -> dict:
 
     from vaelab.data import load_dataset
     from vaelab.models import from_pretrained
+    from vaelab.io import atomic_write_json
     from vaelab.training.runtime import cpu_flags, cpu_name
 
     torch.set_num_threads(args.threads)
     model = from_pretrained(run).eval()
     test = load_dataset(args.dataset, args.data_dir, progress=False).test
     cfg = json.loads((run / "config.json").read_text())
+    flags = cpu_flags()
     result = {"model": "seed-vae", "dataset": args.dataset, "trained_epochs": cfg["train"]["epochs"],
               "trained_in": cfg["train"]["precision"], "nll_samples": K, "threads": args.threads,
               "torch": torch.__version__, "cpus": os.cpu_count(), "cpu": cpu_name(),
-              "bf16_native": "avx512_bf16" in cpu_flags(), "amx_bf16": "amx_bf16" in cpu_flags(),
+              "bf16_native": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
               "compare": compare(model, test, args.compare_images)}
     if args.full_images:
         full = timed_nll(model, test.subset(torch.arange(min(args.full_images, len(test)))), "bf16")
@@ -112,7 +114,7 @@ def main(argv=None) -> dict:
                           "fp32_minutes_at_compare_rate": round(full["n"] * K / fp32_rate / 60, 1)}
     report(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(args.out, result)  # a result file is replaced whole or not at all
     print(f"wrote {args.out}")
     return result
 
@@ -121,7 +123,7 @@ def report(r: dict) -> None:
     c = r["compare"]
     print(f"seed VAE on {r.get('dataset', 'mnist')} ({r['trained_epochs']} epochs, trained in {r['trained_in']}), "
           f"K={r['nll_samples']}, {r['threads']} threads, native bf16: {r['bf16_native']}")
-    print(f"| images | precision | -log p(x) (nats) | decoder passes/s | seconds |\n|---|---|---|---|---|")
+    print("| images | precision | -log p(x) (nats) | decoder passes/s | seconds |\n|---|---|---|---|---|")
     for name in ("fp32", "bf16"):
         s = c[name]
         print(f"| first {c['images']:,} | {name} | {s['nll']:.3f} ± {s['nll_se']:.3f} | {s['passes_per_s']:,} | "
