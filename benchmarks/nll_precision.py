@@ -13,6 +13,10 @@
    bf16 - fp32, their mean and its standard error, and each precision's decoder passes per second.
 3. The whole test split (--full-images, 10,000) with bf16 decodings, timed: the estimate with its standard error,
    against fp32's time for it at step 2's rate (fp32's full run takes over an hour: docs/results.md).
+4. With --paths-images N: the two bf16 decoding paths alternated --paths-rounds times on the first N test images
+   with the same samples: the seed VAE's decoder through oneDNN's transposed convolutions (nn.Sequential's forward,
+   vaelab's bf16 path until ConvDecoder) and through ConvDecoder's sub-pixel convolutions (models/kernels.py, the
+   path since): each one's passes per second, their ratio per round, and the paired difference of the estimates.
 
 Prints a table and writes benchmarks/results/nll-precision.json. Run it on a quiet machine (the times are what it
 measures); --threads is the NLL's thread count (training uses the CLI's default).
@@ -62,6 +66,31 @@ def timed_nll(model, data, precision: str) -> dict:
     return {**out, "seconds": round(seconds, 1), "passes_per_s": round(out["n"] * K / seconds)}
 
 
+def decoding_paths(model, test, n: int, rounds: int) -> dict:
+    """bf16 decodings through oneDNN's transposed convolutions against ConvDecoder's sub-pixel path, alternated."""
+    import torch
+    from torch import nn
+
+    from vaelab.models.kernels import ConvDecoder
+
+    data = test.subset(torch.arange(n))
+    sub_pixel = ConvDecoder.forward
+    runs: dict[str, list] = {"onednn": [], "sub_pixel": []}
+    try:
+        for _ in range(rounds):
+            for name, forward in (("onednn", nn.Sequential.forward), ("sub_pixel", sub_pixel)):
+                ConvDecoder.forward = forward  # the class's inference path for this run (restored below)
+                runs[name].append(timed_nll(model, data, "bf16"))
+    finally:
+        ConvDecoder.forward = sub_pixel
+    diff = runs["sub_pixel"][0]["nll_per_sample"] - runs["onednn"][0]["nll_per_sample"]
+    rates = {name: [r["passes_per_s"] for r in rs] for name, rs in runs.items()}
+    return {"images": n, "rounds": rounds, "passes_per_s": rates,
+            "speedup_per_round": [round(a / b, 2) for a, b in zip(rates["sub_pixel"], rates["onednn"])],
+            "nll": {name: rs[0]["nll"] for name, rs in runs.items()}, "diff_mean": float(diff.mean()),
+            "diff_se": float(diff.std() / math.sqrt(n)), "diff_abs_max": float(diff.abs().max())}
+
+
 def compare(model, test, n: int) -> dict:
     """fp32 and bf16 decodings of the same images and samples; the bf16 run first, then fp32."""
     import torch
@@ -83,6 +112,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=10, help="the seed VAE's training epochs (the tutorial's 10)")
     p.add_argument("--compare-images", type=int, default=500, help="test images scored in both precisions")
     p.add_argument("--full-images", type=int, default=10_000, help="test images scored in bf16 alone (0: skip)")
+    p.add_argument("--paths-images", type=int, default=0,
+                   help="test images on which to alternate the two bf16 decoding paths (0: skip)")
+    p.add_argument("--paths-rounds", type=int, default=2, help="rounds of that alternation")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "nll-precision.json"))
     args = p.parse_args(argv)
@@ -106,6 +138,8 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "cpus": os.cpu_count(), "cpu": cpu_name(),
               "bf16_native": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
               "compare": compare(model, test, args.compare_images)}
+    if args.paths_images:
+        result["paths"] = decoding_paths(model, test, args.paths_images, args.paths_rounds)
     if args.full_images:
         full = timed_nll(model, test.subset(torch.arange(min(args.full_images, len(test)))), "bf16")
         full.pop("nll_per_sample")
@@ -134,6 +168,12 @@ def report(r: dict) -> None:
               f"{f['seconds']} ({f['minutes']} min; fp32 at its rate above: {f['fp32_minutes_at_compare_rate']} min) |")
     print(f"bf16 - fp32 on the same images and samples: {c['diff_mean']:+.4f} ± {c['diff_se']:.4f} nats (largest "
           f"|difference| of one image {c['diff_abs_max']:.4f}); bf16 {c['speedup']}x the passes/s")
+    if "paths" in r:
+        d = r["paths"]
+        print(f"bf16 decoding paths on the first {d['images']:,} images, alternated {d['rounds']} times: oneDNN's "
+              f"transposed convolutions {d['passes_per_s']['onednn']} passes/s, ConvDecoder's sub-pixel "
+              f"{d['passes_per_s']['sub_pixel']}: {d['speedup_per_round']}x per round; sub-pixel - oneDNN "
+              f"{d['diff_mean']:+.4f} ± {d['diff_se']:.4f} nats (largest |difference| {d['diff_abs_max']:.4f})")
 
 
 if __name__ == "__main__":

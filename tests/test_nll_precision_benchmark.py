@@ -38,6 +38,14 @@ def test_the_same_images_and_samples_in_both_precisions(tmp_path):
     full = r["full"]
     assert full["n"] == 9 and full["nll_precision"] == "bf16" and full["passes_per_s"] > 0
     assert f"bf16 - fp32 on the same images and samples: {c['diff_mean']:+.4f}" in first.stdout
-    again = _bench(*common, "--compare-images", 6, "--full-images", 0)  # the model is there: no training
+    again = _bench(*common, "--compare-images", 6, "--full-images", 0,  # the model is there: no training
+                   "--paths-images", 4, "--paths-rounds", 2)
     assert "training the seed VAE" not in again.stdout and "full" not in json.loads(out.read_text())
-    assert json.loads(out.read_text())["compare"]["diff_mean"] == c["diff_mean"]  # the same estimate, rerun
+    r = json.loads(out.read_text())
+    assert r["compare"]["diff_mean"] == c["diff_mean"]  # the same estimate, rerun
+    # the two bf16 decoding paths, alternated: both ran twice, on the same samples, apart by rounding only
+    p = r["paths"]
+    assert (p["images"], p["rounds"]) == (4, 2) and len(p["speedup_per_round"]) == 2
+    assert all(len(rates) == 2 and min(rates) > 0 for rates in p["passes_per_s"].values())
+    assert p["diff_abs_max"] < 0.1 and p["nll"]["sub_pixel"] - p["nll"]["onednn"] == pytest.approx(p["diff_mean"])
+    assert "bf16 decoding paths on the first 4 images, alternated 2 times" in again.stdout

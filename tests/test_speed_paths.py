@@ -10,7 +10,8 @@ from vaelab.config import TrainConfig
 from vaelab.data import load_dataset
 from vaelab.errors import ConfigError
 from vaelab.models import MODELS, build_model
-from vaelab.models.kernels import ConvTranspose2d, UpsampleConv2d, _NarrowConvTranspose, _StridedConvBF16, _tap_product
+from vaelab.models.kernels import (ConvDecoder, ConvTranspose2d, UpsampleConv2d, _conv_act, _NarrowConvTranspose,
+                                   _phase_decode, _phase_plan, _StridedConvBF16, _tap_product)
 from vaelab.training import fit
 from vaelab.training.loop import keep_freed_memory
 
@@ -80,6 +81,89 @@ def test_narrow_output_layer_serves_fp32_and_bf16_and_leaves_wide_layers_to_oned
     assert layer.weight.grad.dtype == torch.float32 and layer.weight.grad.shape == layer.weight.shape
     wide = ConvTranspose2d(8, 5, 3, stride=1, padding=1)
     assert type(wide(x).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+def _decoder(act=nn.ReLU, ups=2, out_channels=1, side=7, pads=(1, 1)):
+    """A conv decoder as models/nets.py builds one: dense, then stride-2 transposed convs, then the output layer."""
+    chans = [16, 12, 8][:ups]
+    layers = [nn.Linear(3, chans[0] * side * side), act(), nn.Unflatten(1, (chans[0], side, side))]
+    for c_in, c_out in zip(chans, chans[1:] + [chans[-1]]):
+        layers += [ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=pads), act()]
+    layers.append(ConvTranspose2d(chans[-1], out_channels, 3, stride=1, padding=1))
+    dec = ConvDecoder(*layers)
+    for p in dec.parameters():  # biases of the size of the weights, so that a misplaced one shows
+        nn.init.normal_(p, std=0.3)
+    return dec
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ELU, nn.Softplus, nn.Tanh])
+@pytest.mark.parametrize("ups, out_channels, side", [(1, 1, 7), (2, 1, 7), (3, 3, 2), (2, 2, 1)])
+def test_sub_pixel_decoding_is_the_decoders_function(act, ups, out_channels, side):
+    torch.manual_seed(0)
+    dec = _decoder(act, ups, out_channels, side).double()
+    z = torch.randn(5, 3, dtype=torch.double)
+    with torch.no_grad():
+        expected = nn.Sequential.forward(dec, z)
+        start, pairs, out = _phase_plan_now(dec, z)
+        h = nn.Sequential(*list(dec)[:start])(z)
+        got = _phase_decode(h, pairs, out, torch.double)
+    assert got.shape == expected.shape == (5, out_channels, side * 2 ** ups, side * 2 ** ups)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)  # fp32 logits of a float64 decoding
+
+
+def _phase_plan_now(dec, z):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _phase_plan(dec, z)
+
+
+def test_the_seed_vae_decodes_by_sub_pixel_convolutions_in_bf16_inference_only():
+    torch.manual_seed(0)
+    model = build_model("seed-vae", input_shape=(1, 28, 28)).eval()
+    dec = model.decoder
+    assert type(dec) is ConvDecoder and list(dec.state_dict()) == list(nn.Sequential(*dec).state_dict())
+    for p in dec.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    z = torch.randn(64, 2) * 2
+    with torch.no_grad():
+        exact = nn.Sequential.forward(dec, z)  # fp32
+        assert torch.equal(dec(z), exact)  # fp32 inference: nn.Sequential's path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = dec(z)
+            onednn = nn.Sequential.forward(dec, z).float()
+            start, pairs, out = _phase_plan(dec, z)
+            assert start == 3 and len(pairs) == 2 and out is dec[-1]
+            assert torch.equal(fast, _phase_decode(dec[:start](z), pairs, out, torch.bfloat16))
+    assert fast.dtype == torch.float32 and fast.shape == (64, 1, 28, 28)
+    # bf16 rounding either way: the sub-pixel path is as close to the fp32 function as oneDNN's bf16 path
+    err, err_onednn = (fast - exact).abs().max().item(), (onednn - exact).abs().max().item()
+    assert 0 < err < 0.02 and err < 2 * err_onednn, (err, err_onednn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _phase_plan(dec, z) is None  # gradients on: training takes nn.Sequential's path
+        assert type(dec(z).grad_fn).__name__ == "_NarrowConvTransposeBackward"
+
+
+def test_sub_pixel_decoding_leaves_other_decoders_to_nn_sequential():
+    z = torch.randn(2, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _phase_plan(_decoder(), z) is not None
+        assert _phase_plan(_decoder(pads=(0, 0)), z) is None  # odd sizes: 7 -> 13
+        assert _phase_plan(_decoder(nn.Identity), z) is None  # not a known elementwise activation
+        assert _phase_plan(ConvDecoder(*list(_decoder())[:-1]), z) is None  # no output layer
+        dec = _decoder(pads=(0, 0))
+        torch.testing.assert_close(dec(z), nn.Sequential.forward(dec, z))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert _phase_plan(_decoder(), z) is None
+
+
+def test_fused_relu_convolution_is_conv_then_relu():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 9, 9).bfloat16().contiguous(memory_format=torch.channels_last)
+    w = torch.randn(32, 16, 2, 2).bfloat16().contiguous(memory_format=torch.channels_last)
+    b = torch.randn(32).bfloat16()
+    fused = _conv_act(x, w, b, 0, nn.ReLU())
+    torch.testing.assert_close(fused, F.relu(F.conv2d(x, w, b)))
+    assert fused.shape == (4, 32, 8, 8) and fused.min() == 0
 
 
 @pytest.mark.parametrize("big, small, channels", [(6, 3, 3), (5, 3, 3), (7, 4, 3), (64, 32, 24)])

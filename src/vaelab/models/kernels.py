@@ -12,6 +12,10 @@ well (one large GEMM, no needless intermediate tensor) and leaves every other ca
   CPU's GEMM rate.
 - `UpsampleConv2d`: nearest-neighbour 2x upsampling and a 3x3 convolution as one sub-pixel convolution on
   the small grid, so the upsampled map is never built.
+- `ConvDecoder`: a conv decoder's nn.Sequential whose inference under bf16 autocast on a CPU (the likelihood's
+  bf16 decodings) runs each stride-2 transposed convolution as one 2x2 sub-pixel convolution with its ReLU fused,
+  and the output layer on the last layer's phases, since oneDNN's bf16 transposed convolution runs far below
+  the rate of an ordinary convolution.
 
 Every layer class keeps its torch.nn parent's parameters (names, shapes), so state dicts and checkpoints
 are those of the plain layers, and computes the same function (up to float rounding; sums accumulate in
@@ -22,6 +26,8 @@ choices".
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -227,3 +233,154 @@ class UpsampleConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, upsample_to={self.size}"
+
+
+class ConvDecoder(nn.Sequential):
+    """The layers of a conv decoder (models/nets.py) as an nn.Sequential whose inference under bf16 autocast on
+    a CPU runs the transposed convolutions as sub-pixel convolutions.
+
+    Such a decoder is dense layers, 3x3 stride-2 transposed convolutions that double the size exactly, each
+    followed by an elementwise activation, and a 3x3 stride-1 output layer. oneDNN runs a stride-2 transposed
+    convolution in bf16 far below the rate of an ordinary convolution of the same FLOPs (on an AMX CPU the seed
+    VAE's 64 -> 32 layer took 2.5x as long as a 2x2 convolution to 128 channels on its input). Output pixel
+    (2i + a, 2j + b) of such a layer reads input pixels (i, j) to (i + 1, j + 1) only, so its four phases (a, b)
+    are one 2x2 convolution to four times the channels (sub-pixel convolution, Shi et al. 2016,
+    https://arxiv.org/abs/1609.05158) of the input padded by a zero row and column, with the activation applied
+    by oneDNN as it writes (a fused post-op for ReLU). The phases are interleaved into the next layer's padded
+    input; the last layer's are not interleaved at all: the output layer reads them as one 2x2 convolution on
+    the phase grid to four times its few channels, and only those are interleaved.
+
+    Same function: every phase weight is one of the layer's taps or zero, and the sums accumulate in fp32 as
+    oneDNN's do; the logits come out in fp32. Training (gradients), fp32, GPUs, odd sizes and any other layer
+    sequence take nn.Sequential's path, and the state dict is nn.Sequential's.
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        plan = _phase_plan(self, z)
+        if plan is None:
+            return super().forward(z)
+        start, ups, out = plan
+        h = z
+        for layer in list(self)[:start]:
+            h = layer(h)
+        if h.dim() != 4:
+            for layer in list(self)[start:]:
+                h = layer(h)
+            return h
+        return _phase_decode(h, ups, out, torch.bfloat16)
+
+
+# _UP[a][u][k] = 1 where output row 2i + a of a stride-2, padding-1, output-padding-1 transposed convolution reads
+# input row i + u through tap k (y[p] = sum of x[i] w[k] over p = 2i + k - 1): 2i from tap 1 at i, 2i + 1 from tap 2
+# at i and tap 0 at i + 1
+_UP = (((0, 1, 0), (0, 0, 0)), ((0, 0, 1), (1, 0, 0)))
+# _OUT[a][e][u][k] = 1 where output row 2i + a of a stride-1 3x3 transposed convolution (y[p] = sum_k x[p + 1 - k]
+# w[k]) reads row i + a + u - 1 of phase e of its input (big row 2 (i + a + u - 1) + e) through tap k: a 2x2 window
+# over phase rows i - 1, i for a = 0 and i, i + 1 for a = 1, which one 2x2 convolution with padding 1 computes at
+# its output rows i and i + 1
+_OUT = tuple(tuple(tuple(tuple(int(a + 1 - k == 2 * (a + u - 1) + e) for k in range(3)) for u in range(2))
+                   for e in range(2)) for a in range(2))
+_ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.ELU)  # activations that commute with moving pixels
+
+
+def _phase_plan(seq: nn.Sequential, z: torch.Tensor):
+    """(index of the first transposed convolution, [(stride-2 layer, activation)], output layer) when `seq`
+    qualifies for ConvDecoder's sub-pixel inference now, else None."""
+    if (z.device.type != "cpu" or torch.is_grad_enabled() or not torch.is_autocast_enabled("cpu")
+            or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+        return None
+    layers = list(seq)
+    start = next((i for i, m in enumerate(layers) if isinstance(m, nn.ConvTranspose2d)), None)
+    if start is None or (len(layers) - start) % 2 != 1:
+        return None
+    *ups, out = layers[start:]
+    pairs = list(zip(ups[0::2], ups[1::2]))
+    if not pairs or not (isinstance(out, nn.ConvTranspose2d) and _plain_3x3(out, (1, 1))
+                         and out.output_padding == (0, 0)):
+        return None
+    for conv, act in pairs:
+        if not (isinstance(conv, nn.ConvTranspose2d) and _plain_3x3(conv, (2, 2)) and conv.output_padding == (1, 1)
+                and type(act) in _ELEMENTWISE):
+            return None
+    return start, pairs, out
+
+
+def _phase_decode(h: torch.Tensor, ups, out: nn.ConvTranspose2d, dtype: torch.dtype) -> torch.Tensor:
+    """ConvDecoder's layers from the first transposed convolution on h (B, C, h, w): (B, O, 2^n h, 2^n w) fp32
+    logits, channels-last. The convolutions run in `dtype` (bf16; the tests also run float64)."""
+    b, c, hh, ww = h.shape
+    x = _padded(b, hh, ww, c, dtype)
+    x[:, :hh, :ww] = h.permute(0, 2, 3, 1)
+    for i, (conv, act) in enumerate(ups):
+        weight, bias = _phase_weights(conv, _UP, dtype)
+        y = _conv_act(x.permute(0, 3, 1, 2), weight, bias, 0, act)  # (B, 4 C', hh, ww): channel (2 a + b) C' + c'
+        if i < len(ups) - 1:  # interleave the phases into the next layer's padded input: (B, hh, a, ww, b, C')
+            x = _padded(b, 2 * hh, 2 * ww, conv.out_channels, dtype)
+            phases = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, -1)).transpose(2, 3)
+            x[:, :2 * hh, :2 * ww].unflatten(1, (hh, 2)).unflatten(3, (ww, 2)).copy_(phases)
+            hh, ww = 2 * hh, 2 * ww
+    # the output layer on the phase grid (input channel (2 e + f) C' + c' is phase (e, f) of channel c'): output
+    # phase (a, b) is rows a.. and columns b.. of its channels of one 2x2 convolution with padding 1
+    weight, _ = _phase_weights(out, _OUT, dtype)
+    o = F.conv2d(y, weight, None, 1, 1).permute(0, 2, 3, 1)  # (B, hh + 1, ww + 1, 4 O)
+    n = out.out_channels
+    logits = torch.empty(b, hh, 2, ww, 2, n, dtype=torch.float32)
+    for a in range(2):
+        for e in range(2):
+            phase = o[:, a:a + hh, e:e + ww, (2 * a + e) * n:(2 * a + e + 1) * n]
+            torch.add(phase, out.bias.float(), out=logits[:, :, a, :, e])
+    return logits.view(b, 2 * hh, 2 * ww, n).permute(0, 3, 1, 2)
+
+
+def _phase_weights(conv: nn.ConvTranspose2d, table, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv's weight as the 2x2 phase convolution of `table` (_UP: (4 O, C, 2, 2); _OUT: (4 O, 4 C, 2, 2)), and
+    its bias for the 4 phases, in `dtype`: computed once per state of the weights (their version counter)."""
+    key = (table is _UP, dtype, _version(conv.weight), conv.weight.data_ptr(), _version(conv.bias))
+    cached = conv.__dict__.get("_phase_cache")
+    if cached is None or cached[0] != key or None in key:
+        cached = (key, _phase_weight(conv.weight.detach().to(dtype), table), conv.bias.detach().to(dtype).repeat(4))
+        conv.__dict__["_phase_cache"] = cached
+    return cached[1], cached[2]
+
+
+def _phase_weight(weight: torch.Tensor, table) -> torch.Tensor:
+    """A 3x3 transposed convolution's weight (C, O, 3, 3) as the 2x2 convolution of its phases that `table`
+    describes: _UP (4 O, C, 2, 2), _OUT (4 O, 4 C, 2, 2); output channel (2 a + b) O + o, channels-last."""
+    t = torch.tensor(table, dtype=weight.dtype)
+    if table is _UP:  # (a, u, k) x (b, v, l) x (c, o, k, l) -> (a, b, o, c, u, v)
+        w = torch.einsum("auk,bvl,cokl->abocuv", t, t, weight)
+    else:  # (a, e, u, k) x (b, f, v, l) x (c, o, k, l) -> (a, b, o, e, f, c, u, v)
+        w = torch.einsum("aeuk,bfvl,cokl->aboefcuv", t, t, weight)
+    return w.reshape(4 * weight.shape[1], -1, 2, 2).contiguous(memory_format=torch.channels_last)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version counter
+        return None
+
+
+def _padded(b: int, h: int, w: int, c: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, h + 1, w + 1, C) with a zero last row and column; the caller writes the rest."""
+    x = torch.empty(b, h + 1, w + 1, c, dtype=dtype)
+    x[:, h].zero_()
+    x[:, :h, w].zero_()
+    return x
+
+
+def _conv_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int, act: nn.Module):
+    """act(conv2d(x)); for ReLU in bf16 or fp32 as one oneDNN convolution with the ReLU fused into it."""
+    if type(act) is nn.ReLU and x.dtype in (torch.bfloat16, torch.float32) and _fused_conv() is not None:
+        return _fused_conv()(x, weight, bias, [padding] * 2, [1, 1], [1, 1], 1, "relu", [], "")
+    return act(F.conv2d(x, weight, bias, 1, padding))
+
+
+@functools.cache
+def _fused_conv():
+    """torch's oneDNN convolution with a fused activation (what torch.compile's CPU backend calls), or None
+    where this torch build lacks it."""
+    try:
+        return torch.ops.mkldnn._convolution_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None

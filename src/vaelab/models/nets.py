@@ -19,7 +19,7 @@ from torch import nn
 
 from vaelab.losses import likelihood_of
 from vaelab.models import resnet
-from vaelab.models.kernels import Conv2d, ConvTranspose2d, UpsampleConv2d
+from vaelab.models.kernels import Conv2d, ConvDecoder, ConvTranspose2d, UpsampleConv2d
 
 
 def _half(n: int) -> int:
@@ -99,7 +99,8 @@ def _conv(cfg, k: int):
         prev = c
     c_out = likelihood_of(cfg).raw_shape(cfg.input_shape)[0]  # the likelihood's parameters per pixel or step
     dec.append(convt(prev, c_out, 3, stride=1, padding=1))  # the output layer, no activation
-    return nn.Sequential(*enc), nn.Sequential(*dec), (cfg.latent_dim,)
+    decoder = ConvDecoder(*dec) if len(spatial) == 2 else nn.Sequential(*dec)  # images: sub-pixel inference
+    return nn.Sequential(*enc), decoder, (cfg.latent_dim,)
 
 
 def _conv_pool(cfg, k: int):
