@@ -39,8 +39,8 @@ def add_evaluate_parser(subs) -> argparse.ArgumentParser:
                         "nats, with its standard error; the literature's MNIST protocol uses 5000) [default 0 = off]")
     p.add_argument("--nll-precision", choices=NLL_PRECISIONS, default="fp32",
                    help="precision of the NLL's K decodings, its whole cost: bf16 runs them under bf16 autocast, "
-                        "2.2-2.5x as fast on a CPU with native bf16 (AVX-512 BF16, AMX), and moved the seed VAE's "
-                        "estimate by 0.007 nats, 1/75 of its standard error (docs/results.md#nll-bf16); the "
+                        "3x as fast as fp32 on a CPU with native bf16 (AVX-512 BF16, AMX), and moved the seed VAE's "
+                        "estimate by 0.007 nats, 1/70 of its standard error (docs/results.md#nll-sub-pixel); the "
                         "encoder and the likelihood's sums stay fp32 [default fp32]")
     p.add_argument("--posterior-samples", type=int, default=None, metavar="K",
                    help="semi-supervised models: classify by the model's own posterior p(y|x) from K importance "

@@ -9,8 +9,9 @@ tightens as K grows.
 Precision: fp32 unless asked. precision="bf16" runs the K decodings, the estimate's whole cost, under bf16
 autocast (convolutions and matmuls in bf16 with fp32 sums, as bf16 training does): the encoder, the samples, the
 likelihood of each decoding and the log-sum-exp stay fp32 (float64 for the running sum). On a CPU with native
-bf16 the seed VAE's K = 5000 estimate then ran 2.2-2.5 times as fast and moved by +0.007 nats on average, image by
-image against fp32 with the same samples (benchmarks/nll_precision.py, docs/results.md#nll-bf16).
+bf16 the seed VAE's K = 5000 estimate then ran 3.0 times as fast (its conv decoder by sub-pixel convolutions:
+models/kernels.py, ConvDecoder) and moved by +0.007 nats on average, image by image against fp32 with the same
+samples (benchmarks/nll_precision.py, docs/results.md#nll-sub-pixel).
 """
 
 from __future__ import annotations

@@ -226,10 +226,8 @@ class UpsampleConv2d(nn.Conv2d):
         weight = torch.einsum("auk,bvl,oikl->aboiuv", phase, phase, self.weight)  # (2, 2, out, in, 3, 3)
         weight = weight.reshape(-1, *self.weight.shape[1:]).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x, weight, self.bias.repeat(4), padding=1)  # (B, 4 * out, H, W), channel (2a + b) * out + o
-        # interleave the phases: in channels-last memory y is (B, H, W, a, b, out) and the output is
-        # (B, H, a, W, b, out); moving whole runs of `out` channels is much faster than pixel_shuffle here
-        y = y.permute(0, 2, 3, 1).reshape(b, h, w, 2, 2, -1).transpose(2, 3)  # (B, H, a, W, b, out)
-        return y.reshape(b, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)  # (B, out, 2H, 2W), channels-last
+        # interleave the phases; moving whole runs of `out` channels is much faster than pixel_shuffle here
+        return _interleaved(y).reshape(b, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)  # (B, out, 2H, 2W), channels-last
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, upsample_to={self.size}"
@@ -316,19 +314,18 @@ def _phase_decode(h: torch.Tensor, ups, out: nn.ConvTranspose2d, dtype: torch.dt
         y = _conv_act(x.permute(0, 3, 1, 2), weight, bias, 0, act)  # (B, 4 C', hh, ww): channel (2 a + b) C' + c'
         if i < len(ups) - 1:  # interleave the phases into the next layer's padded input: (B, hh, a, ww, b, C')
             x = _padded(b, 2 * hh, 2 * ww, conv.out_channels, dtype)
-            phases = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, -1)).transpose(2, 3)
-            x[:, :2 * hh, :2 * ww].unflatten(1, (hh, 2)).unflatten(3, (ww, 2)).copy_(phases)
+            x[:, :2 * hh, :2 * ww].unflatten(1, (hh, 2)).unflatten(3, (ww, 2)).copy_(_interleaved(y))
             hh, ww = 2 * hh, 2 * ww
     # the output layer on the phase grid (input channel (2 e + f) C' + c' is phase (e, f) of channel c'): output
     # phase (a, b) is rows a.. and columns b.. of its channels of one 2x2 convolution with padding 1
     weight, _ = _phase_weights(out, _OUT, dtype)
     o = F.conv2d(y, weight, None, 1, 1).permute(0, 2, 3, 1)  # (B, hh + 1, ww + 1, 4 O)
-    n = out.out_channels
+    n, bias = out.out_channels, out.bias.float()
     logits = torch.empty(b, hh, 2, ww, 2, n, dtype=torch.float32)
     for a in range(2):
         for e in range(2):
             phase = o[:, a:a + hh, e:e + ww, (2 * a + e) * n:(2 * a + e + 1) * n]
-            torch.add(phase, out.bias.float(), out=logits[:, :, a, :, e])
+            torch.add(phase, bias, out=logits[:, :, a, :, e])
     return logits.view(b, 2 * hh, 2 * ww, n).permute(0, 3, 1, 2)
 
 
@@ -354,6 +351,12 @@ def _phase_weight(weight: torch.Tensor, table) -> torch.Tensor:
     return w.reshape(4 * weight.shape[1], -1, 2, 2).contiguous(memory_format=torch.channels_last)
 
 
+def _interleaved(y: torch.Tensor) -> torch.Tensor:
+    """The four phases of a phase-stacked (B, 4 C, h, w) map (channel (2 a + b) C + c, channels-last memory, so
+    (B, h, w, a, b, C)) as a (B, h, a, w, b, C) view: the (B, 2h, 2w, C) map they interleave into, once copied."""
+    return y.permute(0, 2, 3, 1).unflatten(3, (2, 2, -1)).transpose(2, 3)
+
+
 def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version
@@ -371,8 +374,9 @@ def _padded(b: int, h: int, w: int, c: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _conv_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int, act: nn.Module):
     """act(conv2d(x)); for ReLU in bf16 or fp32 as one oneDNN convolution with the ReLU fused into it."""
-    if type(act) is nn.ReLU and x.dtype in (torch.bfloat16, torch.float32) and _fused_conv() is not None:
-        return _fused_conv()(x, weight, bias, [padding] * 2, [1, 1], [1, 1], 1, "relu", [], "")
+    fused = _fused_conv()
+    if type(act) is nn.ReLU and x.dtype in (torch.bfloat16, torch.float32) and fused is not None:
+        return fused(x, weight, bias, [padding] * 2, [1, 1], [1, 1], 1, "relu", [], "")
     return act(F.conv2d(x, weight, bias, 1, padding))
 
 
