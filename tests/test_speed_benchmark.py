@@ -74,6 +74,50 @@ def test_each_round_compares_with_the_plain_loop_and_pythae_of_that_round(speed,
     assert "vs plain loop" in out and "vs pythae" in out and "1.70x" in out
 
 
+def test_each_run_is_compared_with_the_fastest_steady_epoch_of_its_rounds_keras_run(speed, capsys):
+    raw = [_raw(speed, "keras", "Keras (tutorial)", [9.0, 16.0, 12.0, 20.0], 1),  # the first epoch is not steady
+           _raw(speed, "vaelab", "vaelab fp32", [10.0, 6.0, 6.0, 6.0], 1),
+           _raw(speed, "keras", "Keras (tutorial)", [30.0, 14.0, 15.0, 21.0], 2),
+           _raw(speed, "vaelab", "vaelab fp32", [10.0, 8.0, 8.0, 8.0], 2)]
+    keras, ours = speed.combine(raw)
+    assert keras["vs_keras_fastest_by_round"] == [round(12 / 16, 2), round(14 / 15, 2)]
+    assert ours["vs_keras_by_round"] == [round(16 / 6, 2), round(15 / 8, 2)]
+    assert ours["vs_keras_fastest_by_round"] == [2.0, 1.75] and ours["vs_keras_fastest"] == 1.88
+    speed.print_table([keras, ours])
+    out = capsys.readouterr().out
+    assert "vs Keras's fastest epoch" in out and "1.88x (2.00, 1.75)" in out
+
+
+def test_measured_peaks_give_each_run_its_fraction_of_both(speed, capsys):
+    peaks = {"fp32": 150e9, "bf16": 600e9}
+    row = speed.summarize("seed-vae vaelab auto (bf16)", "seed-vae",
+                          {"epoch_s": [30.0, 20.0], "test_loss": 160.0, "peak_rss_mb": 500}, peaks)
+    bound = (60_000 + 10_000 / 3) * 39.9e6  # the epoch's FLOPs
+    assert row["peak_fraction"] == round(bound / 150e9 / 20.0, 3) == 0.842
+    assert row["peak_fraction_bf16"] == round(bound / 600e9 / 20.0, 3) == 0.211
+    row.update(kind="vaelab", precision="auto", round=1)
+    (combined,) = speed.combine([row], peaks)
+    assert combined["peak_fraction_bf16"] == 0.211
+    speed.print_table([combined])
+    out = capsys.readouterr().out
+    assert "% of bf16 peak" in out and "84%" in out and "21%" in out
+    # without measured peaks: the reference machine's fp32 peak alone
+    plain = speed.summarize("x", "seed-vae", {"epoch_s": [30.0, 20.0], "test_loss": 160.0, "peak_rss_mb": 500})
+    assert plain["peak_fraction"] == round(bound / speed.PEAK_FLOPS / 20.0, 3) and "peak_fraction_bf16" not in plain
+
+
+def test_measure_peaks_times_both_precisions(speed):
+    peaks = speed.measure_peaks(blocks=1, reps=1)
+    assert set(peaks) == {"fp32", "bf16"} and peaks["fp32"] > 1e9 and peaks["bf16"] > 1e8
+
+
+def test_an_auto_run_is_named_by_what_auto_chose(speed):
+    chose = {"precision_auto": {"chose": "bf16", "why": "native"}}
+    assert speed._vaelab_name("vaelab auto", chose) == "vaelab auto (bf16)"
+    assert speed._vaelab_name("vaelab auto", {}) == "vaelab auto"
+    assert speed._vaelab_name("vaelab fp32", chose) == "vaelab fp32"
+
+
 @pytest.mark.slow
 @pytest.mark.long
 def test_the_pythae_run_trains_the_plain_loops_layers(speed, tmp_path):
