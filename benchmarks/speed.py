@@ -582,11 +582,11 @@ def _payload(args, rows: list[dict], raw: list[dict], peaks: dict | None) -> dic
 
 
 def write_json(path: str, payload: dict) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(out)
+    sys.path.insert(0, str(REPO / "src"))
+    from vaelab.io import atomic_write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, payload)
 
 
 if __name__ == "__main__":
